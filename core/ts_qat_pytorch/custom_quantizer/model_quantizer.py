@@ -1,0 +1,353 @@
+"""ModelQuantizer: turns a traced float GraphModule into a QAT GraphModule.
+
+Passes, in order, each a method a backend may override:
+  1. ``fuse``: conv/linear + BatchNorm (+ReLU) -> fused QAT layers (fuser_method_mappings).
+  2. ``swap``: remaining conv/linear/embedding layers -> QAT layers with weight fake quantization.
+  3. ``insert_act_quantizers``: activation fake quantizers where the operator table says the deployed
+     graph needs integers (quantization/op_table.py), one quantizer per tensor.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import logging
+import operator
+from typing import Any, Iterable
+
+import torch
+from torch import fx, nn
+
+from ..fake_quantize import QuantizeBase
+from ..fuser_method_mappings import FUSABLE_ACTIVATION_MODULES, FUSION_PATTERNS
+from ..nn.qat import QAT_MODULE_MAPPING
+from ..quantization.op_table import (BOUNDED_ACT_MAX, FLOAT, FUSABLE_ACT_FUNCTIONS,
+                                     FUSABLE_ACT_METHODS, INDEX, OP_INDEX, PASSTHROUGH, QUANTIZED,
+                                     SHAPE_FUNCTIONS, SHAPE_METHODS, OpRow)
+from ..quantization.qconfig import QConfig
+
+logger = logging.getLogger(__name__)
+
+EXTRA_QUANTIZER_KEYS = ("exclude_module_name", "exclude_node_name", "additional_function_type",
+                        "additional_module_type")
+_TUPLE_PRODUCERS = {"split", "chunk", "min", "max", "unbind", "topk", "sort"}
+
+
+def _resolve_dotted(obj):
+    if not isinstance(obj, str):
+        return obj
+    import importlib
+    mod, _, attr = obj.rpartition(".")
+    return getattr(importlib.import_module(mod), attr)
+
+
+class ModelQuantizer:
+    """Backend-neutral QAT graph rewriting. Backends subclass and register (see ``custom_quantizer``)."""
+
+    # The bit widths a backend accepts; subclasses narrow or widen it.
+    allowed_bits = range(8, 9)
+
+    def __init__(self, extra_quantizer_dict: dict | None = None):
+        extra = dict(extra_quantizer_dict or {})
+        unknown = sorted(set(extra) - set(EXTRA_QUANTIZER_KEYS))
+        if unknown:
+            raise ValueError(f"unknown extra_quantizer_dict keys {unknown}; valid keys: {list(EXTRA_QUANTIZER_KEYS)}")
+        self.exclude_module_name = list(extra.get("exclude_module_name", []))
+        self.exclude_node_name = set(extra.get("exclude_node_name", []))
+        self.additional_function_type = tuple(_resolve_dotted(f) for f in extra.get("additional_function_type", []))
+        self.additional_module_type = tuple(_resolve_dotted(m) for m in extra.get("additional_module_type", []))
+
+    # -- entry point -------------------------------------------------------------------------------
+    def prepare(self, gm: fx.GraphModule, qconfig: QConfig) -> fx.GraphModule:
+        qconfig.check_bits(self.allowed_bits)
+        self._check_exclusions(gm)
+        self.fuse(gm, qconfig)
+        self.swap(gm, qconfig)
+        self.insert_act_quantizers(gm, qconfig)
+        gm.delete_all_unused_submodules()
+        gm.graph.lint()
+        gm.recompile()
+        for name, mod in gm.named_modules():
+            if isinstance(mod, QuantizeBase):
+                mod.qualname = name
+        return gm
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _check_exclusions(self, gm: fx.GraphModule) -> None:
+        names = [n for n, _ in gm.named_modules() if n]
+        for ex in self.exclude_module_name:
+            if not any(n == ex or n.startswith(ex + ".") for n in names):
+                close = difflib.get_close_matches(ex, names, n=3)
+                raise ValueError(f"exclude_module_name: no module named '{ex}' in the traced model"
+                                 + (f"; did you mean {close}?" if close else ""))
+        node_names = {n.name for n in gm.graph.nodes}
+        for ex in self.exclude_node_name:
+            if ex not in node_names:
+                close = difflib.get_close_matches(ex, list(node_names), n=3)
+                raise ValueError(f"exclude_node_name: no node named '{ex}' in the traced graph"
+                                 + (f"; did you mean {close}?" if close else ""))
+
+    def is_excluded(self, node: fx.Node) -> bool:
+        if node.name in self.exclude_node_name:
+            return True
+        if node.op == "call_module":
+            t = str(node.target)
+            return any(t == ex or t.startswith(ex + ".") for ex in self.exclude_module_name)
+        return False
+
+    @staticmethod
+    def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+        return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+    def _is_fusable_act(self, gm, node: fx.Node) -> bool:
+        if self.is_excluded(node):
+            return False
+        if node.op == "call_module":
+            return type(self._module(gm, node)) in FUSABLE_ACTIVATION_MODULES
+        if node.op == "call_function" and node.target in FUSABLE_ACT_FUNCTIONS:
+            # hardtanh only with its ReLU6-like default bounds is a deployable Clip we can fold
+            return node.target is not torch.nn.functional.hardtanh
+        return node.op == "call_method" and node.target in FUSABLE_ACT_METHODS
+
+    @staticmethod
+    def _act_module(gm, node: fx.Node) -> nn.Module:
+        if node.op == "call_module":
+            return copy.deepcopy(gm.get_submodule(node.target))
+        return nn.ReLU6() if node.target is torch.nn.functional.relu6 else nn.ReLU()
+
+    @staticmethod
+    def _act_bound(mod_or_fn) -> float | None:
+        return BOUNDED_ACT_MAX.get(type(mod_or_fn), BOUNDED_ACT_MAX.get(mod_or_fn))
+
+    # -- pass 1: fusion ----------------------------------------------------------------------------
+    def fuse(self, gm: fx.GraphModule, qconfig: QConfig) -> None:
+        layer_types = {k[0] for k in FUSION_PATTERNS}
+        for node in list(gm.graph.nodes):
+            if node.op != "call_module" or self.is_excluded(node):
+                continue
+            layer = self._module(gm, node)
+            if type(layer) not in layer_types:
+                continue
+            last, bn, bn_name, act = node, None, None, None
+            users = list(last.users)
+            if len(users) == 1 and users[0].op == "call_module" and not self.is_excluded(users[0]):
+                cand = self._module(gm, users[0])
+                if isinstance(cand, nn.modules.batchnorm._BatchNorm) and \
+                        (type(layer), type(cand), False) in FUSION_PATTERNS:
+                    bn, bn_name, last = cand, users[0].target, users[0]
+            users = list(last.users)
+            if len(users) == 1 and self._is_fusable_act(gm, users[0]) and users[0].args[0] is last:
+                act_node = users[0]
+                act = self._act_module(gm, act_node)
+                last = act_node
+            key = (type(layer), type(bn) if bn is not None else None, act is not None)
+            if key not in FUSION_PATTERNS or (bn is None and act is None):
+                continue
+            fused = FUSION_PATTERNS[key].from_modules(layer, bn, act, qconfig.weight, bn_name)
+            _set_module(gm, node.target, fused)
+            if last is not node:
+                last.replace_all_uses_with(node)
+                # erase the absorbed bn / act nodes (walk back from last to node)
+                chain, cur = [], last
+                while cur is not node:
+                    chain.append(cur)
+                    cur = cur.args[0]
+                for n in chain:
+                    gm.graph.erase_node(n)
+            logger.debug("fused %s -> %s", node.target, type(fused).__name__)
+
+    # -- pass 2: QAT layers ------------------------------------------------------------------------
+    def swap(self, gm: fx.GraphModule, qconfig: QConfig) -> None:
+        for node in gm.graph.nodes:
+            if node.op != "call_module":
+                continue
+            mod = self._module(gm, node)
+            if isinstance(mod, nn.RNNBase):
+                logger.warning("%s '%s' stays float: recurrent layers are not quantized by this toolkit "
+                               "(its inputs and outputs are quantized where neighbours need it)",
+                               type(mod).__name__, node.target)
+                continue
+            if self.is_excluded(node) or type(mod) not in QAT_MODULE_MAPPING:
+                if type(mod) not in QAT_MODULE_MAPPING and isinstance(mod, tuple(QAT_MODULE_MAPPING)) \
+                        and not hasattr(mod, "weight_fake_quant"):
+                    logger.warning("'%s' (%s) subclasses %s with its own forward; it stays float. Exclude it "
+                                   "explicitly or make it a plain layer to quantize it.", node.target,
+                                   type(mod).__name__, type(mod).__mro__[1].__name__)
+                continue
+            _set_module(gm, node.target, QAT_MODULE_MAPPING[type(mod)].from_float(mod, qconfig.weight))
+
+    # -- pass 3: activation quantizers ------------------------------------------------------------
+    def classify(self, gm: fx.GraphModule, node: fx.Node) -> str | None:
+        """The node's treatment (op_table), or None for graph inputs/outputs/constants."""
+        if node.op in ("placeholder", "get_attr", "output"):
+            return None
+        if self.is_excluded(node):
+            return FLOAT
+        row: OpRow | None = None
+        if node.op == "call_module":
+            mod = self._module(gm, node)
+            if isinstance(mod, QuantizeBase):
+                return None
+            if self.additional_module_type and isinstance(mod, self.additional_module_type):
+                return QUANTIZED
+            row = OP_INDEX.lookup_module(mod)
+        elif node.op == "call_function":
+            if node.target in self.additional_function_type:
+                return QUANTIZED
+            if node.target in SHAPE_FUNCTIONS:
+                return INDEX
+            row = OP_INDEX.functions.get(node.target)
+        elif node.op == "call_method":
+            if node.target in SHAPE_METHODS:
+                return INDEX
+            row = OP_INDEX.methods.get(node.target)
+        return row.treatment if row is not None else FLOAT
+
+    def insert_act_quantizers(self, gm: fx.GraphModule, qconfig: QConfig) -> None:
+        graph = gm.graph
+        is_tensor: dict[fx.Node, bool] = {}
+        origin: dict[fx.Node, str | None] = {}   # node -> quantizer whose grid its output lies on
+        quantized_copy: dict[fx.Node, fx.Node] = {}  # node -> its fake-quantized version
+        names = {n for n, _ in gm.named_modules()}
+
+        def new_quantizer(base: str, fq: QuantizeBase, suffix: str = "post_act_fake_quantizer") -> str:
+            name, i = f"{base}_{suffix}", 1
+            while name in names:
+                name, i = f"{base}_{suffix}_{i}", i + 1
+            names.add(name)
+            gm.add_submodule(name, fq)
+            return name
+
+        def call_after(anchor: fx.Node, target: str, src: fx.Node) -> fx.Node:
+            with graph.inserting_after(anchor):
+                q = graph.call_module(target, (src,))
+            is_tensor[q], origin[q] = True, target
+            return q
+
+        def quantize_input(a: fx.Node) -> fx.Node:
+            if a.op == "call_module" and isinstance(self._module(gm, a), QuantizeBase):
+                return a
+            if a in quantized_copy:
+                return quantized_copy[a]
+            if origin.get(a):
+                q = call_after(a, origin[a], a)   # same grid: re-use the producer's quantizer
+            else:
+                q = call_after(a, new_quantizer(a.name, qconfig.activation()), a)
+            quantized_copy[a] = q
+            return q
+
+        def quantize_weight(consumer: fx.Node, w: fx.Node, axis: int) -> fx.Node:
+            param = gm.get_parameter(w.target) if w.op == "get_attr" else None
+            channels = param.shape[axis] if param is not None else 1
+            fq = qconfig.weight(channels=channels, ch_axis=axis)
+            base = str(w.target).replace(".", "_") if w.op == "get_attr" else w.name
+            name = new_quantizer(base, fq, "weight_fake_quantizer")
+            with graph.inserting_before(consumer):
+                q = graph.call_module(name, (w,))
+            is_tensor[q], origin[q] = True, None
+            return q
+
+        weighted_fns = {torch.nn.functional.conv1d: 0, torch.nn.functional.conv2d: 0, torch.nn.functional.linear: 0,
+                        torch.nn.functional.conv_transpose1d: 1, torch.nn.functional.conv_transpose2d: 1}
+
+        for node in list(graph.nodes):
+            is_tensor[node] = self._is_tensor(gm, node, is_tensor)
+            if not is_tensor[node]:
+                origin[node] = None
+                continue
+            treatment = self.classify(gm, node)
+            tensor_inputs = [a for a in node.all_input_nodes if is_tensor.get(a, False)]
+            if treatment == PASSTHROUGH and len(tensor_inputs) > 1 and not _roi_like(gm, node):
+                treatment = QUANTIZED
+            if treatment == PASSTHROUGH:
+                origin[node] = origin.get(tensor_inputs[0]) if tensor_inputs else None
+                if node.op == "call_function" and node.target is operator.getitem:
+                    origin[node] = self._getitem_origin(node, origin)
+                continue
+            if treatment != QUANTIZED:
+                origin[node] = None
+                continue
+            # quantized op: inputs ...
+            w_axis = weighted_fns.get(node.target) if node.op == "call_function" else None
+            for i, a in enumerate(_flat_node_args(node)):
+                if not is_tensor.get(a, False):
+                    continue
+                if w_axis is not None and a is _arg(node, 1, "weight"):
+                    node.replace_input_with(a, quantize_weight(node, a, w_axis))
+                elif w_axis is not None and a is _arg(node, 2, "bias"):
+                    continue  # biases stay float (int32 in the deployed kernel)
+                else:
+                    node.replace_input_with(a, quantize_input(a))
+            # ... and output (after a directly following ReLU-like activation, which it absorbs)
+            tail, bound = node, None
+            mod = self._module(gm, node)
+            if getattr(mod, "act", None) is not None:
+                bound = self._act_bound(mod.act)
+            while len(tail.users) == 1:
+                (user,) = tail.users
+                if not self._is_fusable_act(gm, user) or user.args[0] is not tail:
+                    break
+                tail = user
+                bound = self._act_bound(self._module(gm, user) if user.op == "call_module" else user.target)
+            fq = qconfig.activation()
+            if bound is not None and not fq.scheme.signed:
+                fq.max_scale = bound / (fq.quant_max - fq.quant_min)
+            q = call_after(tail, new_quantizer(tail.name, fq), tail)
+            tail.replace_all_uses_with(q, delete_user_cb=lambda u: u is not q)
+            quantized_copy[tail] = q
+            origin[node] = origin[tail] = origin[q]
+
+    @staticmethod
+    def _getitem_origin(node: fx.Node, origin) -> str | None:
+        src, idx = node.args[0], node.args[1]
+        if isinstance(src, fx.Node) and src.op in ("call_function", "call_method"):
+            name = getattr(src.target, "__name__", src.target)
+            if name in ("min", "max", "topk", "sort") and idx != 0:
+                return None  # indices
+        return origin.get(src) if isinstance(src, fx.Node) else None
+
+    def _is_tensor(self, gm, node: fx.Node, is_tensor: dict) -> bool:
+        if node.op == "output":
+            return False
+        if node.op in ("placeholder", "get_attr"):
+            return True
+        if node.op == "call_function":
+            if node.target in SHAPE_FUNCTIONS:
+                return False
+            if node.target is operator.getitem:
+                src = node.args[0]
+                return isinstance(src, fx.Node) and is_tensor.get(src, False)
+            if getattr(node.target, "__module__", None) == "_operator":
+                return any(is_tensor.get(a, False) for a in node.all_input_nodes)
+            return True
+        if node.op == "call_method":
+            return node.target not in SHAPE_METHODS
+        return True  # call_module
+
+
+def _roi_like(gm, node) -> bool:
+    # RoIPool takes (features, boxes): only the features carry a grid
+    row = (OP_INDEX.lookup_module(gm.get_submodule(node.target)) if node.op == "call_module"
+           else OP_INDEX.functions.get(node.target))
+    return row is not None and row.name == "RoIPool"
+
+
+def _arg(node: fx.Node, pos: int, name: str):
+    if len(node.args) > pos:
+        return node.args[pos]
+    return node.kwargs.get(name)
+
+
+def _flat_node_args(node: fx.Node) -> list[fx.Node]:
+    out: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda n: out.append(n) or n)
+    seen, uniq = set(), []
+    for n in out:
+        if n not in seen:
+            seen.add(n)
+            uniq.append(n)
+    return uniq
+
+
+def _set_module(gm: nn.Module, qualname: str, module: nn.Module) -> None:
+    parent, _, name = qualname.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, name, module)

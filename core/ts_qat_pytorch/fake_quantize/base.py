@@ -1,0 +1,118 @@
+"""The fake-quantizer base: a module that observes and/or fake-quantizes the tensor it is given.
+
+State switches (``utils.state``) flip two plain Python flags, so the forward pass never branches
+on a tensor (the current ONNX exporter and torch.compile both need that) and costs nothing to test.
+The flags and ``initialized`` travel in the state_dict as extra state, so a resumed QAT run is in
+exactly the mode it was saved in.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..observer import MinMaxObserver, ObserverBase
+from ..scheme import QuantScheme
+
+
+class QuantizeBase(nn.Module):
+    """Observer + fake quantization for one tensor under one :class:`QuantScheme`."""
+
+    def __init__(self, scheme: QuantScheme = QuantScheme(),
+                 observer: Callable[[QuantScheme], ObserverBase] = MinMaxObserver):
+        super().__init__()
+        self.scheme = scheme
+        self.quant_min, self.quant_max = scheme.quant_min, scheme.quant_max
+        self.ch_axis = scheme.ch_axis if scheme.per_channel else -1
+        self.activation_post_process = observer(scheme)
+        self.observer_enabled = True
+        self.fake_quant_enabled = True
+        self.initialized = False
+        # Upper bound on the scale (set for quantizers behind a bounded activation such as ReLU6,
+        # so that the deployed Clip folds into the QuantizeLinear).
+        self.max_scale: float | None = None
+        self.qualname = ""  # set by prepare_by_platform, for error messages
+        self.is_weight = False  # weight quantizers can calibrate themselves from the weight
+        self.non_float = False  # has been given integer tensors (ids, masks): it stays a no-op
+
+    # -- switches -----------------------------------------------------------------------------
+    def enable_observer(self, enabled: bool = True):
+        self.observer_enabled = bool(enabled)
+        return self
+
+    def disable_observer(self):
+        return self.enable_observer(False)
+
+    def enable_fake_quant(self, enabled: bool = True):
+        self.fake_quant_enabled = bool(enabled)
+        return self
+
+    def disable_fake_quant(self):
+        return self.enable_fake_quant(False)
+
+    def get_extra_state(self):
+        return {"observer_enabled": self.observer_enabled, "fake_quant_enabled": self.fake_quant_enabled,
+                "initialized": self.initialized, "non_float": self.non_float}
+
+    def set_extra_state(self, state):
+        self.observer_enabled = bool(state["observer_enabled"])
+        self.fake_quant_enabled = bool(state["fake_quant_enabled"])
+        self.initialized = bool(state["initialized"])
+        self.non_float = bool(state.get("non_float", False))
+
+    # -- numerics -----------------------------------------------------------------------------
+    def observe(self, x: torch.Tensor) -> None:
+        """Feed the observer and adopt its qparams."""
+        self.activation_post_process(x)
+        if self.activation_post_process.initialized:
+            scale, zero_point = self.activation_post_process.calculate_qparams()
+            self._adopt_qparams(scale, zero_point)
+            self.initialized = True
+
+    def _adopt_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def init_from_weight(self, w: torch.Tensor) -> None:
+        """Set qparams from a weight tensor directly (weights need no calibration data)."""
+        self.observe(self.export_transform(w.detach()))
+
+    def export_transform(self, x: torch.Tensor) -> torch.Tensor:
+        """Deterministic transform applied before quantization (identity except for DoReFa)."""
+        return x
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Deployed (scale, integer zero_point), 1-D, detached."""
+        raise NotImplementedError
+
+    def check_initialized(self, name: str = "") -> None:
+        if not self.initialized:
+            where = f" '{name}'" if name else ""
+            raise RuntimeError(
+                f"fake quantizer{where} has no scale yet: it was never calibrated. Run calibration "
+                "first (model.eval(); utils.state.enable_calibration(model); forward a few batches), "
+                "then utils.state.enable_quantization(model).")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_floating_point():  # ids, masks, indices: never quantized
+            self.non_float = True
+            return x
+        if self.observer_enabled:
+            self.observe(x.detach())
+        if not self.fake_quant_enabled:
+            return x
+        if not self.initialized:
+            if self.is_weight:  # the data is the weight itself: no calibration batch needed
+                self.observe(x.detach())
+            self.check_initialized(self.qualname)
+        return self.fake_quant(x)
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        s = self.scheme
+        return (f"bit={s.bit}, range=[{self.quant_min}, {self.quant_max}], symmetry={s.symmetry}, "
+                f"per_channel={s.per_channel}, observer={self.observer_enabled}, "
+                f"fake_quant={self.fake_quant_enabled}")

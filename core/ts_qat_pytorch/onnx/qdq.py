@@ -1,0 +1,58 @@
+"""QDQ: a frozen fake quantizer with constant parameters, exported as QuantizeLinear/DequantizeLinear.
+
+Scales and zero points of per-tensor quantizers are Python numbers: the exporter then writes them
+as scalars, which is what onnxruntime needs to fuse Add/Concat/pooling into integer kernels.
+Widths below 8 bits are carried by a Clip in front of the 8-bit QuantizeLinear: the same numbers
+as the narrow quantizer, in a container onnxruntime runs everywhere.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..fake_quantize import QuantizeBase
+
+
+class QDQ(nn.Module):
+    def __init__(self, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int, quant_max: int,
+                 signed: bool, ch_axis: int = -1, as_uint8: bool = False):
+        super().__init__()
+        if signed and as_uint8:  # same integers shifted by 128: onnxruntime's U8U8 kernels
+            zero_point, quant_min, quant_max, signed = zero_point + 128, quant_min + 128, quant_max + 128, False
+        self.cmin, self.cmax = (-128, 127) if signed else (0, 255)
+        if quant_min < self.cmin or quant_max > self.cmax:
+            raise ValueError(f"range [{quant_min}, {quant_max}] does not fit an 8-bit QuantizeLinear")
+        self.ch_axis = ch_axis
+        self.narrow = (quant_min, quant_max) != (self.cmin, self.cmax)
+        scale, zero_point = scale.detach().float().reshape(-1), zero_point.detach().reshape(-1).int()
+        if ch_axis >= 0:
+            self.register_buffer("scale", scale.clone())
+            self.register_buffer("zero_point", zero_point.clone())
+        else:
+            self.scale, self.zero_point = float(scale[0]), int(zero_point[0])
+        lo = (quant_min - zero_point.float()) * scale
+        hi = (quant_max - zero_point.float()) * scale
+        self.register_buffer("lo", lo)
+        self.register_buffer("hi", hi)
+
+    @classmethod
+    def from_quantizer(cls, fq: QuantizeBase, as_uint8: bool = False) -> "QDQ":
+        scale, zp = fq.qparams()
+        return cls(scale, zp, fq.quant_min, fq.quant_max, fq.scheme.signed, fq.ch_axis, as_uint8)
+
+    def _bound_view(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.ch_axis < 0:
+            return t.reshape(())
+        shape = [1] * x.dim()
+        shape[self.ch_axis] = -1
+        return t.reshape(shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_floating_point():
+            return x
+        if self.narrow:
+            x = torch.clamp(x, self._bound_view(self.lo, x), self._bound_view(self.hi, x))
+        if self.ch_axis >= 0:
+            return torch.fake_quantize_per_channel_affine(x, self.scale, self.zero_point, self.ch_axis,
+                                                          self.cmin, self.cmax)
+        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.cmin, self.cmax)

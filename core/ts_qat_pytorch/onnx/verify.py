@@ -1,0 +1,60 @@
+"""Pass 4 of export: check the file, run it in onnxruntime, count integer kernels, compare with PyTorch."""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections import Counter
+
+import numpy as np
+import onnx
+
+logger = logging.getLogger(__name__)
+
+# Ops onnxruntime runs on integers after fusing QDQ groups (CPU provider).
+INTEGER_KERNELS = frozenset({
+    "QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat",
+    "DynamicQuantizeMatMul", "QLinearConvTranspose", "QLinearAdd", "QLinearMul", "QLinearConcat",
+    "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax",
+    "QLinearReduceMean", "QLinearWhere", "QLinearLeakyRelu",
+})
+# The subset that replaces a conv / linear / matmul layer.
+INTEGER_MATMUL_KERNELS = frozenset({"QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvInteger",
+                                    "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QLinearConvTranspose"})
+
+
+def ort_session(path: str, optimize: bool = True, threads: int | None = None, optimized_path: str | None = None):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    if threads:
+        so.intra_op_num_threads = threads
+    if optimized_path:
+        so.optimized_model_filepath = optimized_path
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
+def optimized_op_counts(path: str) -> Counter:
+    """Op types of the graph onnxruntime actually runs (after ORT_ENABLE_ALL)."""
+    with tempfile.TemporaryDirectory() as d:
+        opt = os.path.join(d, "optimized.onnx")
+        ort_session(path, optimized_path=opt)
+        return Counter(n.op_type for n in onnx.load(opt).graph.node)
+
+
+def count_integer_kernels(path: str) -> dict[str, int]:
+    counts = optimized_op_counts(path)
+    return {k: v for k, v in sorted(counts.items()) if k in INTEGER_KERNELS}
+
+
+def run_onnx(path: str, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    sess = ort_session(path)
+    return sess.run(None, inputs)
+
+
+def check_model(path: str) -> onnx.ModelProto:
+    model = onnx.load(path)
+    onnx.checker.check_model(model, full_check=True)
+    return model

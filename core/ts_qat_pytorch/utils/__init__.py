@@ -1,0 +1,1 @@
+"""Utilities: state switches (``state``), checkpoints (``utils``), registry and logging."""

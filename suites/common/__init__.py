@@ -1,0 +1,1 @@
+"""What every suite needs that is not quantization: asset fetching, progress, metrics files."""

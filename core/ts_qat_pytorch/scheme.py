@@ -58,11 +58,6 @@ class QuantScheme:
     def quant_max(self) -> int:
         return 2 ** (self.bit - 1) - 1 if self.signed else 2 ** self.bit - 1
 
-    @property
-    def onnx_dtype(self) -> str:
-        """The 8-bit container type the QDQ export uses."""
-        return "int8" if self.signed else "uint8"
-
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.update(quant_min=self.quant_min, quant_max=self.quant_max)

@@ -29,7 +29,7 @@ def freeze_for_export(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, str
             layer.bias = nn.Parameter(b.detach().clone(), requires_grad=False)
         if isinstance(layer, FusedQATModule) and layer.bn is not None:
             layer.bn = None
-        layer.weight_fake_quant = QDQ.from_quantizer(fq, as_uint8=True)
+        layer.weight_fake_quant = QDQ.from_quantizer(fq)
     stub_names: dict[str, str] = {}
     for node, fq, tensor in list(quantizer_call_sites(m)):
         stub = STUB_PREFIX + node.name

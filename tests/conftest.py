@@ -1,0 +1,13 @@
+import logging
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+logging.getLogger("ts_qat_pytorch").setLevel(logging.WARNING)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

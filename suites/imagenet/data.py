@@ -1,0 +1,129 @@
+"""Data for the ImageNet suite: an ImageFolder root (train/ and val/) or the embedded default,
+Fashion-MNIST (real data, fetched by suites.common.assets) shaped like ImageNet input:
+grey -> 3 channels, resized to ``image_size``, ImageNet mean/std normalisation."""
+from __future__ import annotations
+
+import gzip
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                         "Bag", "Ankle boot")
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class DataError(ValueError):
+    pass
+
+
+def _read_idx(path: str) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise DataError(f"{path} is not an idx file")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(dims)):
+        raise DataError(f"{path} is truncated ({arr.size} values, expected {int(np.prod(dims))})")
+    return arr.reshape(dims)
+
+
+def load_fashion_mnist() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{'train': (uint8 N x 28 x 28, int64 N), 'test': ...}; fetched (apt) and cached on first use."""
+    from suites.common.assets import FASHION_MNIST
+    files = FASHION_MNIST.fetch()
+    pick = lambda name: next(v for k, v in files.items() if k.endswith(name))  # noqa: E731
+    out = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        x = torch.from_numpy(_read_idx(pick(f"{prefix}-images-idx3-ubyte.gz")).copy())
+        y = torch.from_numpy(_read_idx(pick(f"{prefix}-labels-idx1-ubyte.gz")).astype(np.int64))
+        out[split] = (x, y)
+    return out
+
+
+class FashionMNISTImageNet(Dataset):
+    """Fashion-MNIST as 3 x S x S ImageNet-normalised tensors. ``train=True`` adds light augmentation
+    (random 2-pixel shift and horizontal flip, drawn from torch's global RNG)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, image_size: int = 64, train: bool = False,
+                 indices=None):
+        if indices is not None:
+            idx = torch.as_tensor(indices, dtype=torch.long)
+            images, labels = images[idx], labels[idx]
+        self.images, self.labels = images, labels
+        self.image_size = image_size
+        self.train = train
+        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        self.classes = list(FASHION_MNIST_CLASSES)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        img = self.images[i].float().div_(255.0)[None]  # 1 x 28 x 28
+        if self.train:
+            padded = F.pad(img[None], (2, 2, 2, 2))[0]
+            dy, dx = torch.randint(0, 5, (2,)).tolist()
+            img = padded[:, dy:dy + 28, dx:dx + 28]
+            if torch.rand(()) < 0.5:
+                img = img.flip(-1)
+        img = F.interpolate(img[None], size=(self.image_size, self.image_size), mode="bilinear",
+                            align_corners=False)[0]
+        img = (img.expand(3, -1, -1) - self.mean) / self.std
+        return img, self.labels[i]
+
+
+def check_imagefolder(root: str) -> None:
+    """Clear errors for a --data root that is missing, empty, or not train/ + val/ ImageFolders."""
+    if not os.path.exists(root):
+        raise DataError(f"--data '{root}' does not exist")
+    if not os.path.isdir(root):
+        raise DataError(f"--data '{root}' is not a directory")
+    for split in ("train", "val"):
+        d = os.path.join(root, split)
+        if not os.path.isdir(d):
+            have = sorted(os.listdir(root))[:10]
+            raise DataError(f"--data '{root}' has no '{split}/' folder (an ImageFolder root needs train/ and "
+                            f"val/, each with one sub-folder per class); it contains {have or 'nothing'}")
+        classes = [c for c in sorted(os.listdir(d)) if os.path.isdir(os.path.join(d, c))]
+        if not classes:
+            raise DataError(f"'{d}' has no class sub-folders (expected {d}/<class>/<image files>)")
+        found = False
+        for c in classes:
+            for _dirpath, _dirs, names in os.walk(os.path.join(d, c)):
+                if any(n.lower().endswith(IMG_EXTENSIONS) for n in names):
+                    found = True
+                    break
+            if found:
+                break
+        if not found:
+            raise DataError(f"'{d}' has {len(classes)} class folders but no image files "
+                            f"({', '.join(IMG_EXTENSIONS)})")
+
+
+def imagefolder_datasets(root: str, image_size: int = 224):
+    import torchvision.datasets as datasets
+    import torchvision.transforms as T
+    check_imagefolder(root)
+    normalize = T.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    resize = int(round(image_size / 0.875))
+    train_tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
+    eval_tf = T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.ToTensor(), normalize])
+    try:
+        train = datasets.ImageFolder(os.path.join(root, "train"), train_tf)
+        calib = datasets.ImageFolder(os.path.join(root, "train"), eval_tf)
+        val = datasets.ImageFolder(os.path.join(root, "val"), eval_tf)
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise DataError(f"--data '{root}': {exc}") from exc
+    if train.classes != val.classes:
+        raise DataError(f"--data '{root}': train/ has {len(train.classes)} classes and val/ has "
+                        f"{len(val.classes)}; they must be the same folders")
+    return train, val, calib

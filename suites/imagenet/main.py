@@ -46,7 +46,7 @@ logger = logging.getLogger("imagenet")
 EMBEDDED_RECIPE = dict(
     arch="mobilenet_v2", num_classes=10, image_size=64,
     # float fine-tune of the ImageNet weights with the new head (cached, reused when valid)
-    float_epochs=1, float_images=30000, float_lr=2e-3,
+    float_epochs=1, float_images=40000, float_lr=2e-3,
     # QAT
     epochs=1, batch_size=64, lr=2e-5, optim="adam", weight_decay=0.0, train_images=6400,
     calib_batches=32, print_freq=20, workers=0, distill_method="kd",
@@ -123,13 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="QAT on a random subset of this many training images per epoch (embedded 6400)")
     p.add_argument("--val-images", type=int, default=None, help="evaluate on the first N validation images")
     p.add_argument("--float-epochs", type=int, default=None, help="embedded float fine-tune epochs (1)")
-    p.add_argument("--float-images", type=int, default=None, help="embedded float fine-tune images (30000)")
+    p.add_argument("--float-images", type=int, default=None, help="embedded float fine-tune images (40000)")
     p.add_argument("--float-lr", type=float, default=None, help="embedded float fine-tune peak lr (2e-3, AdamW)")
     p.add_argument("--freeze-bn-epoch", type=int, default=None, help="freeze BN statistics from this epoch")
+    p.add_argument("--stop-after-epochs", type=int, default=None,
+                   help="leave after this many epochs of this run (time-sliced jobs); --resume continues")
     p.add_argument("--no-ort-eval", action="store_true", help="skip the onnxruntime evaluation")
     p.add_argument("--cache-dir", default=None, help="float fine-tune cache (default $TS_QAT_CACHE/imagenet)")
     p.add_argument("--baselines", default=None,
                    help="compare the metrics with this baselines.json at the end; exit 1 on failure")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; $TS_QAT_THREADS)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny run of the whole pipeline (a few hundred images, a few steps) for tests")
     return p
@@ -211,7 +215,10 @@ def create_model(arch: str, zoo: str, num_classes: int, pretrained: bool) -> nn.
     if arch == "mobilenet_v2" and pretrained:
         from suites.common.assets import install_torchvision_weights
         install_torchvision_weights()
-    model = models.get_model(arch, weights="DEFAULT" if pretrained else None)
+    weights = None
+    if pretrained:  # mobilenet_v2: the V1 file is the one shipped offline (suites.common.assets)
+        weights = "IMAGENET1K_V1" if arch == "mobilenet_v2" else "DEFAULT"
+    model = models.get_model(arch, weights=weights)
     if num_classes != _num_outputs(model):
         replace_head(model, num_classes)
     return model
@@ -635,7 +642,7 @@ def export_stage(q, args, stages, name_suffix="onnx_quantization", record=True):
     from ts_qat_pytorch.convert_export import convert_export
     out = os.path.join(args.output_dir, f"{args.arch}_{name_suffix}.onnx")
     qp = os.path.join(args.output_dir, f"{args.arch}_{name_suffix}_qparams.json")
-    dummy = torch.randn(1, 3, args.image_size, args.image_size)
+    dummy = torch.randn(1, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(0))
     r = convert_export(getattr(q, "module", q).cpu(), dummy, out, opset_version=args.opset_version,
                        batch_size=args.onnx_batch, qparams_path=qp)
     getattr(q, "module", q).to(args.device)
@@ -687,6 +694,9 @@ def atomic_copy(src: str, dst: str) -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     set_log_level(args.log_level)
+    threads = args.threads or int(os.environ.get("TS_QAT_THREADS", "0") or 0)
+    if threads > 0:
+        torch.set_num_threads(threads)
     try:
         args = resolve_args(args)
         if args.seed is not None and not args.embedded:
@@ -808,7 +818,8 @@ def run(args) -> int:
         stages.write()
         return finish(args, stages)
 
-    # ---- QAT: prepare, calibrate (unless resuming), distill, train, export
+    # ---- QAT: teacher (checked before long work), prepare, calibrate (unless resuming), train, export
+    teacher = build_teacher(args, model) if not args.evaluate else None
     q = prepare(model, args).to(args.device)
     calib_loader = loader(calib_ds, per_rank_batch, args.workers,
                           sampler=EpochSubsetSampler(len(calib_ds), args.calib_batches * per_rank_batch,
@@ -823,7 +834,6 @@ def run(args) -> int:
                     q(images.to(args.device))
             enable_quantization(q)
         say(args, f"=> calibrated on {len(calib_loader.sampler)} images ({len(calib_loader)} batches)")
-    teacher = build_teacher(args, model) if not args.evaluate else None
     del model
 
     steps_per_epoch = None
@@ -846,6 +856,9 @@ def run(args) -> int:
         best_acc1 = float(ck.get("best_acc1", 0.0))
         set_rng_state(ck.get("rng", {}))
         say(args, f"=> resumed '{args.resume}' at epoch {start_epoch} (best Acc@1 {best_acc1:.3f})")
+    if not args.resume and args.seed is not None:
+        # QAT's randomness does not depend on whether the float stage ran or came from the cache
+        seed_everything(args.seed + 1 + rank)
     qm = q
     if args.distributed:
         qm = nn.parallel.DistributedDataParallel(q, device_ids=[args.device.index] if args.device.type == "cuda"
@@ -864,7 +877,10 @@ def run(args) -> int:
         return finish(args, stages)
 
     acc1 = None
-    for epoch in range(start_epoch, args.epochs):
+    last_epoch = args.epochs
+    if args.stop_after_epochs is not None:
+        last_epoch = min(args.epochs, start_epoch + args.stop_after_epochs)
+    for epoch in range(start_epoch, last_epoch):
         train_sampler.set_epoch(epoch)
         if args.freeze_bn_epoch is not None and epoch >= args.freeze_bn_epoch:
             freeze_bn_stats(q)
@@ -925,11 +941,13 @@ def ort_stage(val_loader, r, args, stages) -> None:
 
 def save_checkpoint_all(q, optimizer, scheduler, epoch, best_acc1, is_best, paths, args, stages) -> None:
     from ts_qat_pytorch.utils.utils import save_checkpoint, save_qat_checkpoint
+    rng = rng_state()
     save_qat_checkpoint(paths["ckpt"], q, optimizer, scheduler, epoch=epoch, best_acc1=best_acc1, arch=args.arch,
-                        num_classes=args.num_classes, backend=args.backend, rng=rng_state())
+                        num_classes=args.num_classes, backend=args.backend, rng=rng)
     save_checkpoint(q, paths["float"], paths["qparams"])
     with stages.timed("export"):
         export_stage(q, args, stages)
+    set_rng_state(rng)  # export draws random numbers; training continues exactly as a resumed run would
     if is_best:
         atomic_copy(paths["ckpt"], paths["best"])
         atomic_copy(paths["onnx"], paths["bestonnx"])

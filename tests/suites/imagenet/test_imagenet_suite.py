@@ -1,0 +1,247 @@
+"""ImageNet suite tests: real weights, the pipeline on a tiny subset, bad inputs, resume, regression.
+
+Real assets (mobilenet_v2 ImageNet weights, Fashion-MNIST) come from suites.common.assets (pip / apt)."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from suites.common.regression import compare_metrics, format_table
+from suites.imagenet import main as suite_main
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="module")
+def mobilenet():
+    import torchvision
+    from suites.common.assets import install_torchvision_weights
+    install_torchvision_weights()
+    weights = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1
+    model = torchvision.models.mobilenet_v2(weights=weights).eval()
+    return model, weights.transforms()
+
+
+def _skimage_batch(tf, names):
+    import skimage.data
+    from PIL import Image
+    out = []
+    for n in names:
+        img = getattr(skimage.data, n)()
+        if img.ndim == 2:
+            img = np.stack([img] * 3, -1)
+        out.append(tf(Image.fromarray(img[..., :3])))
+    return torch.stack(out)
+
+
+def test_real_weights_float_fakequant_and_onnx_agree(mobilenet, tmp_path):
+    from ts_qat_pytorch.convert_export import convert_export
+    from ts_qat_pytorch.onnx.verify import ort_session
+    from ts_qat_pytorch.prepare_by_platform import BackendType, prepare_by_platform
+    from ts_qat_pytorch.utils.state import enable_calibration, enable_quantization
+
+    model, tf = mobilenet
+    x = _skimage_batch(tf, ["chelsea", "coffee"])
+    with torch.no_grad():
+        pred = model(x).argmax(1).tolist()
+    assert pred == [285, 967]  # Egyptian cat, espresso
+
+    q = prepare_by_platform(model, BackendType.TSQAT)
+    calib = _skimage_batch(tf, ["chelsea", "coffee", "astronaut", "rocket", "camera", "cat", "hubble_deep_field"])
+    q.eval()
+    enable_calibration(q)
+    with torch.no_grad():
+        q(calib)
+    enable_quantization(q)
+    with torch.no_grad():
+        assert q(x).argmax(1).tolist() == [285, 967]
+    r = convert_export(q, x[:1], str(tmp_path / "mnv2.onnx"), opset_version=18, batch_size=1)
+    assert r.integer_matmul_kernels >= 50
+    sess = ort_session(r.onnx_path)
+    ort_pred = [int(sess.run(None, {r.input_names[0]: x[i:i + 1].numpy()})[0].argmax()) for i in range(2)]
+    assert ort_pred == [285, 967]
+
+
+SMOKE = ["--smoke", "--image-size", "32", "--float-images", "128", "--train-images", "64", "--val-images", "128",
+         "--calib-batches", "1", "--batch-size", "32", "--print-freq", "1"]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke")
+    rc = suite_main.main(SMOKE + ["--output-dir", str(out), "--cache-dir", str(out / "cache"),
+                                  "--metrics", str(out / "metrics.json")])
+    return rc, out
+
+
+def test_smoke_pipeline_metrics(smoke_run):
+    rc, out = smoke_run
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    for k in ("float_top1", "qat_top1", "ort_top1", "integer_kernels", "integer_matmul_kernels", "times_s",
+              "quantized_layers", "onnx_path"):
+        assert k in m, k
+    for k in ("float_top1", "qat_top1", "ort_top1"):
+        assert 0.0 <= m[k] <= 100.0
+    assert m["float_top1"] > 20.0  # 10 classes: better than chance after a few steps from ImageNet weights
+    assert abs(m["ort_top1"] - m["qat_top1"]) <= 5.0
+    assert m["integer_matmul_kernels"] >= 50
+    for stage in ("float_train", "float_eval", "calibration", "qat_train", "qat_eval", "export", "ort_eval"):
+        assert m["times_s"][stage] >= 0.0
+    for name in ("mobilenet_v2_checkpoint.pth", "mobilenet_v2_model_best.pth", "mobilenet_v2_onnx_quantization.onnx",
+                 "mobilenet_v2_bestonnx_quantization.onnx", "mobilenet_v2_qparams.json",
+                 "mobilenet_v2_checkpoint_float.pth"):
+        assert (out / name).is_file(), name
+    # the float weights load into the torchvision architecture
+    import torchvision
+    sd = torch.load(out / "mobilenet_v2_checkpoint_float.pth", weights_only=True)
+    torchvision.models.mobilenet_v2(num_classes=10).load_state_dict(sd)
+
+
+def test_resume_and_evaluate_checkpoint(smoke_run, capsys):
+    """--resume picks up epoch / optimizer / fake-quant state and continues; -e exports it."""
+    rc, out = smoke_run
+    ck = torch.load(out / "mobilenet_v2_checkpoint.pth", weights_only=True)
+    assert ck["epoch"] == 1 and "optimizer" in ck and "scheduler" in ck and "rng" in ck
+    rc = suite_main.main(SMOKE + ["--output-dir", str(out), "--cache-dir", str(out / "cache"), "--epochs", "2",
+                                  "--resume", str(out / "mobilenet_v2_checkpoint.pth"),
+                                  "--metrics", str(out / "m2.json"), "--no-ort-eval"])
+    assert rc == 0
+    assert "resumed" in capsys.readouterr().out
+    ck2 = torch.load(out / "mobilenet_v2_checkpoint.pth", weights_only=True)
+    assert ck2["epoch"] == 2
+    assert ck2["scheduler"]["last_epoch"] == 2 * ck["scheduler"]["last_epoch"]
+
+
+def test_resume_continues_like_uninterrupted(tmp_path):
+    """1 epoch + resume to 2 epochs gives the same weights as 2 epochs in one go."""
+    common = SMOKE + ["--cache-dir", str(tmp_path / "cache"), "--no-ort-eval", "--val-images", "32",
+                      "--train-images", "32"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert suite_main.main(common + ["--output-dir", str(a), "--epochs", "2"]) == 0
+    assert suite_main.main(common + ["--output-dir", str(b), "--epochs", "2", "--stop-after-epochs", "1"]) == 0
+    assert suite_main.main(common + ["--output-dir", str(b), "--epochs", "2",
+                                     "--resume", str(b / "mobilenet_v2_checkpoint.pth")]) == 0
+    sa = torch.load(a / "mobilenet_v2_checkpoint.pth", weights_only=True)["state_dict"]
+    sb = torch.load(b / "mobilenet_v2_checkpoint.pth", weights_only=True)["state_dict"]
+    for k, v in sa.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            torch.testing.assert_close(v, sb[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def _image_folder(root, classes=2, per_class=2):
+    from PIL import Image
+    for split in ("train", "val"):
+        for c in range(classes):
+            d = root / split / f"c{c}"
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray((np.random.rand(40, 40, 3) * 255).astype(np.uint8)).save(d / f"{i}.png")
+    return root
+
+
+def test_bad_inputs(tmp_path, capsys):
+    def err(argv):
+        rc = suite_main.main(argv)
+        assert rc != 0
+        return capsys.readouterr().err
+
+    assert "does not exist" in err(["--data", str(tmp_path / "nope"), "--pretrained"])
+    (tmp_path / "empty").mkdir()
+    assert "no 'train/' folder" in err(["--data", str(tmp_path / "empty"), "--pretrained"])
+    e = err(["-a", "mobilenetv2"])
+    assert "unknown --arch 'mobilenetv2'" in e and "mobilenet_v2" in e
+    folder = _image_folder(tmp_path / "if")
+    e = err(["--data", str(folder), "-a", "resnet18", "-nc", "2"])
+    assert "--pretrained" in e and "--model-path" in e and "--resume" in e
+    import torchvision
+    ck = tmp_path / "r18_5.pth"
+    torch.save(torchvision.models.resnet18(num_classes=5).state_dict(), ck)
+    e = err(["--data", str(folder), "-a", "resnet18", "-nc", "2", "--model-path", str(ck), "--not-qat", "-e"])
+    assert "5 classes" in e and "is 2" in e
+    bad = tmp_path / "trunc.pth"
+    bad.write_bytes(ck.read_bytes()[:1000])
+    e = err(["--data", str(folder), "-a", "resnet18", "-nc", "2", "--model-path", str(bad)])
+    assert "could not be read" in e
+    e = err(["--data", str(folder), "-a", "resnet18", "-nc", "2", "--model-path", str(tmp_path / "missing.pth")])
+    assert "does not exist" in e
+
+
+def test_teacher_class_mismatch(tmp_path, capsys):
+    import torchvision
+    folder = _image_folder(tmp_path / "if")
+    st, te = tmp_path / "s.pth", tmp_path / "t.pth"
+    torch.save(torchvision.models.resnet18(num_classes=2).state_dict(), st)
+    torch.save(torchvision.models.resnet18(num_classes=7).state_dict(), te)
+    rc = suite_main.main(["--data", str(folder), "-a", "resnet18", "-nc", "2", "--model-path", str(st),
+                          "--teacher-arch", "resnet18", "--teacher-path", str(te), "--distill-method", "kd",
+                          "--image-size", "32", "--output-dir", str(tmp_path / "o")])
+    assert rc != 0
+    e = capsys.readouterr().err
+    assert "7 classes" in e and "is 2" in e
+
+
+def test_regression_compare(tmp_path):
+    metrics = {"float_top1": 92.5, "qat_top1": 92.4, "integer_kernels": {"QLinearConv": 52}}
+    base = tmp_path / "b.json"
+    base.write_text(json.dumps([{"metric": "float_top1", "value": 92.4, "tolerance": 0.3},
+                                {"metric": "integer_kernels.QLinearConv", "value": 52, "tolerance": 0}]))
+    rows, ok = compare_metrics(metrics, base)
+    assert ok and [r["verdict"] for r in rows] == ["PASS", "PASS"]
+    base.write_text(json.dumps([{"metric": "float_top1", "value": 95.0, "tolerance": 0.3},
+                                {"metric": "ort_top1", "value": 92.0, "tolerance": 0.5}]))
+    rows, ok = compare_metrics(metrics, base)
+    assert not ok and [r["verdict"] for r in rows] == ["FAIL", "MISSING"]
+    table = format_table(rows)
+    assert "metric" in table and "FAIL" in table and "95" in table
+
+
+def test_shipped_baselines_are_well_formed():
+    from suites.common.regression import load_baselines
+    path = os.path.join(os.path.dirname(suite_main.__file__), "baselines.json")
+    entries = load_baselines(path)
+    assert {e["metric"] for e in entries} >= {"float_top1", "qat_top1", "ort_top1"}
+
+
+def test_meters_format():
+    from suites.common.meters import AverageMeter, ProgressMeter
+    lines = []
+    t = AverageMeter("Time", ":6.3f")
+    loss = AverageMeter("Loss", ":.4e")
+    a1 = AverageMeter("Acc@1", ":6.2f")
+    t.update(12.614)
+    loss.update(1.1625)
+    a1.update(71.48)
+    p = ProgressMeter(2503, [t, loss, a1], prefix="Epoch: [0]", printer=lines.append, use_tqdm=False)
+    p.step(0)
+    assert lines == ["Epoch: [0][   0/2503] Time 12.614 (12.614) Loss 1.1625e+00 (1.1625e+00) Acc@1  71.48 ( 71.48)"]
+    p.display_summary()
+    assert lines[-1] == " * Time 12.614 Loss 1.163 Acc@1 71.480"
+
+
+def test_profiler_rows(tmp_path):
+    from suites.common import profiler
+    from ts_qat_pytorch.prepare_by_platform import BackendType, prepare_by_platform
+    from ts_qat_pytorch.utils.state import enable_calibration, enable_quantization
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 4))
+    q = prepare_by_platform(net, BackendType.TSQAT)
+    x = torch.randn(4, 3, 8, 8)
+    q.eval()
+    enable_calibration(q)
+    with torch.no_grad():
+        q(x)
+    enable_quantization(q)
+    rows = profiler.profile_layers(q, [x])
+    assert rows and all(r["cosine"] > 0.9 and r["sqnr_db"] > 15 for r in rows)
+    assert [r["sqnr_db"] for r in rows] == sorted(r["sqnr_db"] for r in rows)
+    # state restored: still fake-quantizing, observers off
+    from ts_qat_pytorch.fake_quantize import QuantizeBase
+    assert all(m.fake_quant_enabled and not m.observer_enabled for m in q.modules() if isinstance(m, QuantizeBase))
+    profiler.write_csv(rows, str(tmp_path / "p.csv"))
+    profiler.plot(rows, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 1000

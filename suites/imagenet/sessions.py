@@ -17,16 +17,20 @@ def _main():
     return str(ROOT / "suites" / "imagenet" / "main.py")
 
 
+def _out():
+    return ["--output-dir", str(ROOT / "checkpoint")]  # posargs may override (argparse: last one wins)
+
+
 @nox.session
 def imagenet_float_eval(session: nox.Session) -> None:
     """Float mobilenet_v2 on Fashion-MNIST (fine-tuned once, cached): top-1 on the 10k test set."""
-    run_py(session, _main(), "--not-qat", *session.posargs)
+    run_py(session, _main(), *_out(), "--not-qat", *session.posargs)
 
 
 @nox.session
 def imagenet_qat(session: nox.Session) -> None:
     """The embedded default end to end; metrics in checkpoint/mobilenet_v2_metrics.json."""
-    run_py(session, _main(), *session.posargs)
+    run_py(session, _main(), *_out(), *session.posargs)
 
 
 @nox.session
@@ -37,11 +41,11 @@ def imagenet_export(session: nox.Session) -> None:
     args = ["--evaluate"]
     if ckpt.exists() and "--resume" not in session.posargs:
         args += ["--resume", str(ckpt)]
-    run_py(session, _main(), *args, *session.posargs)
+    run_py(session, _main(), *_out(), *args, *session.posargs)
 
 
 @nox.session
 def imagenet_regression(session: nox.Session) -> None:
     """The default run (float fine-tune reused from the cache) checked against baselines.json."""
-    run_py(session, _main(), "--baselines", str(ROOT / "suites" / "imagenet" / "baselines.json"),
+    run_py(session, _main(), *_out(), "--baselines", str(ROOT / "suites" / "imagenet" / "baselines.json"),
            "--metrics", str(ROOT / "checkpoint" / "imagenet_regression_metrics.json"), *session.posargs)

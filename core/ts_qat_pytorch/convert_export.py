@@ -120,6 +120,12 @@ def convert_export(model: torch.nn.Module, dummy_input=None, onnx_path: str = "m
                    inputs=input_names, outputs=output_names)
     write_qparams_json(qparams, qparams_path)
 
+    narrow = sorted({t["bit"] for t in qparams["tensors"].values() if t["bit"] < 8})
+    if narrow:
+        logger.warning("%d quantized tensors use %s bits: exported as 8-bit QuantizeLinear/DequantizeLinear with "
+                       "the narrow range as a Clip (numerically identical). onnxruntime has no integer kernels for "
+                       "them and runs those layers in float; the JSON carries the true bit widths for the "
+                       "deployment tool.", sum(t["bit"] < 8 for t in qparams["tensors"].values()), narrow)
     n_layers = sum(1 for t in qparams["tensors"].values() if t["kind"] == "weight" and not _is_embedding(gm, t))
     result = ExportResult(onnx_path, qparams_path, used, opset_version, input_names, output_names, n_layers,
                           output_scale=_output_scales(gm))

@@ -267,7 +267,7 @@ def read_state_dict(path: str, what: str) -> dict:
     return strip_module_prefix(ckpt)
 
 
-def check_shapes(model: nn.Module, sd: dict, path: str, num_classes: int, what: str) -> None:
+def check_shapes(model: nn.Module, sd: dict, path: str, num_classes: int, what: str, partial: bool = False) -> None:
     """Clear errors for a checkpoint that does not fit the model (number of classes named first)."""
     own = model.state_dict()
     head = _head(model)
@@ -279,6 +279,8 @@ def check_shapes(model: nn.Module, sd: dict, path: str, num_classes: int, what: 
                                  f"{num_classes} (tensor '{k}': {tuple(v.shape)} vs {tuple(own[k].shape)})")
             raise SuiteError(f"{what} '{path}' does not fit the model: '{k}' is {tuple(v.shape)} in the file "
                              f"and {tuple(own[k].shape)} in the model")
+    if partial:
+        return
     missing = [k for k in own if k not in sd and not k.endswith(("._extra_state", "num_batches_tracked"))]
     unexpected = [k for k in sd if k not in own]
     if missing or unexpected:
@@ -847,7 +849,12 @@ def run(args) -> int:
     if args.resume:
         from ts_qat_pytorch.utils.utils import load_qat_checkpoint
         sd = read_state_dict(args.resume, "--resume")
-        check_shapes(q, sd, args.resume, args.num_classes, "--resume")
+        if not any("fake_quant" in k for k in sd):
+            raise SuiteError(f"--resume '{args.resume}' is not a QAT checkpoint (no fake-quant state); give float "
+                             "weights with --model-path")
+        # the layers' shapes (quantizer buffers may be shaped lazily: load_qat_checkpoint handles them)
+        check_shapes(q, {k: v for k, v in sd.items() if "fake_quant" not in k and "post_process" not in k},
+                     args.resume, args.num_classes, "--resume", partial=True)
         try:
             ck = load_qat_checkpoint(args.resume, q, optimizer, scheduler)
         except (ValueError, RuntimeError, KeyError) as exc:

@@ -23,13 +23,14 @@ def freeze_for_export(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, str
     for name, layer in list(weight_quantizers(m)):
         fq = layer.weight_fake_quant
         w, b = layer.quantized_weight_source()
-        w = fq.export_transform(w)
+        qdq = QDQ.from_quantizer(fq)
+        w = qdq.clip_constant(fq.export_transform(w))
         layer.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
         if b is not None:
             layer.bias = nn.Parameter(b.detach().clone(), requires_grad=False)
         if isinstance(layer, FusedQATModule) and layer.bn is not None:
             layer.bn = None
-        layer.weight_fake_quant = QDQ.from_quantizer(fq)
+        layer.weight_fake_quant = qdq
     stub_names: dict[str, str] = {}
     for node, fq, tensor in list(quantizer_call_sites(m)):
         stub = STUB_PREFIX + node.name

@@ -45,13 +45,18 @@ def apply_canonical_names(model: onnx.ModelProto, stub_names: dict[str, str]) ->
     graph_inputs = {i.name for i in g.input}
     all_names = {v for n in g.node for v in list(n.input) + list(n.output)} | {t.name for t in g.initializer}
     found: dict[str, str] = {}
+    producer = {o: n for n in g.node for o in n.output}
     for node in list(g.node):
         if node.op_type != "QuantizeLinear":
             continue
         stub = _stub_of(node)
         if stub is None or stub not in stub_names:
             continue
-        want, have = stub_names[stub], node.input[0]
+        have = node.input[0]
+        # narrow (< 8 bit) quantizers clip first: name the tensor that enters the stub, not the clipped one
+        while have in producer and _stub_of(producer[have]) == stub and producer[have].input:
+            have = producer[have].input[0]
+        want = stub_names[stub]
         if have != want and have not in graph_inputs:
             if want in all_names:  # make room: the exporter used our name for another tensor
                 rename_tensor(model, want, want + "__onnx")

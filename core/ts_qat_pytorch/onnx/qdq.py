@@ -39,6 +39,14 @@ class QDQ(nn.Module):
         self.register_buffer("lo", lo)
         self.register_buffer("hi", hi)
 
+    @torch.no_grad()
+    def clip_constant(self, w: torch.Tensor) -> torch.Tensor:
+        """Apply the narrow range to a constant (a weight) now, so the graph needs no Clip for it."""
+        if self.narrow:
+            w = torch.clamp(w, self._bound_view(self.lo, w), self._bound_view(self.hi, w))
+            self.narrow = False
+        return w
+
     @classmethod
     def from_quantizer(cls, fq: QuantizeBase) -> "QDQ":
         scale, zp = fq.qparams()

@@ -75,6 +75,13 @@ def _diagnose(exc: BaseException) -> tuple[str, list[str]]:
                     "drop or rewrite the assert (torch._assert works under tracing)",
                     "pass fixed values for flag arguments: prepare_custom_config_dict={'concrete_args': {...}}",
                 ])
+    if "'len'" in msg or "len(" in msg:
+        return ("len() of a traced tensor is not known while tracing (often in a tensor constructor such as "
+                "torch.zeros(len(x), ...))", [
+                    "use x.size(0) / x.shape[0], or build the tensor with a *_like constructor "
+                    "(torch.zeros_like(x), x.new_zeros(...))",
+                    "make the module a leaf ('leaf_module') or wrap the function with torch.fx.wrap",
+                ])
     if "iterate" in msg or "iterable" in msg:
         return ("the code iterates over a tensor (or its shape) whose length torch.fx cannot know", [
             "iterate over a fixed Python range instead, or make the module a leaf ('leaf_module')",

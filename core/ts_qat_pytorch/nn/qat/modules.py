@@ -52,7 +52,7 @@ class QATMixin:
 
     def quantized_weight_source(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight, bias) as deployed, before weight quantization (BN folded where there is one)."""
-        return self.weight, self.bias
+        return self.weight, getattr(self, "bias", None)
 
 
 def _make_weight_fq(factory: WeightQuantizer, channels: int, axis: int) -> QuantizeBase:

@@ -262,7 +262,7 @@ def read_state_dict(path: str, what: str) -> dict:
         raise SuiteError(f"{what}: {exc}") from exc
     if isinstance(ckpt, dict) and "state_dict" in ckpt and isinstance(ckpt["state_dict"], dict):
         ckpt = ckpt["state_dict"]
-    if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+    if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) or k.endswith("_extra_state") for k, v in ckpt.items()):
         raise SuiteError(f"{what}: '{path}' is not a state_dict (a dict of tensors)")
     return strip_module_prefix(ckpt)
 
@@ -303,7 +303,7 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].astype(np.int64),
+    st = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
           "numpy_pos": int(np.random.get_state()[2]), "python": repr(random.getstate())}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
@@ -315,7 +315,7 @@ def set_rng_state(st: dict) -> None:
     if not st:
         return
     torch.set_rng_state(st["torch"])
-    np.random.set_state(("MT19937", np.asarray(st["numpy"], dtype=np.uint32), int(st["numpy_pos"]), 0, 0.0))
+    np.random.set_state(("MT19937", np.asarray(torch.as_tensor(st["numpy"]).numpy(), dtype=np.uint32), int(st["numpy_pos"]), 0, 0.0))
     random.setstate(ast.literal_eval(st["python"]))
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])

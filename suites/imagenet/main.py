@@ -58,8 +58,14 @@ GENERAL_RECIPE = dict(
 )
 
 
+from suites.imagenet.data import DataError  # noqa: E402
+
+
 class SuiteError(Exception):
     """A bad input, reported before long work starts."""
+
+
+BAD_INPUT = (SuiteError, DataError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -717,7 +723,7 @@ def main(argv=None) -> int:
             mp.spawn(main_worker, nprocs=nproc, args=(nproc, args))
             return 0
         return main_worker(args.gpu, ngpus, args)
-    except SuiteError as exc:
+    except BAD_INPUT as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
@@ -748,7 +754,7 @@ def main_worker(gpu, ngpus_per_node, args) -> int:
                                 rank=args.rank)
     try:
         return run(args)
-    except SuiteError as exc:
+    except BAD_INPUT as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     finally:

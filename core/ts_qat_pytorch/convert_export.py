@@ -13,6 +13,9 @@ opset_version  13..21, default 18 (the manual's).
 batch_size     the batch dimension baked into the file (default: the dummy input's); ``dynamic_batch=True``
                makes it symbolic instead (legacy exporter).
 exporter       "dynamo" (torch's current exporter, default) or "legacy" (see onnx/exporter.py).
+weight_dtype   how signed weights are stored: "auto" (default: uint8 shifted by 128 for full 8-bit weights,
+               exact in onnxruntime on every x86 CPU; int8 for weights of 7 bits or fewer), "int8", "uint8".
+               The JSON records the file's encoding per tensor (onnx_dtype, onnx_zero_point).
 verify         run onnx.checker and onnxruntime on the result and compare with PyTorch (default True).
 """
 from __future__ import annotations
@@ -86,12 +89,12 @@ def convert_export(model: torch.nn.Module, dummy_input=None, onnx_path: str = "m
                    opset_version: int = 18, batch_size: int | None = None, qparams_path: str | None = None,
                    exporter: str = "dynamo", dynamic_batch: bool = False,
                    input_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None,
-                   verify: bool = True) -> ExportResult:
+                   verify: bool = True, weight_dtype: str = "auto") -> ExportResult:
     gm = getattr(model, "module", model)
     if not isinstance(gm, fx.GraphModule):
         raise TypeError(f"convert_export needs a model prepared by prepare_by_platform, got {type(gm).__name__}")
     args = _make_args(dummy_input, batch_size)
-    frozen, stub_names, qparams = freeze_for_export(gm)
+    frozen, stub_names, qparams = freeze_for_export(gm, weight_dtype)
     frozen = frozen.cpu().eval()
     placeholders = [n.name for n in frozen.graph.nodes if n.op == "placeholder"]
     input_names = list(input_names or placeholders[:len(args)])
@@ -116,16 +119,17 @@ def convert_export(model: torch.nn.Module, dummy_input=None, onnx_path: str = "m
     atomic_write_bytes(onnx_path, model_proto.SerializeToString())
 
     qparams_path = qparams_path or os.path.splitext(onnx_path)[0] + "_qparams.json"
+    _record_encoding(frozen, stub_names, qparams)
     qparams.update(onnx_file=os.path.basename(onnx_path), opset_version=opset_version, exporter=used,
                    inputs=input_names, outputs=output_names)
     write_qparams_json(qparams, qparams_path)
 
-    narrow = sorted({t["bit"] for t in qparams["tensors"].values() if t["bit"] < 8})
+    narrow = [t for t in qparams["tensors"].values() if t["bit"] < 8 and t["kind"] == "activation"]
     if narrow:
-        logger.warning("%d quantized tensors use %s bits: exported as 8-bit QuantizeLinear/DequantizeLinear with "
+        logger.warning("%d activations use %s bits: exported as 8-bit QuantizeLinear/DequantizeLinear with "
                        "the narrow range as a Clip (numerically identical). onnxruntime has no integer kernels for "
                        "them and runs those layers in float; the JSON carries the true bit widths for the "
-                       "deployment tool.", sum(t["bit"] < 8 for t in qparams["tensors"].values()), narrow)
+                       "deployment tool.", len(narrow), sorted({t["bit"] for t in narrow}))
     n_layers = sum(1 for t in qparams["tensors"].values() if t["kind"] == "weight" and not _is_embedding(gm, t))
     result = ExportResult(onnx_path, qparams_path, used, opset_version, input_names, output_names, n_layers,
                           output_scale=_output_scales(gm))
@@ -141,6 +145,20 @@ def convert_export(model: torch.nn.Module, dummy_input=None, onnx_path: str = "m
                     "max |ORT - PyTorch| %s", onnx_path, used, opset_version, n_layers, result.integer_kernels,
                     ["%.3g" % d for d in result.max_abs_diff])
     return result
+
+
+def _record_encoding(frozen: fx.GraphModule, stub_names: dict[str, str], qparams: dict) -> None:
+    """Add each tensor's storage in the file (uint8 / int8 and the stored zero point) to the JSON."""
+    from .onnx.qdq import QDQ
+    stubs = {tensor: frozen.get_submodule(stub) for stub, tensor in stub_names.items()}
+    for name, mod in frozen.named_modules():
+        if isinstance(getattr(mod, "weight_fake_quant", None), QDQ):
+            stubs[f"{name}.weight"] = mod.weight_fake_quant
+    for tensor, entry in qparams["tensors"].items():
+        q = stubs.get(tensor)
+        if isinstance(q, QDQ):
+            zp = q.zero_point.tolist() if isinstance(q.zero_point, torch.Tensor) else [q.zero_point]
+            entry.update(onnx_dtype="uint8" if q.cmin == 0 else "int8", onnx_zero_point=[int(z) for z in zp])
 
 
 def _is_embedding(gm: fx.GraphModule, entry: dict) -> bool:

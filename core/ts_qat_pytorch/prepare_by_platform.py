@@ -24,6 +24,7 @@ class BackendType(Enum):
 
     TSQAT = "TSQAT"
     Experimental = "Experimental"
+    ONNXRuntime = "ONNXRuntime"
 
 
 PREPARE_CUSTOM_CONFIG_KEYS = ("extra_qconfig_dict", "extra_quantizer_dict", "leaf_module", "preserve_attr",

@@ -12,6 +12,10 @@ TSQAT (default, INT8)
                  EMA min/max observer during calibration; the scale is then learned (LSQ) and
                  the zero point stays fixed (an integer, as deployed).
 
+ONNXRuntime (INT8 activations, 7-bit weights)
+    as TSQAT with weights in [-64, 63]: onnxruntime's fast uint8 x int8 kernels on x86 CPUs without
+    VNNI sum products in int16 and saturate with full 8-bit weights; 7-bit weights never do.
+
 Experimental (2 to 8 bits, chosen separately)
     as TSQAT, with ``w_qscheme['bit']`` / ``a_qscheme['bit']`` in 2..8 (e.g. W4A4, W4A8).
     Below 8 bits the ONNX export carries the narrow range as a Clip in front of an 8-bit

@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze-bn-epoch", type=int, default=None, help="freeze BN statistics from this epoch")
     p.add_argument("--stop-after-epochs", type=int, default=None,
                    help="leave after this many epochs of this run (time-sliced jobs); --resume continues")
+    p.add_argument("--no-export", action="store_true", help="no ONNX export (checkpoints only)")
     p.add_argument("--no-ort-eval", action="store_true", help="skip the onnxruntime evaluation")
     p.add_argument("--cache-dir", default=None, help="float fine-tune cache (default $TS_QAT_CACHE/imagenet)")
     p.add_argument("--baselines", default=None,
@@ -882,7 +883,7 @@ def run(args) -> int:
         acc1 = evaluate_qat(q, val_loader, criterion, args, stages)
         if args.profile and is_main(args):
             profile_stage(q, calib_loader, args, stages)
-        if is_main(args):
+        if is_main(args) and not args.no_export:
             with stages.timed("export"):
                 r = export_stage(q, args, stages)
             ort_stage(val_loader, r, args, stages)
@@ -916,7 +917,7 @@ def run(args) -> int:
     if acc1 is None:
         say(args, f"=> nothing to train: start epoch {start_epoch} >= --epochs {args.epochs}")
         acc1 = evaluate_qat(q, val_loader, criterion, args, stages)
-        if is_main(args):
+        if is_main(args) and not args.no_export:
             with stages.timed("export"):
                 export_stage(q, args, stages)
     if args.profile and is_main(args):
@@ -958,12 +959,14 @@ def save_checkpoint_all(q, optimizer, scheduler, epoch, best_acc1, is_best, path
     save_qat_checkpoint(paths["ckpt"], q, optimizer, scheduler, epoch=epoch, best_acc1=best_acc1, arch=args.arch,
                         num_classes=args.num_classes, backend=args.backend, rng=rng)
     save_checkpoint(q, paths["float"], paths["qparams"])
-    with stages.timed("export"):
-        export_stage(q, args, stages)
-    set_rng_state(rng)  # export draws random numbers; training continues exactly as a resumed run would
+    if not args.no_export:
+        with stages.timed("export"):
+            export_stage(q, args, stages)
+        set_rng_state(rng)  # export draws random numbers; training continues exactly as a resumed run would
     if is_best:
         atomic_copy(paths["ckpt"], paths["best"])
-        atomic_copy(paths["onnx"], paths["bestonnx"])
+        if not args.no_export:
+            atomic_copy(paths["onnx"], paths["bestonnx"])
     say(args, f"=> saved {paths['ckpt']}{' (best)' if is_best else ''}, {paths['float']}, {paths['qparams']}")
 
 

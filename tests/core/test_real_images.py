@@ -52,3 +52,17 @@ def test_int8_onnx_agrees_with_fake_quant_on_real_photos(mobilenet, tmp_path):
     assert (ort_top1 == fq_top1).mean() >= 0.8
     assert (fq_top1 == float_top1).mean() >= 0.8
     assert (ort_top1[[0, 8]] == [285, 967]).all()  # chelsea -> Egyptian cat, coffee -> espresso
+
+
+def test_onnxruntime_backend_uses_fast_int8_weights_exactly(mobilenet, tmp_path):
+    """7-bit weights stored as int8: onnxruntime's uint8 x int8 kernels cannot saturate."""
+    from ts_qat_pytorch.prepare_by_platform import BackendType
+    import json
+    x = _views()[:16]
+    q = prepare_and_calibrate(mobilenet, x, backend=BackendType.ONNXRuntime, batches=1)
+    r, outs, ref = export_and_run(q, x, tmp_path / "ort.onnx", batch_size=len(x))
+    with open(r.qparams_path) as f:
+        w = json.load(f)["tensors"]["features.0.0.weight"]
+    assert (w["bit"], w["quant_min"], w["quant_max"], w["onnx_dtype"]) == (7, -64, 63, "int8")
+    assert r.integer_matmul_kernels == r.quantized_layers == 53
+    assert (outs[0].argmax(1) == ref[0].argmax(1)).mean() >= 0.8

@@ -39,3 +39,16 @@ class ExperimentalQuantizer(ModelQuantizer):
     """Research bit widths (2..8 bits, weights and activations independently)."""
 
     allowed_bits = range(2, 9)
+
+
+# ONNXRuntime: TSQAT with 7-bit weights ([-64, 63], "reduce range"). On x86 CPUs without VNNI,
+# onnxruntime's fast uint8 x int8 kernels saturate with full 8-bit weights; 7 bits keep them exact.
+ONNXRUNTIME_QCONFIG = dict(TSQAT_QCONFIG, w_qscheme={"bit": 7, "symmetry": True, "per_channel": True,
+                                                     "pot_scale": False})
+
+
+@register_model_quantizer("ONNXRuntime", ONNXRUNTIME_QCONFIG)
+class ONNXRuntimeQuantizer(ModelQuantizer):
+    """Deployment with onnxruntime on CPUs: fast integer kernels that match training exactly."""
+
+    allowed_bits = range(7, 9)

@@ -15,15 +15,27 @@ from .qparams import collect_qparams, quantizer_call_sites, weight_quantizers
 STUB_PREFIX = "qdq__"
 
 
+def _qdq(fq: QuantizeBase, weight_dtype: str) -> QDQ:
+    scale, zp = fq.qparams()
+    as_uint8 = weight_dtype == "uint8" or (weight_dtype == "auto" and fq.quant_max - fq.quant_min > 127)
+    return QDQ(scale, zp, fq.quant_min, fq.quant_max, fq.scheme.signed, fq.ch_axis, as_uint8=as_uint8)
+
+
 @torch.no_grad()
-def freeze_for_export(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, str], dict]:
-    """Returns (export module, {stub module name: canonical tensor name}, qparams JSON dict)."""
+def freeze_for_export(gm: fx.GraphModule, weight_dtype: str = "auto") -> tuple[fx.GraphModule, dict[str, str], dict]:
+    """Returns (export module, {stub module name: canonical tensor name}, qparams JSON dict).
+
+    weight_dtype: container of signed weights: "int8", "uint8" (shifted by 128), or "auto": uint8 when
+    the weights use the full 8 bits (exact in onnxruntime on every x86 CPU), int8 when they fit 7 bits.
+    """
+    if weight_dtype not in ("auto", "int8", "uint8"):
+        raise ValueError(f"weight_dtype must be 'auto', 'int8' or 'uint8', got {weight_dtype!r}")
     qparams = collect_qparams(gm)  # raises on uncalibrated activations; initialises weight quantizers
     m = copy.deepcopy(gm).eval()
     for name, layer in list(weight_quantizers(m)):
         fq = layer.weight_fake_quant
         w, b = layer.quantized_weight_source()
-        qdq = QDQ.from_quantizer(fq)
+        qdq = _qdq(fq, weight_dtype)
         w = qdq.clip_constant(fq.export_transform(w))
         layer.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
         if b is not None:
@@ -38,7 +50,7 @@ def freeze_for_export(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, str
             m.add_submodule(stub, nn.Identity())
             node.target = stub
             continue
-        m.add_submodule(stub, QDQ.from_quantizer(fq))
+        m.add_submodule(stub, _qdq(fq, weight_dtype) if fq.is_weight else QDQ.from_quantizer(fq))
         node.target = stub
         stub_names[stub] = tensor
     m.delete_all_unused_submodules()

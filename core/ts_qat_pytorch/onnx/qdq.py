@@ -5,9 +5,11 @@ as scalars, which is what onnxruntime needs to fuse Add/Concat/pooling into inte
 Widths below 8 bits are carried by a Clip in front of the 8-bit QuantizeLinear: the same numbers
 as the narrow quantizer, in a container onnxruntime runs everywhere.
 
-Signed tensors are written as uint8 with the zero point shifted by 128 (the same real values).
-Why: on x86 CPUs without VNNI, onnxruntime's uint8 x int8 kernels sum pairs of products in int16 with
-saturation; here that moved mobilenet_v2's logits by 60 output steps, against 16 with uint8 x uint8.
+Signed 8-bit weights are written as uint8 with the zero point shifted by 128 (the same real values)
+unless they fit 7 bits. Why: on x86 CPUs without VNNI, onnxruntime's uint8 x int8 kernels sum pairs of
+products in int16 with saturation; here that moved mobilenet_v2's logits by 60 output steps, against 16
+with uint8 x uint8. uint8 x uint8 is exact but, on such CPUs, no faster than float; 7-bit weights
+(the ONNXRuntime backend) keep the fast uint8 x int8 kernels exact.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from ..fake_quantize import QuantizeBase
 
 class QDQ(nn.Module):
     def __init__(self, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int, quant_max: int,
-                 signed: bool, ch_axis: int = -1, as_uint8: bool = True):
+                 signed: bool, ch_axis: int = -1, as_uint8: bool = False):
         super().__init__()
         if signed and as_uint8:  # same real values, integers shifted by 128 (see module docstring)
             zero_point, quant_min, quant_max, signed = zero_point + 128, quant_min + 128, quant_max + 128, False

@@ -44,8 +44,7 @@ def entry(fq: QuantizeBase, kind: str) -> dict[str, Any]:
         "bit": s.bit, "quant_min": fq.quant_min, "quant_max": fq.quant_max,
         "per_channel": s.per_channel, "axis": fq.ch_axis if s.per_channel else None,
         "symmetric": s.symmetry, "signed": s.signed, "pot_scale": s.pot_scale,
-        # how the ONNX file stores it: always uint8, signed integers shifted by 128 (onnx/qdq.py)
-        "onnx_dtype": "uint8", "onnx_zero_point": [int(v) + (128 if s.signed else 0) for v in zp],
+
     }
 
 

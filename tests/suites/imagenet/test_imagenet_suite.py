@@ -117,9 +117,9 @@ def test_resume_and_evaluate_checkpoint(smoke_run, capsys):
     assert ck2["scheduler"]["last_epoch"] == 2 * ck["scheduler"]["last_epoch"]
 
 
-def test_resume_continues_like_uninterrupted(tmp_path):
+def test_resume_continues_like_uninterrupted(smoke_run, tmp_path):
     """1 epoch + resume to 2 epochs gives the same weights as 2 epochs in one go."""
-    common = SMOKE + ["--cache-dir", str(tmp_path / "cache"), "--no-ort-eval", "--val-images", "32",
+    common = SMOKE + ["--cache-dir", str(smoke_run[1] / "cache"), "--no-export", "--val-images", "32",
                       "--train-images", "32"]
     a, b = tmp_path / "a", tmp_path / "b"
     assert suite_main.main(common + ["--output-dir", str(a), "--epochs", "2"]) == 0

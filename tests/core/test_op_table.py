@@ -280,3 +280,9 @@ def test_operator_row(row, case_id, factory, spec, exporter, tmp_path, caplog):
         import json
         with open(r.qparams_path) as f:
             assert set(json.load(f)["tensors"]) <= names
+
+
+def test_docs_table_is_in_sync():
+    import pathlib
+    doc = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "operators.md").read_text()
+    assert markdown_table() in doc, "regenerate docs/operators.md (see its header)"

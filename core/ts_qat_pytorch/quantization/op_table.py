@@ -166,13 +166,20 @@ class OpIndex:
 OP_INDEX = OpIndex.build()
 
 
+def _spelling(f: Callable) -> str:
+    name = getattr(f, "__name__", str(f))
+    for prefix, ns in (("F", F), ("torch", torch), ("operator", operator)):
+        if getattr(ns, name, None) is f:
+            return f"{prefix}.{name}"
+    return f"{getattr(f, '__module__', '')}.{name}"
+
+
 def markdown_table() -> str:
     """The table as Markdown, for the docs."""
     lines = ["| operator | treatment | spellings | note |", "| --- | --- | --- | --- |"]
     for r in OP_TABLE:
         sp = [f"nn.{m.__name__}" for m in r.modules]
-        sp += [getattr(f, "__module__", "") .replace("torch.nn.functional", "F") + "." + getattr(f, "__name__", str(f))
-               for f in r.functions]
+        sp += [_spelling(f) for f in r.functions]
         sp += [f"Tensor.{m}" for m in r.methods]
         lines.append(f"| {r.name} | {r.treatment} | {', '.join(sp)} | {r.note} |")
     return "\n".join(lines)

@@ -43,7 +43,7 @@ def run_py(session: nox.Session, *args: str, **env: str) -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     """The test suite (core and suites' smoke tests). Extra args go to pytest."""
-    run_py(session, "-m", "pytest", *(session.posargs or ["-q", "tests"]))
+    run_py(session, "-m", "pytest", *(session.posargs or ["-q", "-n", "auto", "--durations=15", "tests"]))
 
 
 @nox.session

@@ -251,3 +251,15 @@ def test_activation_quantizers_sit_where_onnxruntime_needs_them(tmp_path):
     assert r.integer_kernels.get("QLinearGlobalAveragePool", 0) + r.integer_kernels.get("QLinearReduceMean", 0) \
         + r.integer_kernels.get("QLinearAveragePool", 0) <= 1
     assert {"x", "conv1.weight", "conv2.weight", "fc.weight"} <= onnx_quantize_inputs(r.onnx_path)
+
+
+def test_mixed_precision_training_step_runs():
+    q = prepare_and_calibrate(Block(), torch.randn(4, 3, 8, 8))
+    q.train()
+    opt = torch.optim.SGD(q.parameters(), lr=0.01)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(q(torch.randn(4, 3, 8, 8)), torch.randint(0, 5, (4,)))
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p).all() for p in q.parameters())

@@ -106,6 +106,8 @@ class QuantizeBase(nn.Module):
             if self.is_weight:  # the data is the weight itself: no calibration batch needed
                 self.observe(x.detach())
             self.check_initialized(self.qualname)
+        if x.dtype != torch.float32:  # AMP: torch's fake-quant kernels want float32 inputs
+            return self.fake_quant(x.float()).to(x.dtype)
         return self.fake_quant(x)
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:

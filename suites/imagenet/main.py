@@ -46,9 +46,9 @@ logger = logging.getLogger("imagenet")
 EMBEDDED_RECIPE = dict(
     arch="mobilenet_v2", num_classes=10, image_size=64,
     # float fine-tune of the ImageNet weights with the new head (cached, reused when valid)
-    float_epochs=1, float_images=40000, float_lr=2e-3,
+    float_epochs=1, float_images=60000, float_lr=2e-3,
     # QAT
-    epochs=1, batch_size=64, lr=2e-5, optim="adam", weight_decay=0.0, train_images=6400,
+    epochs=1, batch_size=64, lr=5e-5, optim="adam", weight_decay=0.0, train_images=6400, freeze_bn_epoch=0,
     calib_batches=32, print_freq=20, workers=0, distill_method="kd",
 )
 GENERAL_RECIPE = dict(
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-b", "--batch-size", type=int, default=None, metavar="N",
                    help="total mini-batch size over all processes (256; embedded 64)")
     p.add_argument("--lr", "--learning-rate", type=float, default=None, dest="lr",
-                   help="initial learning rate (0.1; embedded 2e-5 with adam)")
+                   help="initial learning rate (0.1; embedded 5e-5 with adam)")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--wd", "--weight-decay", type=float, default=None, dest="weight_decay",
                    help="weight decay (1e-4; embedded 0)")
@@ -129,9 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="QAT on a random subset of this many training images per epoch (embedded 6400)")
     p.add_argument("--val-images", type=int, default=None, help="evaluate on the first N validation images")
     p.add_argument("--float-epochs", type=int, default=None, help="embedded float fine-tune epochs (1)")
-    p.add_argument("--float-images", type=int, default=None, help="embedded float fine-tune images (40000)")
+    p.add_argument("--float-images", type=int, default=None, help="embedded float fine-tune images (60000)")
     p.add_argument("--float-lr", type=float, default=None, help="embedded float fine-tune peak lr (2e-3, AdamW)")
-    p.add_argument("--freeze-bn-epoch", type=int, default=None, help="freeze BN statistics from this epoch")
+    p.add_argument("--freeze-bn-epoch", type=int, default=None,
+                   help="freeze BN statistics from this epoch (embedded 0: BN uses its running statistics in QAT)")
     p.add_argument("--stop-after-epochs", type=int, default=None,
                    help="leave after this many epochs of this run (time-sliced jobs); --resume continues")
     p.add_argument("--no-export", action="store_true", help="no ONNX export (checkpoints only)")
@@ -159,6 +160,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     for k in ("float_epochs", "float_images", "float_lr"):
         if getattr(args, k) is None:
             setattr(args, k, EMBEDDED_RECIPE[k])
+    if args.freeze_bn_epoch is not None and args.freeze_bn_epoch < 0:
+        args.freeze_bn_epoch = None
     if args.distill_method == "none":
         args.distill_method = None
     if args.seed is None and args.embedded:

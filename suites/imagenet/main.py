@@ -777,7 +777,7 @@ def run(args) -> int:
     else:
         args.device = torch.device("cpu")
     if args.seed is not None:
-        seed_everything(args.seed + (args.rank if args.distributed else 0) * 0)
+        seed_everything(args.seed)
     world = dist.get_world_size() if args.distributed else 1
     rank = dist.get_rank() if args.distributed else 0
     if args.distributed:

@@ -179,7 +179,7 @@ def test_teacher_class_mismatch(tmp_path, capsys):
     torch.save(torchvision.models.resnet18(num_classes=7).state_dict(), te)
     rc = suite_main.main(["--data", str(folder), "-a", "resnet18", "-nc", "2", "--model-path", str(st),
                           "--teacher-arch", "resnet18", "--teacher-path", str(te), "--distill-method", "kd",
-                          "--image-size", "32", "--output-dir", str(tmp_path / "o")])
+                          "--image-size", "32", "-j", "0", "--output-dir", str(tmp_path / "o")])
     assert rc != 0
     e = capsys.readouterr().err
     assert "7 classes" in e and "is 2" in e

@@ -778,6 +778,7 @@ def run(args) -> int:
         args.device = torch.device("cpu")
     if args.seed is not None:
         seed_everything(args.seed)
+        torch.backends.cudnn.deterministic = True
     world = dist.get_world_size() if args.distributed else 1
     rank = dist.get_rank() if args.distributed else 0
     if args.distributed:

@@ -263,3 +263,39 @@ def test_mixed_precision_training_step_runs():
     opt.step()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p).all() for p in q.parameters())
+
+
+class AllFusions(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(3, 4, 3, padding=1)
+        self.b1 = nn.BatchNorm1d(4)
+        self.up = nn.ConvTranspose2d(4, 4, 2, stride=2)
+        self.bup = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(64, 8)
+        self.bfc = nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        y = F.relu(self.b1(self.c1(x)))                    # (N, 4, 16)
+        y = self.bup(self.up(y.view(-1, 4, 4, 4)))         # (N, 4, 8, 8)
+        return torch.relu(self.bfc(self.fc(y.flatten(1)[:, :64])))
+
+
+def test_every_documented_fusion_and_float_round_trip(tmp_path):
+    from ts_qat_pytorch.utils.utils import save_checkpoint
+    model = AllFusions().train()
+    x = torch.randn(6, 3, 16)
+    model(x)  # move the BN statistics away from their defaults
+    q = prepare_and_calibrate(model.eval(), x)
+    assert (type(q.c1), type(q.up), type(q.fc)) == (qat.ConvBnReLU1d, qat.ConvTransposeBn2d, qat.LinearBnReLU1d)
+    with torch.no_grad():
+        disable_all(q)
+        assert torch.allclose(q(x), model(x), atol=1e-5)  # folding changes nothing numerically
+        enable_quantization(q)
+    save_checkpoint(q, str(tmp_path / "f.pth"))
+    fresh = AllFusions()
+    fresh.load_state_dict(torch.load(tmp_path / "f.pth", weights_only=True))
+    assert torch.equal(fresh.bup.running_var, model.bup.running_var)
+    r, outs, ref = export_and_run(q, x, tmp_path / "f.onnx")
+    assert r.quantized_layers == 3
+    assert abs(outs[0] - ref[0]).max() <= 2.01 * r.output_scale[0]

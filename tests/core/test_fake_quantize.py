@@ -151,3 +151,14 @@ def test_dorefa_normalises_weights_with_tanh():
     fq = _calibrated(DoReFaFakeQuantize(SYM_PC, observer=MinMaxObserver), torch.randn(4, 3) * 5)
     y = fq(torch.randn(4, 3) * 5)
     assert y.abs().max() <= 1.0 + 1e-4
+
+
+def test_exported_qparams_are_the_ones_the_forward_uses():
+    fq = _calibrated(LearnableFakeQuantize(SYM_PC, channels=4), torch.randn(4, 8))
+    fq.scale.data[0] = -0.5  # an optimizer step pushed it out of range
+    scale, _ = fq.qparams()
+    assert (scale > 0).all()
+    x = torch.randn(4, 8)
+    y = fq(x)
+    q = y / scale.reshape(-1, 1)
+    assert torch.allclose(q, q.round(), atol=1e-3)

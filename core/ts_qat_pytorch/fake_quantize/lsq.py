@@ -58,8 +58,10 @@ class LearnableFakeQuantize(QuantizeBase):
             x, self.scale, self.zero_point, self.quant_min, self.quant_max, grad_factor)
 
     def qparams(self):
+        # the values the forward uses: an optimizer step may have left the raw parameter out of range
+        scale = self.scale.detach().clamp(min=EPS, max=self.max_scale)
         zp = torch.clamp(torch.round(self.zero_point.detach()), self.quant_min, self.quant_max)
-        return self.scale.detach().reshape(-1).clone(), zp.reshape(-1).int()
+        return scale.reshape(-1).clone(), zp.reshape(-1).int()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for name in ("scale", "zero_point"):

@@ -52,6 +52,18 @@ def bench(session: nox.Session) -> None:
     run_py(session, str(ROOT / "tools" / "bench_core.py"), *session.posargs)
 
 
+@nox.session
+def regression(session: nox.Session) -> None:
+    """Every suite's regression run (suites/*/regression.json) against its baselines.json: one table."""
+    run_py(session, str(ROOT / "tools" / "regression_gate.py"), *session.posargs)
+
+
+@nox.session
+def new_suite(session: nox.Session) -> None:
+    """Copy a suite under a new name: nox -s new_suite -- NAME --from imagenet."""
+    run_py(session, str(ROOT / "tools" / "new_suite.py"), *session.posargs)
+
+
 # Suite sessions: each suites/<name>/sessions.py registers its own.
 for _path in sorted(ROOT.glob("suites/*/sessions.py")):
     _spec = importlib.util.spec_from_file_location(f"_suite_sessions_{_path.parent.name}", _path)

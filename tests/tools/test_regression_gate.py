@@ -1,0 +1,46 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "regression_gate.py"
+
+FAKE_MAIN = """
+import argparse, json
+p = argparse.ArgumentParser(); p.add_argument("--metrics"); p.add_argument("--acc", type=float)
+a = p.parse_args()
+json.dump({"top1": a.acc, "nested": {"kernels": 5}}, open(a.metrics, "w"))
+"""
+
+
+def _suite(root: Path, name: str, acc: float, baseline: float):
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "main.py").write_text(FAKE_MAIN)
+    (d / "regression.json").write_text(json.dumps({"script": "main.py", "args": ["--acc", str(acc)]}))
+    (d / "baselines.json").write_text(json.dumps([
+        {"metric": "top1", "value": baseline, "tolerance": 0.5, "direction": "higher"},
+        {"metric": "nested.kernels", "value": 5, "tolerance": 0}]))
+
+
+def test_gate_discovers_suites_and_passes(tmp_path):
+    _suite(tmp_path, "alpha", 91.0, 91.2)
+    _suite(tmp_path, "beta", 80.0, 80.0)
+    (tmp_path / "common").mkdir()  # not a suite: no baselines
+    r = subprocess.run([sys.executable, str(TOOL), "--suites-root", str(tmp_path), "--out", str(tmp_path / "r.json")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "alpha" in r.stdout and "beta" in r.stdout and "regression gate: PASS" in r.stdout
+    assert json.loads((tmp_path / "r.json").read_text())["ok"] is True
+
+
+def test_doctored_baseline_fails_the_gate_with_a_table(tmp_path):
+    _suite(tmp_path, "alpha", 91.0, 91.2)
+    _suite(tmp_path, "beta", 80.0, 85.0)  # baseline claims 85: measured 80 is a regression
+    r = subprocess.run([sys.executable, str(TOOL), "--suites-root", str(tmp_path), "--out", str(tmp_path / "r.json")],
+                       capture_output=True, text=True)
+    assert r.returncode == 1
+    line = next(l for l in r.stdout.splitlines() if l.startswith("beta") and "top1" in l)
+    assert "85" in line and "80" in line and "FAIL" in line
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert {(x["suite"], x["verdict"]) for x in rows if x["metric"] == "top1"} == {("alpha", "PASS"), ("beta", "FAIL")}

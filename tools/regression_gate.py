@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+"""One regression gate over every suite.
+
+A suite takes part when its folder holds ``baselines.json`` and ``regression.json``:
+
+    {"script": "main.py", "args": ["--epochs", "1"], "metrics_flag": "--metrics"}
+
+The gate runs ``python suites/<name>/<script> <args> <metrics_flag> <file>`` for each suite (discovered, not
+listed), compares the metrics file with the suite's baselines (suites/common/regression.py: metric, value,
+tolerance, optional direction), prints one table (suite, metric, baseline, tolerance, measured, verdict),
+writes the same as JSON (--out), and exits non-zero when any metric fails or any suite's run fails.
+
+    python tools/regression_gate.py [--suites-root suites] [--only imagenet] [--out runs/regression.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from suites.common.regression import compare_metrics  # noqa: E402
+
+
+def discover(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if (p / "baselines.json").is_file() and (p / "regression.json").is_file())
+
+
+def run_suite(folder: Path, workdir: Path) -> tuple[list[dict], str | None, float]:
+    cfg = json.loads((folder / "regression.json").read_text())
+    metrics_file = workdir / f"{folder.name}_metrics.json"
+    cmd = [sys.executable, str(folder / cfg["script"]), *cfg.get("args", []), cfg.get("metrics_flag", "--metrics"),
+           str(metrics_file)]
+    print(f"[regression] {folder.name}: {' '.join(cmd)}", flush=True)
+    t = time.time()
+    r = subprocess.run(cmd, cwd=str(ROOT))
+    wall = time.time() - t
+    if not metrics_file.exists():
+        return [], f"the run exited with {r.returncode} and wrote no metrics", wall
+    rows, _ = compare_metrics(json.loads(metrics_file.read_text()), folder / "baselines.json")
+    for row in rows:
+        row["suite"] = folder.name
+    return rows, None if r.returncode in (0, 1) else f"the run exited with {r.returncode}", wall
+
+
+def format_rows(rows: list[dict]) -> str:
+    def fmt(v):
+        return "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+    head = ["suite", "metric", "baseline", "tolerance", "measured", "verdict"]
+    body = [[r["suite"], r["metric"], fmt(r["baseline"]),
+             {"both": "±", "higher": "-", "lower": "+"}.get(r.get("direction", "both"), "±") + fmt(r["tolerance"]),
+             fmt(r["measured"]), r["verdict"]] for r in rows]
+    w = [max([len(h)] + [len(b[i]) for b in body]) for i, h in enumerate(head)]
+    line = lambda c: "  ".join(x.ljust(n) for x, n in zip(c, w))  # noqa: E731
+    return "\n".join([line(head), line(["-" * n for n in w])] + [line(b) for b in body])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suites-root", default=str(ROOT / "suites"))
+    ap.add_argument("--only", nargs="*", help="suite names to run (default: all discovered)")
+    ap.add_argument("--out", default=str(ROOT / "runs" / "regression.json"))
+    a = ap.parse_args(argv)
+    suites = [s for s in discover(Path(a.suites_root)) if not a.only or s.name in a.only]
+    if not suites:
+        print("no suite has both baselines.json and regression.json", file=sys.stderr)
+        return 2
+    rows, errors, walls = [], {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for s in suites:
+            r, err, walls[s.name] = run_suite(s, Path(tmp))
+            rows += r
+            if err:
+                errors[s.name] = err
+    print("\n" + format_rows(rows))
+    for name, err in errors.items():
+        print(f"{name}: {err}")
+    ok = not errors and all(r["verdict"] == "PASS" for r in rows)
+    print(f"\nregression gate: {'PASS' if ok else 'FAIL'} ({len(suites)} suites, "
+          + ", ".join(f"{k} {v:.0f} s" for k, v in walls.items()) + ")")
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump({"ok": ok, "rows": rows, "errors": errors, "wall_s": walls}, f, indent=1)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -299,3 +299,12 @@ def test_every_documented_fusion_and_float_round_trip(tmp_path):
     r, outs, ref = export_and_run(q, x, tmp_path / "f.onnx")
     assert r.quantized_layers == 3
     assert abs(outs[0] - ref[0]).max() <= 2.01 * r.output_scale[0]
+
+
+def test_excluding_a_conv_keeps_its_bn_and_relu_float_too():
+    q = prepare_and_calibrate(Block().eval(), torch.randn(2, 3, 8, 8),
+                              config={"extra_quantizer_dict": {"exclude_module_name": ["conv1"]}})
+    assert type(q.conv1) is nn.Conv2d and isinstance(q.bn1, nn.BatchNorm2d)
+    quantized_inputs = {n.args[0].name for n in q.graph.nodes
+                        if n.op == "call_module" and isinstance(q.get_submodule(n.target), QuantizeBase)}
+    assert not {"conv1", "bn1"} & quantized_inputs

@@ -60,6 +60,7 @@ class ModelQuantizer:
     def prepare(self, gm: fx.GraphModule, qconfig: QConfig) -> fx.GraphModule:
         qconfig.check_bits(self.allowed_bits)
         self._check_exclusions(gm)
+        self._extend_exclusions(gm)
         self.fuse(gm, qconfig)
         self.swap(gm, qconfig)
         self.insert_act_quantizers(gm, qconfig)
@@ -85,6 +86,21 @@ class ModelQuantizer:
                 close = difflib.get_close_matches(ex, list(node_names), n=3)
                 raise ValueError(f"exclude_node_name: no node named '{ex}' in the traced graph"
                                  + (f"; did you mean {close}?" if close else ""))
+
+    def _extend_exclusions(self, gm: fx.GraphModule) -> None:
+        """An excluded conv/linear takes its BatchNorm and activation with it: the whole layer stays float
+        (quantizing the BN's input would quantize the excluded layer's output)."""
+        for node in gm.graph.nodes:
+            if not self.is_excluded(node) or node.op != "call_module":
+                continue
+            cur = node
+            while len(cur.users) == 1:
+                (user,) = cur.users
+                mod = self._module(gm, user)
+                if not (isinstance(mod, nn.modules.batchnorm._BatchNorm) or self._is_fusable_act(gm, user)):
+                    break
+                self.exclude_node_name.add(user.name)
+                cur = user
 
     def is_excluded(self, node: fx.Node) -> bool:
         if node.name in self.exclude_node_name:

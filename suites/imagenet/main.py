@@ -46,7 +46,7 @@ logger = logging.getLogger("imagenet")
 EMBEDDED_RECIPE = dict(
     arch="mobilenet_v2", num_classes=10, image_size=64,
     # float fine-tune of the ImageNet weights with the new head (cached, reused when valid)
-    float_epochs=1, float_images=60000, float_lr=2e-3,
+    float_epochs=2, float_images=45000, float_lr=2e-3,
     # QAT
     epochs=1, batch_size=64, lr=5e-5, optim="adam", weight_decay=0.0, train_images=6400, freeze_bn_epoch=0,
     calib_batches=32, print_freq=20, workers=0, distill_method="kd",
@@ -128,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-images", type=int, default=None,
                    help="QAT on a random subset of this many training images per epoch (embedded 6400)")
     p.add_argument("--val-images", type=int, default=None, help="evaluate on the first N validation images")
-    p.add_argument("--float-epochs", type=int, default=None, help="embedded float fine-tune epochs (1)")
-    p.add_argument("--float-images", type=int, default=None, help="embedded float fine-tune images (60000)")
+    p.add_argument("--float-epochs", type=int, default=None, help="embedded float fine-tune epochs (2)")
+    p.add_argument("--float-images", type=int, default=None, help="embedded float fine-tune images per epoch (45000)")
     p.add_argument("--float-lr", type=float, default=None, help="embedded float fine-tune peak lr (2e-3, AdamW)")
     p.add_argument("--freeze-bn-epoch", type=int, default=None,
                    help="freeze BN statistics from this epoch (embedded 0: BN uses its running statistics in QAT)")

@@ -81,6 +81,8 @@ def profile_layers(model: nn.Module, batches: Iterable, max_batches: int = 4) ->
             q = _capture(model, targets, x)
             disable_all(model)
             f = _capture(model, targets, x)
+            if bi == 0:  # execution order (hooks fire in the order the graph runs)
+                order = {name: i for i, name in enumerate(q)}
             for name in q.keys() & f.keys():
                 a, b = q[name].reshape(-1).double(), f[name].reshape(-1).double()
                 if a.shape != b.shape:
@@ -103,7 +105,7 @@ def profile_layers(model: nn.Module, batches: Iterable, max_batches: int = 4) ->
     for name, r in acc.items():
         sqnr = (10 * math.log10(r["sig"] / r["err"]) if r["err"] > 0 and r["sig"] > 0
                 else (math.inf if r["err"] == 0 else -math.inf))
-        rows.append({"index": order[name], "layer": name, "kind": _kind(targets[name]),
+        rows.append({"index": order.get(name, len(order)), "layer": name, "kind": _kind(targets[name]),
                      "cosine": r["cos"] / r["n"], "sqnr_db": sqnr, "max_abs_err": r["max"]})
     rows.sort(key=lambda r: (r["sqnr_db"], r["cosine"]))
     return rows
@@ -139,13 +141,13 @@ def plot(rows: list[dict], path: str, title: str = "per-layer quantization error
     fig, ax1 = plt.subplots(figsize=(max(8, len(ordered) * 0.12), 4.5))
     ax1.bar(xs, [min(r["sqnr_db"], 80) for r in ordered], color="tab:blue", label="SQNR dB")
     ax1.set_ylabel("SQNR (dB)", color="tab:blue")
-    ax1.set_xlabel("layer (graph order)")
+    ax1.set_xlabel("quantized layer / activation quantizer (execution order)")
     ax2 = ax1.twinx()
     ax2.plot(xs, [r["cosine"] for r in ordered], color="tab:red", marker=".", lw=1, label="cosine")
     ax2.set_ylabel("cosine similarity", color="tab:red")
     worst = sorted(ordered, key=lambda r: r["sqnr_db"])[:5]
     for r in worst:
-        ax1.annotate(r["layer"], (r["index"], min(r["sqnr_db"], 80)), fontsize=6, rotation=60)
+        ax1.annotate(r["layer"], (xs[ordered.index(r)], min(r["sqnr_db"], 80)), fontsize=6, rotation=60)
     ax1.set_title(title)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -80,6 +80,7 @@ def _rss_bytes() -> int:
 
 def memory_worker(arch, kind, batch, res):
     """Run in a child process: peak resident memory added by training steps."""
+    torch.set_num_threads(int(os.environ.get("TS_QAT_BENCH_THREADS", "0")) or torch.get_num_threads())
     model, opt, x, y = build(arch, kind == "qat", "cpu", batch, res)
     before = _rss_bytes()
     for _ in range(3):
@@ -112,7 +113,8 @@ def ort_latency(arch, batch, res, reps, backend):
         fp32, int8 = os.path.join(d, "fp32.onnx"), os.path.join(d, "int8.onnx")
         torch.onnx.export(model, (x,), fp32, dynamo=True, external_data=False, opset_version=18, verbose=False)
         r = convert_export(q, x, int8, batch_size=batch)
-        sess = {"fp32": ort_session(fp32), "int8": ort_session(int8)}
+        threads = int(os.environ.get("TS_QAT_BENCH_THREADS", "0")) or None
+        sess = {"fp32": ort_session(fp32, threads=threads), "int8": ort_session(int8, threads=threads)}
         feeds = {"fp32": {sess["fp32"].get_inputs()[0].name: x.numpy()}, "int8": {r.input_names[0]: x.numpy()}}
         for k in sess:
             sess[k].run(None, feeds[k])
@@ -135,13 +137,16 @@ def main(argv=None):
     p.add_argument("--ort-batch", type=int, default=8)
     p.add_argument("--ort-res", type=int, default=224)
     p.add_argument("--ort-reps", type=int, default=20)
+    p.add_argument("--threads", type=int, default=None, help="torch / onnxruntime threads (default: all cores)")
     p.add_argument("--out", default="runs/bench_core.json")
     p.add_argument("--memory-worker", nargs=4, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.memory_worker:
         arch, kind, b, r = a.memory_worker
         return memory_worker(arch, kind, int(b), int(r))
-    torch.set_num_threads(os.cpu_count() or 1)
+    threads = a.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    os.environ["TS_QAT_BENCH_THREADS"] = str(threads)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     results = {"torch": torch.__version__, "cpu_count": os.cpu_count(), "models": {}}
     rows = []

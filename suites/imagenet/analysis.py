@@ -1,0 +1,34 @@
+"""The suite's hook for tools/analyze_suite.py: the trained QAT model, a few batches, and the suite's metric.
+
+    q, batches, evaluate = load("checkpoint", val_images=2000)
+"""
+from __future__ import annotations
+
+import torch
+
+from suites.imagenet import main as suite
+from ts_qat_pytorch.utils.utils import load_qat_checkpoint
+
+
+def load(output_dir: str = "checkpoint", val_images: int = 2000, extra_args: tuple[str, ...] = ()):
+    args = suite.resolve_args(suite.build_parser().parse_args(
+        ["--output-dir", output_dir, "--val-images", str(val_images), *extra_args]))
+    ckpt = suite.checkpoint_paths(args)["ckpt"]
+    model = suite.create_model(args.arch, args.model_zoo, args.num_classes, pretrained=False)
+    q = suite.prepare(model, args)
+    load_qat_checkpoint(ckpt, q)
+    q.eval()
+    _, val, _ = suite.make_datasets(args)
+    val_loader = suite.loader(val, args.batch_size, 0)
+    batches = [x for x, _ in val_loader]
+
+    @torch.no_grad()
+    def evaluate(m) -> float:
+        """top-1 (%) on the held-out slice."""
+        correct = total = 0
+        for x, y in val_loader:
+            correct += int((m(x).argmax(1) == y).sum())
+            total += len(y)
+        return 100.0 * correct / total
+
+    return q, batches, evaluate

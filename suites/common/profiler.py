@@ -7,7 +7,8 @@ The model runs once with its fake quantizers on (``enable_quantization``) and on
 off (``disable_all``) on the same inputs; forward hooks capture the output of every module that is a
 QAT layer (conv / linear / fused, quantized weights) or a fake quantizer. For each one: cosine
 similarity, SQNR in dB (10 log10 of signal power over error power) and max absolute error, averaged
-over the batches (max for max error). The quantizers' switches and the model's train/eval mode are
+over the batches (max for max error), plus the quantizer's scale and clipping ratio (the fraction of
+float inputs, or of the deployed weight for a layer, outside the representable range). The quantizers' switches and the model's train/eval mode are
 restored afterwards. Only torch is needed (matplotlib for ``plot``).
 """
 from __future__ import annotations
@@ -43,14 +44,45 @@ def _kind(m: nn.Module) -> str:
     return "act_fake_quant" if isinstance(m, QuantizeBase) else type(m).__name__
 
 
+def _range(fq: QuantizeBase) -> tuple[torch.Tensor, torch.Tensor]:
+    scale, zp = fq.qparams()
+    return (fq.quant_min - zp.float()) * scale, (fq.quant_max - zp.float()) * scale
+
+
+def _scale_and_clipping(m: nn.Module, counts: list | None) -> tuple[float | None, float | None]:
+    """The quantizer's scale (largest, for per-channel weights) and the fraction of values it clips:
+    float inputs for activation quantizers, the deployed (BN-folded) weight for layers."""
+    if isinstance(m, QuantizeBase):
+        if not m.initialized:
+            return None, None
+        return float(m.qparams()[0].max()), (counts[0] / counts[1] if counts and counts[1] else None)
+    fq = getattr(m, "weight_fake_quant", None)
+    if not isinstance(fq, QuantizeBase) or not fq.initialized:
+        return None, None
+    w = fq.export_transform(m.quantized_weight_source()[0].detach())
+    lo, hi = _range(fq)
+    if fq.ch_axis >= 0:
+        shape = [1] * w.dim()
+        shape[fq.ch_axis] = -1
+        lo, hi = lo.reshape(shape), hi.reshape(shape)
+    return float(fq.qparams()[0].max()), float(((w < lo) | (w > hi)).float().mean())
+
+
 @torch.no_grad()
-def _capture(model: nn.Module, targets: dict[str, nn.Module], x) -> dict[str, torch.Tensor]:
+def _capture(model: nn.Module, targets: dict[str, nn.Module], x, clip_acc: dict | None = None) -> dict[str, torch.Tensor]:
     outs: dict[str, torch.Tensor] = {}
     handles = []
     for name, m in targets.items():
         def hook(_m, _inp, out, name=name):
             if isinstance(out, torch.Tensor) and out.is_floating_point():
                 outs[name] = out.detach().float().cpu()
+            if clip_acc is not None and isinstance(_m, QuantizeBase) and _m.initialized and _inp \
+                    and isinstance(_inp[0], torch.Tensor) and _inp[0].is_floating_point():
+                lo, hi = _range(_m)
+                v = _inp[0].detach()
+                c = clip_acc.setdefault(name, [0, 0])
+                c[0] += int(((v < float(lo.min())) | (v > float(hi.max()))).sum())
+                c[1] += v.numel()
         handles.append(m.register_forward_hook(hook))
     try:
         model(*x) if isinstance(x, (tuple, list)) else model(x)
@@ -71,6 +103,7 @@ def profile_layers(model: nn.Module, batches: Iterable, max_batches: int = 4) ->
     targets = _targets(model)
     order = {name: i for i, name in enumerate(targets)}
     acc: dict[str, dict] = {}
+    clip_acc: dict[str, list] = {}  # activation quantizer -> [values outside its range, values]
     model.eval()
     try:
         for bi, batch in enumerate(batches):
@@ -80,7 +113,7 @@ def profile_layers(model: nn.Module, batches: Iterable, max_batches: int = 4) ->
             enable_quantization(model)
             q = _capture(model, targets, x)
             disable_all(model)
-            f = _capture(model, targets, x)
+            f = _capture(model, targets, x, clip_acc)
             if bi == 0:  # execution order (hooks fire in the order the graph runs)
                 order = {name: i for i, name in enumerate(q)}
             for name in q.keys() & f.keys():
@@ -103,21 +136,26 @@ def profile_layers(model: nn.Module, batches: Iterable, max_batches: int = 4) ->
         model.train(was_training)
     rows = []
     for name, r in acc.items():
+        scale, clip = _scale_and_clipping(targets[name], clip_acc.get(name))
         sqnr = (10 * math.log10(r["sig"] / r["err"]) if r["err"] > 0 and r["sig"] > 0
                 else (math.inf if r["err"] == 0 else -math.inf))
         rows.append({"index": order.get(name, len(order)), "layer": name, "kind": _kind(targets[name]),
-                     "cosine": r["cos"] / r["n"], "sqnr_db": sqnr, "max_abs_err": r["max"]})
+                     "cosine": r["cos"] / r["n"], "sqnr_db": sqnr, "max_abs_err": r["max"],
+                     "scale": scale, "clip_ratio": clip})
     rows.sort(key=lambda r: (r["sqnr_db"], r["cosine"]))
     return rows
 
 
 def format_table(rows: list[dict], limit: int | None = None) -> str:
     rows = rows[:limit] if limit else rows
-    head = f"{'#':>4}  {'layer':<40} {'kind':<22} {'cosine':>9} {'SQNR dB':>8} {'max|err|':>10}"
+    head = (f"{'#':>4}  {'layer':<40} {'kind':<22} {'cosine':>9} {'SQNR dB':>8} {'max|err|':>10} "
+            f"{'scale':>10} {'clip %':>7}")
     lines = [head, "-" * len(head)]
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for r in rows:
         lines.append(f"{r['index']:>4}  {r['layer'][-40:]:<40} {r['kind'][:22]:<22} {r['cosine']:>9.5f} "
-                     f"{r['sqnr_db']:>8.2f} {r['max_abs_err']:>10.4g}")
+                     f"{r['sqnr_db']:>8.2f} {r['max_abs_err']:>10.4g} {fmt(r.get('scale'), '.4g'):>10} "
+                     f"{fmt(None if r.get('clip_ratio') is None else 100 * r['clip_ratio'], '.3f'):>7}")
     return "\n".join(lines)
 
 
@@ -125,7 +163,8 @@ def write_csv(rows: list[dict], path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["index", "layer", "kind", "cosine", "sqnr_db", "max_abs_err"])
+        w = csv.DictWriter(f, fieldnames=["index", "layer", "kind", "cosine", "sqnr_db", "max_abs_err",
+                                          "scale", "clip_ratio"])
         w.writeheader()
         for r in rows:
             w.writerow(r)

@@ -129,6 +129,29 @@ def compare_ort(path: str, inputs: list[np.ndarray] | None, seed: int = 0) -> di
             for o, a, b in zip(ref_sess.get_outputs(), ref, got)}
 
 
+def compare_torch(path: str, model, batches, samples: int = 32) -> dict:
+    """onnxruntime (integer kernels) against the PyTorch fake-quant model, sample by sample."""
+    import torch
+    sess = ort_session(path)
+    inp = sess.get_inputs()[0]
+    fixed = inp.shape[0] if isinstance(inp.shape[0], int) else None
+    diffs, agree, n = [], 0, 0
+    for x in batches:
+        for i in range(0, len(x), fixed or len(x)):
+            xb = x[i:i + (fixed or len(x))]
+            if fixed and len(xb) != fixed:
+                break
+            with torch.no_grad():
+                ref = model(xb).numpy()
+            got = sess.run(None, {inp.name: xb.numpy()})[0]
+            diffs.append(float(np.abs(got - ref).max()))
+            agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
+            n += len(xb)
+            if n >= samples:
+                return {"samples": n, "max_abs_diff": max(diffs), "top1_agreement": agree / n}
+    return {"samples": n, "max_abs_diff": max(diffs) if diffs else None, "top1_agreement": agree / max(n, 1)}
+
+
 def inspect(path: str, qparams_path: str | None = None, inputs=None) -> dict:
     model = onnx.load(path)
     rows = quantize_nodes(model)
@@ -174,10 +197,22 @@ def main(argv=None) -> int:
     ap.add_argument("--qparams", help="the parameter JSON written by convert_export / save_checkpoint")
     ap.add_argument("--inputs", nargs="*", help=".npy files, one per model input (default: random)")
     ap.add_argument("--json", help="also write the report as JSON here")
+    ap.add_argument("--suite", help="also compare with the suite's PyTorch QAT model (suites/<suite>/analysis.py)")
+    ap.add_argument("--output-dir", default="checkpoint", help="the suite's checkpoint folder (with --suite)")
+    ap.add_argument("--samples", type=int, default=64, help="samples for the PyTorch comparison")
     a = ap.parse_args(argv)
     inputs = [np.load(f) for f in a.inputs] if a.inputs else None
     r = inspect(a.onnx, a.qparams, inputs)
+    if a.suite:
+        import importlib
+        sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+        q, batches, _ = importlib.import_module(f"suites.{a.suite}.analysis").load(a.output_dir, a.samples)
+        r["ort_vs_pytorch"] = compare_torch(a.onnx, q, batches, a.samples)
     print_report(r)
+    if "ort_vs_pytorch" in r:
+        t = r["ort_vs_pytorch"]
+        print(f"onnxruntime int8 vs the PyTorch fake-quant model on {t['samples']} samples: max |diff| "
+              f"{t['max_abs_diff']:.4g}, top-1 agreement {100 * t['top1_agreement']:.1f}%")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(r, f, indent=1)

@@ -48,8 +48,9 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Core benchmark: QAT vs float train step, ORT int8 vs fp32 latency, peak memory."""
+    """Core benchmark (QAT vs float train step, peak memory, ORT int8 vs fp32) and each suite's ORT latency."""
     run_py(session, str(ROOT / "tools" / "bench_core.py"), *session.posargs)
+    run_py(session, str(ROOT / "tools" / "bench_suites.py"))
 
 
 @nox.session

@@ -32,3 +32,15 @@ def load(output_dir: str = "checkpoint", val_images: int = 2000, extra_args: tup
         return 100.0 * correct / total
 
     return q, batches, evaluate
+
+
+def deploy_pair(output_dir: str = "checkpoint"):
+    """(float model with the trained weights, the exported int8 ONNX path, an input batch of its size)."""
+    import onnx
+    args = suite.resolve_args(suite.build_parser().parse_args(["--output-dir", output_dir]))
+    paths = suite.checkpoint_paths(args)
+    model = suite.create_model(args.arch, args.model_zoo, args.num_classes, pretrained=False)
+    model.load_state_dict(torch.load(paths["float"], map_location="cpu", weights_only=True))
+    dims = onnx.load(paths["onnx"]).graph.input[0].type.tensor_type.shape.dim
+    x = torch.randn(*[d.dim_value for d in dims])
+    return model.eval(), paths["onnx"], x

@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from suites.common.regression import compare_metrics  # noqa: E402
+from suites.common.regression import compare_metrics, format_table  # noqa: E402
 
 
 def discover(root: Path) -> list[Path]:
@@ -49,18 +49,6 @@ def run_suite(folder: Path, workdir: Path) -> tuple[list[dict], str | None, floa
     return rows, None if r.returncode in (0, 1) else f"the run exited with {r.returncode}", wall
 
 
-def format_rows(rows: list[dict]) -> str:
-    def fmt(v):
-        return "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
-    head = ["suite", "metric", "baseline", "tolerance", "measured", "verdict"]
-    body = [[r["suite"], r["metric"], fmt(r["baseline"]),
-             {"both": "±", "higher": "-", "lower": "+"}.get(r.get("direction", "both"), "±") + fmt(r["tolerance"]),
-             fmt(r["measured"]), r["verdict"]] for r in rows]
-    w = [max([len(h)] + [len(b[i]) for b in body]) for i, h in enumerate(head)]
-    line = lambda c: "  ".join(x.ljust(n) for x, n in zip(c, w))  # noqa: E731
-    return "\n".join([line(head), line(["-" * n for n in w])] + [line(b) for b in body])
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suites-root", default=str(ROOT / "suites"))
@@ -78,7 +66,7 @@ def main(argv=None) -> int:
             rows += r
             if err:
                 errors[s.name] = err
-    print("\n" + format_rows(rows))
+    print("\n" + format_table(rows))
     for name, err in errors.items():
         print(f"{name}: {err}")
     ok = not errors and all(r["verdict"] == "PASS" for r in rows)

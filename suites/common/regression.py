@@ -64,12 +64,15 @@ def compare_metrics(metrics: dict, baselines_path: str | os.PathLike) -> tuple[l
 
 
 def format_table(rows: list[dict]) -> str:
+    """metric / baseline / tolerance / measured / verdict, led by a suite column when rows name their suite."""
     def fmt(v):
         if v is None:
             return "-"
         return f"{v:.4g}" if isinstance(v, float) else str(v)
-    head = ["metric", "baseline", "tolerance", "measured", "verdict"]
-    body = [[r["metric"], fmt(r["baseline"]), ("±" if r["direction"] == "both" else
+    with_suite = any("suite" in r for r in rows)
+    head = (["suite"] if with_suite else []) + ["metric", "baseline", "tolerance", "measured", "verdict"]
+    body = [([r.get("suite", "")] if with_suite else []) +
+            [r["metric"], fmt(r["baseline"]), ("±" if r["direction"] == "both" else
              "-" if r["direction"] == "higher" else "+") + fmt(r["tolerance"]), fmt(r["measured"]), r["verdict"]]
             for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]

@@ -454,24 +454,23 @@ def train(train_loader, model, criterion, optimizer, scheduler, epoch, device, a
 
 
 @torch.no_grad()
-def validate(val_loader, model, criterion, args, device=None, prefix="Test"):
+def _score(val_loader, predict, args, prefix: str, criterion=None, device=None):
+    """Top-1/top-5 (and loss, given a criterion) of ``predict(images) -> logits`` over a loader."""
     batch_time = AverageMeter("Time", ":6.3f", Summary.NONE)
     losses = AverageMeter("Loss", ":.4e", Summary.NONE)
     top1 = AverageMeter("Acc@1", ":6.2f", Summary.AVERAGE)
     top5 = AverageMeter("Acc@5", ":6.2f", Summary.AVERAGE)
-    progress = ProgressMeter(len(val_loader), [batch_time, losses, top1, top5], prefix=f"{prefix}: ",
-                             print_freq=args.print_freq * 5)
-    device = device or args.device
-    model.eval()
+    meters = [batch_time] + ([losses] if criterion is not None else []) + [top1, top5]
+    progress = ProgressMeter(len(val_loader), meters, prefix=f"{prefix}: ", print_freq=args.print_freq * 5)
     end = time.time()
     try:
         for i, (images, target) in enumerate(val_loader):
-            images, target = images.to(device), target.to(device)
-            with autocast(args):
-                output = model(images).float()
-            loss = criterion(output, target)
+            if device is not None:
+                images, target = images.to(device), target.to(device)
+            output = predict(images)
+            if criterion is not None:
+                losses.update(criterion(output, target).item(), images.size(0))
             acc1, acc5 = accuracy(output, target, topk=(1, 5))
-            losses.update(loss.item(), images.size(0))
             top1.update(acc1[0], images.size(0))
             top5.update(acc5[0], images.size(0))
             batch_time.update(time.time() - end)
@@ -483,37 +482,33 @@ def validate(val_loader, model, criterion, args, device=None, prefix="Test"):
     return top1.avg, top5.avg
 
 
+def validate(val_loader, model, criterion, args, device=None, prefix="Test"):
+    model.eval()
+
+    def predict(images):
+        with autocast(args):
+            return model(images).float()
+
+    return _score(val_loader, predict, args, prefix, criterion, device or args.device)
+
+
 def validate_onnx(val_loader, onnx_path: str, input_name: str, onnx_batch: int, args, prefix="ORT"):
     """Top-1/top-5 of an exported model in onnxruntime; batches are cut / zero-padded to the file's batch."""
     from ts_qat_pytorch.onnx.verify import ort_session
     sess = ort_session(onnx_path, threads=torch.get_num_threads())
-    top1 = AverageMeter("Acc@1", ":6.2f")
-    top5 = AverageMeter("Acc@5", ":6.2f")
-    batch_time = AverageMeter("Time", ":6.3f", Summary.NONE)
-    progress = ProgressMeter(len(val_loader), [batch_time, top1, top5], prefix=f"{prefix}: ",
-                             print_freq=args.print_freq * 5)
-    end = time.time()
-    try:
-        for i, (images, target) in enumerate(val_loader):
-            x = images.numpy().astype(np.float32)
-            outs = []
-            for s in range(0, len(x), onnx_batch):
-                chunk = x[s:s + onnx_batch]
-                n = len(chunk)
-                if n < onnx_batch:
-                    chunk = np.concatenate([chunk, np.zeros((onnx_batch - n, *chunk.shape[1:]), np.float32)])
-                outs.append(sess.run(None, {input_name: chunk})[0][:n])
-            out = torch.from_numpy(np.concatenate(outs))
-            acc1, acc5 = accuracy(out, target, topk=(1, 5))
-            top1.update(acc1[0], len(x))
-            top5.update(acc5[0], len(x))
-            batch_time.update(time.time() - end)
-            end = time.time()
-            progress.step(i)
-    finally:
-        progress.close()
-    progress.display_summary()
-    return top1.avg, top5.avg
+
+    def predict(images):
+        x = images.numpy().astype(np.float32)
+        outs = []
+        for s in range(0, len(x), onnx_batch):
+            chunk = x[s:s + onnx_batch]
+            n = len(chunk)
+            if n < onnx_batch:
+                chunk = np.concatenate([chunk, np.zeros((onnx_batch - n, *chunk.shape[1:]), np.float32)])
+            outs.append(sess.run(None, {input_name: chunk})[0][:n])
+        return torch.from_numpy(np.concatenate(outs))
+
+    return _score(val_loader, predict, args, prefix)
 
 
 def make_optimizer(params, optim: str, lr: float, momentum: float, wd: float):

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import torch
 
+from ..observer.base import adopt_saved_shapes
 from .base import QuantizeBase
 
 
@@ -34,8 +35,5 @@ class FixedFakeQuantize(QuantizeBase):
         return self.scale.detach().reshape(-1), self.zero_point.detach().reshape(-1).int()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in ("scale", "zero_point"):
-            key = prefix + name
-            if key in state_dict and getattr(self, name).shape != state_dict[key].shape:
-                setattr(self, name, torch.empty_like(state_dict[key]))
+        adopt_saved_shapes(self, state_dict, prefix, ("scale", "zero_point"))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

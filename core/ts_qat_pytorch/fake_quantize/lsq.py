@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..observer import EPS, LSQObserver
+from ..observer.base import adopt_saved_shapes
 from .base import QuantizeBase
 
 
@@ -64,10 +65,7 @@ class LearnableFakeQuantize(QuantizeBase):
         return scale.reshape(-1).clone(), zp.reshape(-1).int()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in ("scale", "zero_point"):
-            key = prefix + name
-            if key in state_dict and getattr(self, name).shape != state_dict[key].shape:
-                getattr(self, name).data = torch.empty_like(state_dict[key])
+        adopt_saved_shapes(self, state_dict, prefix, ("scale", "zero_point"))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 

@@ -38,6 +38,19 @@ def qparams_from_minmax(min_val: torch.Tensor, max_val: torch.Tensor, scheme: Qu
     return scale.float(), zero_point.round().int()
 
 
+def adopt_saved_shapes(module: nn.Module, state_dict, prefix: str, names) -> None:
+    """Before loading: resize buffers / parameters whose size comes from the data (per-channel statistics,
+    scales) to the saved shapes. Parameters keep their identity (an optimizer may hold them)."""
+    for name in names:
+        key = prefix + name
+        cur = getattr(module, name)
+        if key in state_dict and cur.shape != state_dict[key].shape:
+            if name in module._parameters:
+                cur.data = torch.empty_like(state_dict[key])
+            else:
+                setattr(module, name, torch.empty_like(state_dict[key]))
+
+
 class ObserverBase(nn.Module):
     """Tracks ``min_val`` / ``max_val`` (per tensor or per channel) and returns qparams.
 
@@ -87,11 +100,7 @@ class ObserverBase(nn.Module):
         return qparams_from_minmax(self.min_val, self.max_val, self.scheme)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Per-channel buffers take their size from the data: adopt the saved shape.
-        for name in ("min_val", "max_val"):
-            key = prefix + name
-            if key in state_dict and getattr(self, name).shape != state_dict[key].shape:
-                setattr(self, name, torch.empty_like(state_dict[key]))
+        adopt_saved_shapes(self, state_dict, prefix, ("min_val", "max_val"))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

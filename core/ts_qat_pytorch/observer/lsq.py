@@ -5,7 +5,7 @@ import math
 import torch
 
 from ..scheme import QuantScheme
-from .base import EPS, qparams_from_minmax
+from .base import EPS, adopt_saved_shapes
 from .minmax import EMAMinMaxObserver
 
 
@@ -44,7 +44,5 @@ class LSQObserver(EMAMinMaxObserver):
         return scale, zero_point
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        key = prefix + "tensor_norm"
-        if key in state_dict and self.tensor_norm.shape != state_dict[key].shape:
-            self.tensor_norm = torch.empty_like(state_dict[key])
+        adopt_saved_shapes(self, state_dict, prefix, ("tensor_norm",))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

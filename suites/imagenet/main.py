@@ -919,6 +919,8 @@ def run(args) -> int:
         if is_main(args) and not args.no_export:
             with stages.timed("export"):
                 export_stage(q, args, stages)
+    if args.distributed:
+        replica_check(q, args, stages)
     if args.profile and is_main(args):
         profile_stage(q, calib_loader, args, stages)
     if is_main(args) and "onnx_path" in stages.metrics:
@@ -926,6 +928,33 @@ def run(args) -> int:
     stages.metrics["best_acc1"] = round(best_acc1, 3)
     stages.write()
     return finish(args, stages)
+
+
+def state_digests(model: nn.Module) -> dict[str, str]:
+    """sha256 of each tensor of the state_dict (shape and bytes)."""
+    out = {}
+    for k, v in model.state_dict().items():
+        if isinstance(v, torch.Tensor):
+            h = hashlib.sha256(str(tuple(v.shape)).encode())
+            h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            out[k] = h.hexdigest()
+    return out
+
+
+def replica_check(q, args, stages) -> None:
+    """After distributed QAT every rank must hold the same weights, scales and observer state: gather each rank's
+    state digests, record one digest per rank in the metrics and name the tensors that differ, if any."""
+    mine = state_digests(q)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    digests = [hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest() for d in gathered]
+    same = len(set(digests)) == 1
+    stages.metrics.update(replica_digests=digests, replicas_identical=same)
+    if same:
+        say(args, f"=> all {len(digests)} ranks hold identical weights and quantizer state ({digests[0][:12]})")
+    elif is_main(args):
+        diff = [k for k in gathered[0] if any(g.get(k) != gathered[0][k] for g in gathered[1:])]
+        logger.error("ranks ended with different model state in %d tensors: %s", len(diff), ", ".join(diff[:20]))
 
 
 def evaluate_qat(q, val_loader, criterion, args, stages) -> float:

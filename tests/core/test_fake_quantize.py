@@ -139,6 +139,26 @@ def test_lsq_scale_stays_positive_and_capped():
     assert fq.scale.item() == pytest.approx(6 / 255)
 
 
+@pytest.mark.parametrize("cls", [LearnableFakeQuantize, LSQPlusFakeQuantize, PACTFakeQuantize])
+def test_evaluation_leaves_the_state_alone(cls):
+    """eval() forwards must not rewrite parameters: in data-parallel training only rank 0 evaluates, and an in-place
+    clamp there made its replica differ from the others. Training forwards still keep the parameters in range."""
+    fq = _calibrated(cls(ASYM), torch.rand(100))
+    fq.max_scale = 6 / 255
+    p = fq.alpha if cls is PACTFakeQuantize else fq.scale
+    p.data.fill_(-1.0 if cls is PACTFakeQuantize else 1.0)  # an optimizer step left it out of range
+    if cls is LSQPlusFakeQuantize:
+        fq.zero_point.data.fill_(300.0)
+    before = {k: v.clone() for k, v in fq.state_dict().items() if isinstance(v, torch.Tensor)}
+    x = torch.rand(10)
+    y_eval = fq.eval()(x)
+    for k, v in before.items():
+        assert torch.equal(v, fq.state_dict()[k]), k
+    y_train = fq.train()(x)
+    assert torch.equal(y_eval, y_train)  # same effective parameters ...
+    assert not torch.equal(p.detach(), before["alpha" if cls is PACTFakeQuantize else "scale"])  # ... now clamped
+
+
 def test_switches_travel_in_the_state_dict():
     a = _calibrated(LearnableFakeQuantize(ASYM), torch.randn(10))
     b = LearnableFakeQuantize(ASYM)

@@ -44,19 +44,26 @@ class LearnableFakeQuantize(QuantizeBase):
             self.zero_point.data.copy_(zero_point)
 
     def fake_quant(self, x):
-        # Keep the learned scale valid (positive, under the activation's bound) in place: cheap.
-        self.scale.data.clamp_(min=EPS, max=self.max_scale if self.max_scale is not None else None)
-        if self.learn_zero_point:
-            self.zero_point.data.clamp_(self.quant_min, self.quant_max)
+        scale, zero_point = self.scale, self.zero_point
+        if self.training:
+            # Keep the learned scale valid (positive, under the activation's bound) in place: cheap.
+            scale.data.clamp_(min=EPS, max=self.max_scale)
+            if self.learn_zero_point:
+                zero_point.data.clamp_(self.quant_min, self.quant_max)
+        else:
+            # evaluation leaves the state alone (replicas that evaluate and replicas that don't stay identical)
+            scale = scale.clamp(min=EPS, max=self.max_scale)
+            if self.learn_zero_point:
+                zero_point = zero_point.clamp(self.quant_min, self.quant_max)
         if self.use_grad_scaling:
             grad_factor = 1.0 / math.sqrt(x.numel() / self.scale.numel() * self.quant_max)
         else:
             grad_factor = 1.0
         if self.ch_axis >= 0:
             return torch._fake_quantize_learnable_per_channel_affine(
-                x, self.scale, self.zero_point, self.ch_axis, self.quant_min, self.quant_max, grad_factor)
+                x, scale, zero_point, self.ch_axis, self.quant_min, self.quant_max, grad_factor)
         return torch._fake_quantize_learnable_per_tensor_affine(
-            x, self.scale, self.zero_point, self.quant_min, self.quant_max, grad_factor)
+            x, scale, zero_point, self.quant_min, self.quant_max, grad_factor)
 
     def qparams(self):
         # the values the forward uses: an optimizer step may have left the raw parameter out of range

@@ -35,8 +35,11 @@ class PACTFakeQuantize(QuantizeBase):
         self.alpha.data.fill_(alpha)
 
     def fake_quant(self, x):
-        self.alpha.data.clamp_(min=EPS * self._levels)
-        alpha = self.alpha
+        if self.training:
+            self.alpha.data.clamp_(min=EPS * self._levels)
+            alpha = self.alpha
+        else:  # evaluation leaves the state alone
+            alpha = self.alpha.clamp(min=EPS * self._levels)
         x = torch.where(x > alpha, alpha, x)
         if self.scheme.signed:
             x = torch.where(x < -alpha, -alpha, x)

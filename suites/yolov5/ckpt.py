@@ -1,0 +1,132 @@
+"""Checkpoints: this suite's own (plain dicts of tensors + the model config, loaded with ``weights_only=True``)
+and the ``.pt`` files written by the ultralytics YOLOv5 repository, which pickle whole model objects
+(``models.yolo.Model``, ``models.common.Conv``, ...). Those load WITHOUT that code through a restricted
+unpickler: exactly the classes below are mapped onto this suite's modules (or torch's own); any other global
+is refused with an error naming it. The result is converted to a plain float32 state_dict."""
+from __future__ import annotations
+
+import pickle
+import types
+
+import torch
+import torch.nn as nn
+
+from .models import common, yolo
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def _allowed() -> dict:
+    a = {("models.yolo", "Model"): yolo.Model, ("models.yolo", "Detect"): yolo.Detect}
+    for n in ("Conv", "Focus", "Bottleneck", "BottleneckCSP", "C3", "SPP", "SPPF", "Concat"):
+        a[("models.common", n)] = getattr(common, n)
+    torch_nn = {"container": ("Sequential", "ModuleList"), "conv": ("Conv2d",), "batchnorm": ("BatchNorm2d",),
+                "activation": ("SiLU", "Hardswish", "LeakyReLU", "ReLU"), "pooling": ("MaxPool2d",),
+                "upsampling": ("Upsample",), "linear": ("Identity",)}
+    for mod, names in torch_nn.items():
+        for n in names:
+            a[(f"torch.nn.modules.{mod}", n)] = getattr(nn, n)
+    import torch._utils as tu
+    for n in ("_rebuild_tensor_v2", "_rebuild_parameter", "_rebuild_parameter_with_state"):
+        if hasattr(tu, n):
+            a[("torch._utils", n)] = getattr(tu, n)
+    import collections
+    a[("collections", "OrderedDict")] = collections.OrderedDict
+    for n in ("float16", "float32", "float64", "int64", "Size"):
+        a[("torch", n)] = getattr(torch, n)
+    try:  # numpy scalars / arrays of numbers (best_fitness in some versions); never object arrays
+        import numpy as np
+        from numpy.core import multiarray as ma
+        for m in ("numpy.core.multiarray", "numpy._core.multiarray"):
+            a[(m, "_reconstruct")] = ma._reconstruct
+            a[(m, "scalar")] = ma.scalar
+        a[("numpy", "ndarray")] = np.ndarray
+        a[("numpy", "dtype")] = np.dtype
+    except Exception:  # noqa: BLE001
+        pass
+    return a
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    ALLOWED: dict | None = None
+
+    def find_class(self, module, name):
+        allowed = RestrictedUnpickler.ALLOWED
+        if allowed is None:
+            allowed = RestrictedUnpickler.ALLOWED = _allowed()
+        if (module, name) in allowed:
+            return allowed[(module, name)]
+        raise pickle.UnpicklingError(f"refusing to load the global '{module}.{name}': the YOLOv5 checkpoint loader "
+                                     "allows only the YOLOv5 model classes and torch tensors/modules")
+
+
+def _load(f, **kw):
+    return RestrictedUnpickler(f, **kw).load()
+
+
+restricted_pickle = types.ModuleType("yolov5_restricted_pickle")
+restricted_pickle.Unpickler = RestrictedUnpickler
+restricted_pickle.load = _load
+restricted_pickle.__name__ = "yolov5_restricted_pickle"
+
+
+def _infer_act(model: nn.Module) -> str | None:
+    for m in model.modules():
+        if isinstance(m, common.Conv) and "act" in m._modules:
+            act = m._modules["act"]
+            for name, cls in (("silu", nn.SiLU), ("hardswish", nn.Hardswish), ("leakyrelu", nn.LeakyReLU),
+                              ("relu", nn.ReLU)):
+                if isinstance(act, cls):
+                    return name
+    return None
+
+
+def load_ultralytics(path: str) -> tuple[dict, dict]:
+    """(model config dict, float32 state_dict) of a YOLOv5 ``.pt`` written by the ultralytics repository."""
+    try:
+        ck = torch.load(path, map_location="cpu", pickle_module=restricted_pickle, weights_only=False)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+    model = ck.get("ema") or ck.get("model") if isinstance(ck, dict) else ck
+    if not isinstance(model, nn.Module):
+        raise CheckpointError(f"{path}: no 'model' object in the checkpoint (keys {list(ck)[:8]})")
+    cfg = getattr(model, "__dict__", {}).get("yaml")
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: the pickled model carries no YAML config")
+    cfg = dict(cfg)
+    if "act" not in cfg:
+        cfg["act"] = _infer_act(model) or "silu"
+    sd = {k: (v.float() if v.is_floating_point() else v).clone() for k, v in model.state_dict().items()
+          if not k.endswith("anchor_grid")}
+    return cfg, sd
+
+
+def save_float(path: str, model: yolo.Model, **extra) -> None:
+    from ts_qat_pytorch.utils.utils import atomic_torch_save
+    cfg = {k: v for k, v in model.yaml.items() if not k.startswith("_")}
+    atomic_torch_save({"state_dict": model.state_dict(), "cfg": cfg, **extra}, path)
+
+
+def load_weights(path: str) -> tuple[dict, dict]:
+    """(config, state_dict) of this suite's checkpoint or of an ultralytics ``.pt``."""
+    import os
+    if not os.path.exists(path):
+        raise CheckpointError(f"--weights '{path}' not found")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        return load_ultralytics(path)
+    if isinstance(ck, dict) and "state_dict" in ck and "cfg" in ck:
+        return ck["cfg"], ck["state_dict"]
+    raise CheckpointError(f"{path}: neither this suite's checkpoint (state_dict + cfg) nor a YOLOv5 .pt")
+
+
+def build_from_weights(path: str, nc: int | None = None) -> yolo.Model:
+    cfg, sd = load_weights(path)
+    m = yolo.Model(cfg)
+    m.load_compatible_state_dict(sd, path)
+    if nc is not None and nc != m.nc:
+        raise CheckpointError(f"{path} predicts {m.nc} classes but the data has nc={nc}")
+    return m

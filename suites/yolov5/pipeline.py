@@ -1,0 +1,165 @@
+"""Pieces of the YOLOv5 QAT pipeline shared by train_qat.py and test.py: stage timing and the metrics JSON,
+data loaders, the float cache of the embedded default, calibration, export and evaluation."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from . import datasets as D
+from . import evaluate as E
+
+logger = logging.getLogger("suites")
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def say(msg: str) -> None:
+    if is_main():
+        print(msg, flush=True)
+
+
+class Stages:
+    """Wall time and results of each stage, collected into the metrics JSON."""
+
+    def __init__(self, path: str, **info):
+        self.path = path
+        self.metrics: dict = {"suite": "yolov5", **info, "times_s": {}}
+        self.t0 = time.time()
+
+    def timed(self, name):
+        stages = self
+
+        class _T:
+            def __enter__(self):
+                self.t = time.time()
+                say(f"==> stage {name}")
+
+            def __exit__(self, *exc):
+                dt = time.time() - self.t
+                stages.metrics["times_s"][name] = round(dt + stages.metrics["times_s"].get(name, 0.0), 2)
+                if exc[0] is None:
+                    say(f"==> stage {name} done in {dt:.1f} s")
+        return _T()
+
+    def write(self) -> None:
+        self.metrics["times_s"]["total"] = round(time.time() - self.t0, 2)
+        if not is_main():
+            return
+        from ts_qat_pytorch.utils.utils import atomic_write_bytes
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        atomic_write_bytes(self.path, (json.dumps(self.metrics, indent=2, default=str) + "\n").encode())
+
+
+def load_hyp(path: str) -> dict:
+    import yaml
+    if not os.path.exists(path):
+        raise D.DataError(f"--hyp '{path}' not found")
+    with open(path) as f:
+        h = yaml.safe_load(f) or {}
+    if not isinstance(h, dict):
+        raise D.DataError(f"{path}: not a YAML mapping")
+    return h
+
+
+def subset(records, n, seed):
+    if n is None or n >= len(records):
+        return records
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(records), generator=g)[:n].sort().values.tolist()
+    return [records[i] for i in idx]
+
+
+def train_loader(records, img_size, batch_size, workers, seed):
+    ds = D.DetectionDataset(records, img_size, augment=True)
+    sampler = None
+    if dist.is_initialized():
+        sampler = torch.utils.data.distributed.DistributedSampler(ds, shuffle=True, seed=seed, drop_last=True)
+        batch_size = max(1, batch_size // dist.get_world_size())
+    g = torch.Generator().manual_seed(seed)
+    dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
+                                     num_workers=workers, collate_fn=D.collate, drop_last=True, generator=g,
+                                     persistent_workers=workers > 0)
+    return dl, sampler
+
+
+def val_loader(records, img_size, batch_size, workers):
+    return torch.utils.data.DataLoader(D.DetectionDataset(records, img_size), batch_size=batch_size,
+                                       num_workers=workers, collate_fn=D.collate)
+
+
+def float_cache_path(cache_root: str, key: dict) -> str:
+    h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return os.path.join(cache_root, "yolov5", f"{key['cfg']}_fashion_scenes_float_{h}.pt")
+
+
+class Evaluator:
+    """The validation set, its COCO ground truth and the shared float post-processing."""
+
+    def __init__(self, records, cat_ids, names, img_size, batch_size, workers, anchors, strides, conf_thres,
+                 iou_thres):
+        self.records, self.cat_ids = records, cat_ids
+        self.loader = val_loader(records, img_size, batch_size, workers)
+        self.gt = D.coco_ground_truth(records, cat_ids, names)
+        self.anchors, self.strides = anchors.detach().cpu().clone(), torch.as_tensor(strides).cpu().clone()
+        self.conf_thres, self.iou_thres = conf_thres, iou_thres
+
+    def run(self, predict, prefix):
+        return E.run_eval(predict, self.loader, self.anchors, self.strides, self.records, self.cat_ids, self.gt,
+                          self.conf_thres, self.iou_thres, prefix=prefix, log=say)
+
+
+def calibrate(q, loader, batches: int) -> int:
+    from ts_qat_pytorch.utils.state import enable_calibration, enable_quantization
+    q.eval()
+    enable_calibration(q)
+    n = 0
+    with torch.no_grad():
+        for i, (x, *_r) in enumerate(loader):
+            if i >= batches:
+                break
+            q(x)
+            n += len(x)
+    enable_quantization(q)
+    return n
+
+
+def export(q, img_size: int, out_dir: str, name: str, meta: dict, opset: int = 18) -> dict:
+    """QDQ ONNX of the network part + qparams JSON + the post-processing metadata (anchors, strides, names)."""
+    from ts_qat_pytorch.convert_export import convert_export
+    onnx_path = os.path.join(out_dir, f"{name}_qat_int8.onnx")
+    qp = os.path.join(out_dir, f"{name}_qat_qparams.json")
+    dummy = torch.rand(1, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
+    r = convert_export(getattr(q, "module", q), dummy, onnx_path, opset_version=opset, qparams_path=qp)
+    write_meta(onnx_path, meta)
+    return {"onnx_path": r.onnx_path, "qparams_path": r.qparams_path, "quantized_layers": r.quantized_layers,
+            "integer_kernels": r.integer_kernels, "integer_matmul_kernels": r.integer_matmul_kernels,
+            "integer_kernels_total": sum(r.integer_kernels.values()),
+            "export_max_abs_diff": max(r.max_abs_diff) if r.max_abs_diff else None,
+            "export_output_scale": r.output_scale}
+
+
+def meta_path(onnx_path: str) -> str:
+    return os.path.splitext(onnx_path)[0] + "_meta.json"
+
+
+def write_meta(onnx_path: str, meta: dict) -> None:
+    from ts_qat_pytorch.utils.utils import atomic_write_bytes
+    atomic_write_bytes(meta_path(onnx_path), (json.dumps(meta, indent=1) + "\n").encode())
+
+
+def model_meta(model, img_size: int, names) -> dict:
+    det = model.detect
+    return {"anchors": det.anchors.tolist(), "strides": det.stride.tolist(), "nc": det.nc,
+            "names": list(names), "img_size": img_size}
+
+
+def count_convs(model) -> int:
+    return sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())

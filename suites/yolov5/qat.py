@@ -1,0 +1,103 @@
+"""The QAT half of train_qat.py: prepare the network part, calibrate, fine-tune with fake quantization,
+evaluate (fake-quant), export the QDQ ONNX + parameter JSON, evaluate the int8 ONNX in onnxruntime."""
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from . import pipeline as P
+from .evaluate import onnx_predictor, torch_predictor
+from .trainer import train_steps
+
+say = P.say
+
+
+def prepare(model, backend: str):
+    from ts_qat_pytorch.prepare_by_platform import BackendType, prepare_by_platform
+    return prepare_by_platform(copy.deepcopy(model).cpu().eval(), BackendType(backend))
+
+
+def run_qat(model, train, ev: P.Evaluator, hyp: dict, meta: dict, args, stages) -> None:
+    from ts_qat_pytorch.utils.state import freeze_bn_stats
+    from ts_qat_pytorch.utils.utils import load_qat_checkpoint, save_checkpoint, save_qat_checkpoint
+    name = os.path.splitext(os.path.basename(str(args.cfg)))[0]
+    q = prepare(model, args.backend).to(args.device)
+    ckpt_path = os.path.join(args.output_dir, f"{name}_qat_checkpoint.pth")
+    if args.resume:
+        try:
+            load_qat_checkpoint(args.resume, q)
+        except (ValueError, RuntimeError, KeyError, FileNotFoundError) as exc:
+            raise P.D.DataError(f"--resume '{args.resume}': {exc}") from exc
+        say(f"=> restored the QAT checkpoint {args.resume}")
+    else:
+        calib_batches = int(hyp.get("calib_batches", 16))
+        with stages.timed("calibration"):
+            dl = P.val_loader(train if train else ev.records, args.img_size, max(1, args.batch_size), 0)
+            n = P.calibrate(q, dl, calib_batches)
+        say(f"=> calibrated on {n} images ({calib_batches} batches)")
+        stages.metrics["calib_images"] = n
+    if not args.export_only:
+        torch.manual_seed(args.seed + 1 + (dist.get_rank() if dist.is_initialized() else 0))
+        dl, sampler = P.train_loader(train, args.img_size, args.batch_size, args.workers, args.seed + 1)
+        steps = args.steps or args.epochs * len(dl)
+        teacher = None
+        if float(hyp.get("distill", 0.0)) > 0:
+            teacher = copy.deepcopy(model).to(args.device).eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+        freeze_at = hyp.get("freeze_bn_step", 0)
+        if freeze_at is not None and int(freeze_at) <= 0:
+            freeze_bn_stats(q)
+        qm = nn.parallel.DistributedDataParallel(q) if dist.is_initialized() else q
+
+        def on_step(step):
+            if freeze_at is not None and step + 1 == int(freeze_at):
+                freeze_bn_stats(q)
+            if (step + 1) % len(dl) == 0 and P.is_main():
+                save_qat_checkpoint(ckpt_path, q, epoch=(step + 1) // len(dl), step=step + 1, cfg=name)
+        with stages.timed("qat_train"):
+            r = train_steps(qm, dl, steps, hyp, float(hyp.get("lr0", 5e-4)), meta_anchors(meta), ev_nc(meta),
+                            args.img_size, say, prefix="QAT", teacher=teacher, sampler=sampler, device=args.device,
+                            on_step=on_step)
+        stages.metrics.update(qat_steps=steps, qat_train_loss=r["loss"], qat_step_s=r["step_s"])
+        if P.is_main():
+            save_qat_checkpoint(ckpt_path, q, step=steps, cfg=name)
+    if not P.is_main():
+        return
+    q.eval()
+    if not args.export_only or args.resume is None:
+        with stages.timed("qat_eval"):
+            r = ev.run(torch_predictor(q, args.device), "QAT")
+        stages.metrics.update(qat_map50=r["map50"], qat_map50_95=r["map50_95"], qat_eval=r)
+        if "float_map50_95" in stages.metrics:
+            stages.metrics["qat_minus_float"] = round(r["map50_95"] - stages.metrics["float_map50_95"], 4)
+    save_checkpoint(q.cpu(), os.path.join(args.output_dir, f"{name}_qat_float.pth"),
+                    os.path.join(args.output_dir, f"{name}_qat_qparams_full.json"))
+    q.to(args.device)
+    stages.metrics["qat_checkpoint"] = ckpt_path
+    if args.no_export:
+        return
+    with stages.timed("export"):
+        info = P.export(q.cpu(), args.img_size, args.output_dir, name, meta)
+    stages.metrics.update(info)
+    say(f"=> exported {info['onnx_path']}: {info['quantized_layers']} quantized layers, integer kernels "
+        f"{info['integer_kernels']} ({stages.metrics.get('conv_layers')} convolutions in the network)")
+    with stages.timed("ort_eval"):
+        r = ev.run(onnx_predictor(info["onnx_path"], threads=torch.get_num_threads()), "ORT int8")
+    stages.metrics.update(ort_map50=r["map50"], ort_map50_95=r["map50_95"], ort_eval=r)
+    if "qat_map50_95" in stages.metrics:
+        stages.metrics["ort_minus_qat"] = round(r["map50_95"] - stages.metrics["qat_map50_95"], 4)
+    if "float_map50_95" in stages.metrics:
+        stages.metrics["ort_minus_float"] = round(r["map50_95"] - stages.metrics["float_map50_95"], 4)
+
+
+def meta_anchors(meta):
+    return torch.tensor(meta["anchors"])
+
+
+def ev_nc(meta):
+    return int(meta["nc"])

@@ -1,0 +1,224 @@
+#!/usr/bin/env python
+"""Quantization-aware training of Hugging Face encoder classifiers (BERT, DistilBERT, RoBERTa, MiniLM).
+
+    python suites/transformers/main.py                    # embedded default (README.md): MiniLM-L6 on Austen
+    python suites/transformers/main.py --model DIR_OR_HUB_NAME --data DIR --max-length 128
+    torchrun --nproc_per_node 2 suites/transformers/main.py ...
+
+Pipeline: float fine-tune (cached) -> float eval -> calibration -> QAT (kd from the float model) -> QDQ
+ONNX export of the traced part -> int8 evaluation in onnxruntime -> ORT latency int8 vs fp32. Tokenization
+and the attention mask run outside the traced part (model.py says why). One metrics JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import logging
+import os
+import random
+import sys
+
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if _REPO not in sys.path:
+    sys.path.insert(0, _REPO)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub name loads from the local HF cache unless told otherwise
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from suites.transformers.data import DataError  # noqa: E402
+from suites.transformers.model import ModelError  # noqa: E402
+from suites.transformers.train import Stages, is_main, say  # noqa: E402
+
+logger = logging.getLogger("transformers_suite")
+
+EMBEDDED = dict(passage_lines=4, max_length=64, train_per_class=700, test_per_class=200,
+                float_epochs=1, float_lr=1e-4, epochs=1, qat_steps=40, batch_size=32, lr=2e-5, optim="adamw",
+                backend="ONNXRuntime", calib_batches=8, distill_method="kd", print_freq=10)
+GENERAL = dict(passage_lines=None, max_length=128, train_per_class=None, test_per_class=None,
+               float_epochs=0, float_lr=2e-5, epochs=1, qat_steps=None, batch_size=32, lr=2e-5, optim="adamw",
+               backend="ONNXRuntime", calib_batches=16, distill_method="kd", print_freq=50)
+BAD_INPUT = (DataError, ModelError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="ts_qat_pytorch QAT of BERT-family encoder classifiers",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None, help="model folder or hub name (default: embedded MiniLM-L6)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder / hub name (default: the model's)")
+    p.add_argument("--data", default=None, help="folder with train/test .jsonl or .tsv (default: Jane Austen)")
+    p.add_argument("--max-length", type=int, default=None, help="tokens per example (64 embedded, 128 --data)")
+    p.add_argument("--epochs", type=int, default=None, help="QAT epochs (1)")
+    p.add_argument("--qat-steps", type=int, default=None, help="at most this many QAT steps per epoch (embedded 40)")
+    p.add_argument("-b", "--batch-size", type=int, default=None, help="batch size over all processes (32)")
+    p.add_argument("--lr", type=float, default=None, help="QAT learning rate (2e-5)")
+    p.add_argument("--wd", "--weight-decay", type=float, default=0.0, dest="weight_decay")
+    p.add_argument("--optim", default=None, choices=["adamw", "sgd"])
+    p.add_argument("--backend", default=None, choices=["ONNXRuntime", "TSQAT", "Experimental"],
+                   help="ONNXRuntime (default): 7-bit weights stored int8, fast integer kernels on AVX2 CPUs")
+    p.add_argument("--not-qat", action="store_true", help="float fine-tune / evaluation only")
+    p.add_argument("-e", "--evaluate", action="store_true", help="evaluate and export only (no QAT training)")
+    p.add_argument("--resume", default="", help="QAT checkpoint to resume (or to export with -e)")
+    p.add_argument("--distill-method", default=None, choices=["kd", "none"], help="kd from the float model (kd)")
+    p.add_argument("--distill-alpha", type=float, default=0.9, help="loss = alpha*KD + (1-alpha)*CE")
+    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--opset-version", type=int, default=18)
+    p.add_argument("--profile", action="store_true", help="per-layer float vs fake-quant (CSV, PNG)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch / ORT threads ($TS_QAT_THREADS)")
+    p.add_argument("--output-dir", default="checkpoint")
+    p.add_argument("--metrics", default=None, help="metrics JSON (default <output-dir>/minilm_metrics.json)")
+    p.add_argument("--baselines", default=None, help="compare with this baselines.json at the end; exit 1 on failure")
+    p.add_argument("--passage-lines", type=int, default=None, help="embedded: lines per passage (4)")
+    p.add_argument("--train-per-class", type=int, default=None, help="training examples per class (embedded 700)")
+    p.add_argument("--test-per-class", type=int, default=None, help="test examples per class (embedded 200)")
+    p.add_argument("--float-epochs", type=int, default=None, help="float fine-tune epochs, cached (1; 0 = none)")
+    p.add_argument("--float-lr", type=float, default=None)
+    p.add_argument("--calib-batches", type=int, default=None)
+    p.add_argument("--onnx-batch", type=int, default=8, help="batch baked into the ONNX (latency batch)")
+    p.add_argument("--onnx-length", type=int, default=128, help="length baked into the ONNX (latency length)")
+    p.add_argument("--latency-repeats", type=int, default=20)
+    p.add_argument("--no-export", action="store_true")
+    p.add_argument("--cache-dir", default=None, help="float fine-tune cache ($TS_QAT_CACHE/transformers)")
+    p.add_argument("-p", "--print-freq", type=int, default=None)
+    p.add_argument("--smoke", action="store_true", help="tiny run of the whole pipeline (tests)")
+    return p
+
+
+def resolve(args):
+    args.embedded = args.data is None
+    for k, v in (EMBEDDED if args.embedded else GENERAL).items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    if args.distill_method == "none":
+        args.distill_method = None
+    if args.smoke:
+        for k, v in dict(train_per_class=8, test_per_class=4, qat_steps=2, calib_batches=1, batch_size=8,
+                         latency_repeats=2, print_freq=1).items():
+            setattr(args, k, min(getattr(args, k) or v, v))
+    args.metrics = args.metrics or os.path.join(args.output_dir, "minilm_metrics.json" if args.model is None
+                                                else "encoder_metrics.json")
+    if args.threads is None and os.environ.get("TS_QAT_THREADS"):
+        args.threads = int(os.environ["TS_QAT_THREADS"])
+    if args.onnx_length < args.max_length:
+        raise ModelError(f"--onnx-length {args.onnx_length} is shorter than --max-length {args.max_length}")
+    if args.batch_size < 1 or args.onnx_batch < 1:
+        raise DataError("--batch-size and --onnx-batch must be >= 1")
+    return args
+
+
+def load_data(args):
+    """(train, test, label names); errors before any model work."""
+    from suites.transformers import data
+    if args.embedded:
+        from suites.common.assets import _JANE, JANEAUSTENR
+        files = JANEAUSTENR.fetch()
+        novels = data.load_novels(files[_JANE + "Rdata.rdb"], files[_JANE + "Rdata.rdx"])
+        train, test = data.austen_split(novels, args.passage_lines, seed=0)
+        names = list(data.NOVELS.values())
+    else:
+        train, test, names = data.load_user_data(args.data)
+    train = data.balanced_subset(train, args.train_per_class, len(names), args.seed)
+    test = data.balanced_subset(test, args.test_per_class, len(names), 0)
+    if not train or not test:
+        raise DataError("no training or test examples left after sub-sampling")
+    return train, test, names
+
+
+def loaders(train, test, tok, args):
+    from suites.transformers.data import Encoded
+    tr, te = Encoded(train, tok, args.max_length), Encoded(test, tok, args.max_length)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    sampler = (torch.utils.data.distributed.DistributedSampler(tr, seed=args.seed) if world > 1 else
+               torch.utils.data.RandomSampler(tr, generator=torch.Generator().manual_seed(args.seed)))
+    tl = torch.utils.data.DataLoader(tr, batch_size=max(1, args.batch_size // world), sampler=sampler)
+    vl = torch.utils.data.DataLoader(te, batch_size=64)
+    return tl, vl
+
+
+def float_cache_path(args, model_dir: str, train) -> str:
+    h = hashlib.sha256(json.dumps([model_dir, args.max_length, args.float_epochs, args.float_lr, args.batch_size,
+                                   args.seed, [t[:2] for t in train]]).encode()).hexdigest()[:16]
+    d = args.cache_dir or os.path.join(os.environ.get("TS_QAT_CACHE") or
+                                       os.path.join(os.path.expanduser("~"), ".cache", "ts_qat_pytorch"), "transformers")
+    os.makedirs(d, exist_ok=True)
+    return os.path.join(d, f"float_{h}.pt")
+
+
+def float_stage(hf, tl, args, stages, model_dir, train):
+    from suites.transformers.train import hf_forward, linear_warmup_decay, make_optimizer, train_epoch
+    if args.float_epochs <= 0:
+        return
+    path = float_cache_path(args, model_dir, train)
+    if os.path.exists(path) and not args.smoke:
+        hf.load_state_dict(torch.load(path, map_location="cpu"))
+        say(f"=> float fine-tune reused from the cache {path}")
+        stages.metrics["float_cached"] = True
+        return
+    with stages.timed("float_train"):
+        opt = make_optimizer(hf.parameters(), args.optim, args.float_lr, args.weight_decay)
+        steps = len(tl) * args.float_epochs
+        sched = linear_warmup_decay(opt, steps, max(1, steps // 10))
+        model = hf
+        if dist.is_initialized():
+            model = torch.nn.parallel.DistributedDataParallel(hf)
+        for ep in range(args.float_epochs):
+            if hasattr(tl.sampler, "set_epoch"):
+                tl.sampler.set_epoch(ep)
+            train_epoch(tl, hf_forward(model), model, opt, sched, ep, args, max_steps=2 if args.smoke else None,
+                        prefix="Float")
+    stages.metrics["float_cached"] = False
+    if is_main() and not args.smoke:
+        from ts_qat_pytorch.utils.utils import atomic_torch_save
+        atomic_torch_save(hf.state_dict(), path)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    for noisy in ("torch.onnx", "onnxscript", "onnx_ir", "torch._dynamo", "torch.export", "torch.fx", "transformers",
+                  "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        args = resolve(args)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            dist.init_process_group("gloo")
+        return run(args)
+    except BAD_INPUT as e:
+        logger.error(str(e))
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(args) -> int:
+    from suites.transformers import pipeline
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
+    os.makedirs(args.output_dir, exist_ok=True)
+    stages = Stages(args.metrics, embedded=args.embedded, backend=None if args.not_qat else args.backend,
+                    max_length=args.max_length, threads=torch.get_num_threads())
+    with stages.timed("setup"):
+        train, test, names = load_data(args)  # bad data fails before the model loads
+        model_dir = args.model
+        if model_dir is None:
+            from suites.common.assets import MINILM_L6
+            model_dir = MINILM_L6.fetch()
+        from suites.transformers.model import check_and_load
+        tok, hf = check_and_load(model_dir, len(names), args.max_length, args.tokenizer)
+        tl, vl = loaders(train, test, tok, args)
+    stages.metrics.update(model=args.model or "all-MiniLM-L6-v2 (embedded)", labels=names,
+                          train_examples=len(train), test_examples=len(test))
+    say(f"=> {len(train)} training / {len(test)} test examples, {len(names)} labels, max length {args.max_length}")
+    float_stage(hf, tl, args, stages, model_dir, train)
+    return pipeline.after_float(hf, tok, tl, vl, names, args, stages)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

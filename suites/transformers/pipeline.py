@@ -1,0 +1,143 @@
+"""The stages after the float model: float eval -> split + prepare -> calibration -> QAT (kd) -> QAT eval
+-> export (QDQ ONNX + qparams JSON) -> ORT int8 eval -> ORT latency int8 vs fp32 -> baselines."""
+from __future__ import annotations
+
+import copy
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from suites.transformers.model import EncoderClassifier, attention_bias, count_targets, prepare_config
+from suites.transformers.train import (evaluate, hf_forward, is_main, linear_warmup_decay, make_optimizer, onnx_predict,
+                                       ort_latency, say, scores, split_forward, train_epoch)
+
+
+def calibrate(q, tl, batches: int) -> None:
+    from ts_qat_pytorch.utils.state import enable_calibration, enable_quantization
+    from suites.transformers.data import trim_batch
+    q.eval()
+    enable_calibration(q)
+    with torch.no_grad():
+        for i, (ids, mask, _) in enumerate(tl):
+            if i >= batches:
+                break
+            ids, mask = trim_batch(ids, mask)
+            q(ids, attention_bias(mask))
+    enable_quantization(q)
+
+
+def export_dummy(args):
+    ids = torch.full((args.onnx_batch, args.onnx_length), 1000, dtype=torch.long)
+    return ids, attention_bias(torch.ones(args.onnx_batch, args.onnx_length, dtype=torch.long))
+
+
+def after_float(hf, tok, tl, vl, names, args, stages) -> int:
+    from ts_qat_pytorch.prepare_by_platform import BackendType, prepare_by_platform
+    m, n = stages.metrics, len(names)
+    with stages.timed("float_eval"):
+        m["float"] = evaluate(vl, hf_forward(hf), hf, n, "Float")
+    if args.not_qat:
+        return finish(args, stages)
+    split = EncoderClassifier(hf).eval()
+    teacher = copy.deepcopy(split).eval() if args.distill_method == "kd" else None
+    float_split = copy.deepcopy(split).eval()
+    q = prepare_by_platform(split, BackendType(args.backend), prepare_config())
+    linears, matmuls = count_targets(float_split)
+    m["split"] = {"linear": linears, "attention_matmuls": matmuls}
+    start_epoch = 0
+    opt = make_optimizer(q.parameters(), args.optim, args.lr, args.weight_decay)
+    steps = min(len(tl), args.qat_steps or len(tl)) * args.epochs
+    sched = linear_warmup_decay(opt, steps, max(1, steps // 10))
+    ckpt = os.path.join(args.output_dir, "minilm_qat_checkpoint.pth" if args.model is None else "encoder_qat_checkpoint.pth")
+    if args.resume:
+        from ts_qat_pytorch.utils.utils import load_qat_checkpoint
+        calibrate(q, tl, 1)  # shapes the lazily-sized quantizer buffers, then the checkpoint overwrites them
+        ck = load_qat_checkpoint(args.resume, q, None if args.evaluate else opt, None if args.evaluate else sched)
+        start_epoch = int(ck.get("epoch", 0))
+        say(f"=> resumed {args.resume} (epoch {start_epoch})")
+    else:
+        with stages.timed("calibration"):
+            calibrate(q, tl, args.calib_batches)
+    if not args.evaluate and start_epoch < args.epochs:
+        from ts_qat_pytorch.utils.utils import save_qat_checkpoint
+        model = torch.nn.parallel.DistributedDataParallel(q) if dist.is_initialized() else q
+        with stages.timed("qat_train"):
+            for ep in range(start_epoch, args.epochs):
+                if hasattr(tl.sampler, "set_epoch"):
+                    tl.sampler.set_epoch(100 + ep)
+                train_epoch(tl, split_forward(model), model, opt, sched, ep, args,
+                            teacher=split_forward(teacher) if teacher is not None else None,
+                            max_steps=args.qat_steps, prefix="QAT")
+                if is_main():
+                    save_qat_checkpoint(ckpt, q, opt, sched, epoch=ep + 1, labels=names)
+        m["checkpoint"] = ckpt
+    with stages.timed("qat_eval"):
+        m["qat"] = evaluate(vl, split_forward(q), q, n, "QAT fake-quant")
+    m["qat_minus_float"] = round(m["qat"]["accuracy"] - m["float"]["accuracy"], 3)
+    if args.profile and is_main():
+        profile_stage(q, vl, args, stages)
+    if not args.no_export and is_main():
+        export_stage(q, float_split, vl, names, args, stages)
+    return finish(args, stages)
+
+
+def profile_stage(q, vl, args, stages) -> None:
+    from suites.common import profiler
+    batches = [((ids, attention_bias(mask)), None) for ids, mask, _ in list(vl)[:2]]
+    rows = profiler.profile_layers(q, batches, max_batches=2)
+    csv_path, png_path = (os.path.join(args.output_dir, f"encoder_profile.{e}") for e in ("csv", "png"))
+    profiler.write_csv(rows, csv_path)
+    profiler.plot(rows, png_path, title=f"{args.backend}: float vs fake-quant per layer")
+    say("=> per-layer float vs fake-quant (worst first)\n" + profiler.format_table(rows, limit=20))
+    stages.metrics["profile"] = {"csv": csv_path, "png": png_path, "layers": len(rows),
+                                 "worst_layer": rows[0]["layer"] if rows else None,
+                                 "worst_sqnr_db": rows[0]["sqnr_db"] if rows else None}
+
+
+def export_stage(q, float_split, vl, names, args, stages) -> None:
+    from ts_qat_pytorch.convert_export import convert_export
+    from ts_qat_pytorch.onnx.verify import ort_session
+    m = stages.metrics
+    base = os.path.join(args.output_dir, "minilm" if args.model is None else "encoder")
+    dummy = export_dummy(args)
+    with stages.timed("export"):
+        r = convert_export(q, dummy, base + "_int8.onnx", opset_version=args.opset_version,
+                           qparams_path=base + "_qparams.json", input_names=["input_ids", "attention_bias"],
+                           output_names=["logits"], verify=True)
+        with torch.no_grad():
+            torch.onnx.export(float_split, dummy, base + "_fp32.onnx", input_names=["input_ids", "attention_bias"],
+                              output_names=["logits"], opset_version=args.opset_version, dynamo=True,
+                              external_data=False)
+    kernels = dict(r.integer_kernels)
+    m.update(onnx_path=r.onnx_path, qparams_path=base + "_qparams.json", fp32_onnx_path=base + "_fp32.onnx",
+             quantized_layers=r.quantized_layers, integer_kernels=kernels,
+             integer_matmul_kernels=r.integer_matmul_kernels, export_max_abs_diff=r.max_abs_diff)
+    say(f"=> exported {r.onnx_path}: integer kernels {kernels}, max |ORT - PyTorch| {r.max_abs_diff}")
+    with stages.timed("ort_eval"):
+        ds = vl.dataset
+        sess = ort_session(r.onnx_path, threads=args.threads)
+        logits = onnx_predict(sess, ds.ids.numpy(), ds.mask.numpy(), args.onnx_batch, args.onnx_length)
+        m["ort"] = scores(logits.argmax(1), ds.labels.numpy(), len(names))
+    m["ort_minus_qat"] = round(m["ort"]["accuracy"] - m["qat"]["accuracy"], 3)
+    say(f" * ORT int8 accuracy {m['ort']['accuracy']:.2f} macro-F1 {m['ort']['macro_f1']:.2f}")
+    with stages.timed("latency"):
+        lat = {k: ort_latency(p, args.onnx_batch, args.onnx_length, args.threads, args.latency_repeats)
+               for k, p in (("fp32_ms", base + "_fp32.onnx"), ("int8_ms", r.onnx_path))}
+    lat.update(batch=args.onnx_batch, length=args.onnx_length, threads=args.threads or torch.get_num_threads(),
+               int8_over_fp32=round(lat["int8_ms"] / lat["fp32_ms"], 3))
+    m["ort_latency"] = lat
+    say(f"=> ORT latency b{args.onnx_batch} len{args.onnx_length}: fp32 {lat['fp32_ms']} ms, int8 {lat['int8_ms']} ms "
+        f"({lat['int8_over_fp32']}x)")
+
+
+def finish(args, stages) -> int:
+    stages.write()
+    say(f"=> metrics written to {args.metrics}")
+    if args.baselines and is_main():
+        from suites.common.regression import compare_metrics, format_table
+        rows, ok = compare_metrics(stages.metrics, args.baselines)
+        say("=> regression check against " + args.baselines + "\n" + format_table(rows))
+        return 0 if ok else 1
+    return 0

@@ -1,0 +1,181 @@
+"""Training, scoring, ONNX evaluation and latency helpers of the transformers suite."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from suites.common.meters import AverageMeter, ProgressMeter
+from suites.transformers.data import trim_batch
+from suites.transformers.model import attention_bias
+
+logger = logging.getLogger("transformers_suite")
+
+
+def is_main() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def say(msg: str) -> None:
+    if is_main():
+        logger.info(msg)
+
+
+class Stages:
+    """Wall time and results of each stage, collected into one metrics JSON."""
+
+    def __init__(self, path: str, **info):
+        self.path, self.t0 = path, time.time()
+        self.metrics: dict = {"suite": "transformers", **info, "times_s": {}}
+
+    def timed(self, name: str):
+        stages = self
+
+        class _T:
+            def __enter__(self):
+                self.t = time.time()
+                say(f"==> stage {name}")
+                return self
+
+            def __exit__(self, *exc):
+                dt = time.time() - self.t
+                stages.metrics["times_s"][name] = round(dt + stages.metrics["times_s"].get(name, 0.0), 2)
+                if exc[0] is None:
+                    say(f"==> stage {name} done in {dt:.1f} s")
+        return _T()
+
+    def write(self) -> None:
+        self.metrics["times_s"]["total"] = round(time.time() - self.t0, 2)
+        if is_main():
+            from ts_qat_pytorch.utils.utils import atomic_write_bytes
+            atomic_write_bytes(self.path, (json.dumps(self.metrics, indent=2, default=str) + "\n").encode())
+
+
+def kd_loss(student_logits, teacher_logits, target, alpha: float, temperature: float):
+    t = temperature
+    kd = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.softmax(teacher_logits / t, dim=1),
+                  reduction="batchmean") * (t * t)
+    return alpha * kd + (1.0 - alpha) * F.cross_entropy(student_logits, target)
+
+
+def linear_warmup_decay(optimizer, total_steps: int, warmup_steps: int):
+    def f(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps))))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
+
+
+def make_optimizer(params, optim: str, lr: float, wd: float = 0.0):
+    if optim == "sgd":
+        return torch.optim.SGD(params, lr, momentum=0.9, weight_decay=wd)
+    return torch.optim.AdamW(params, lr, weight_decay=wd)
+
+
+def hf_forward(model):
+    """A (ids, mask) -> logits callable for a Hugging Face classifier."""
+    return lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits
+
+
+def split_forward(model):
+    """A (ids, mask) -> logits callable for the split (float or prepared): the mask is prepared outside."""
+    return lambda ids, mask: model(ids, attention_bias(mask))
+
+
+def train_epoch(loader, forward, params_model, optimizer, scheduler, epoch: int, args, teacher=None,
+                max_steps: int | None = None, prefix: str = "Epoch") -> float:
+    """One pass (or ``max_steps`` steps) over ``loader``; kd from ``teacher`` (ids, mask -> logits) if given."""
+    losses, accs, bt = AverageMeter("Loss", ":.4f"), AverageMeter("Acc", ":6.2f"), AverageMeter("Time", ":6.3f")
+    n = len(loader) if max_steps is None else min(len(loader), max_steps)
+    progress = ProgressMeter(n, [bt, losses, accs], prefix=f"{prefix}: [{epoch}]", print_freq=args.print_freq,
+                             printer=logger.info, enabled=is_main())
+    params_model.train()
+    end = time.time()
+    for i, (ids, mask, y) in enumerate(loader):
+        if i >= n:
+            break
+        ids, mask = trim_batch(ids, mask)
+        out = forward(ids, mask)
+        if teacher is not None:
+            with torch.no_grad():
+                t_out = teacher(ids, mask)
+            loss = kd_loss(out, t_out, y, args.distill_alpha, args.temperature)
+        else:
+            loss = F.cross_entropy(out, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params_model.parameters(), 1.0)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        losses.update(loss.item(), len(y))
+        accs.update(100.0 * (out.argmax(1) == y).float().mean().item(), len(y))
+        bt.update(time.time() - end)
+        end = time.time()
+        progress.step(i)
+    progress.close()
+    return losses.avg
+
+
+def scores(pred: np.ndarray, y: np.ndarray, num_labels: int) -> dict:
+    """Accuracy (%) and macro-F1 (%)."""
+    f1s = []
+    for c in range(num_labels):
+        tp = int(((pred == c) & (y == c)).sum())
+        fp, fn = int(((pred == c) & (y != c)).sum()), int(((pred != c) & (y == c)).sum())
+        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return {"accuracy": round(100.0 * float((pred == y).mean()), 3), "macro_f1": round(100.0 * float(np.mean(f1s)), 3)}
+
+
+@torch.no_grad()
+def evaluate(loader, forward, model, num_labels: int, prefix: str = "Test") -> dict:
+    model.eval()
+    preds, ys = [], []
+    t = time.time()
+    for ids, mask, y in loader:
+        ids, mask = trim_batch(ids, mask)
+        preds.append(forward(ids, mask).argmax(1).numpy())
+        ys.append(y.numpy())
+    s = scores(np.concatenate(preds), np.concatenate(ys), num_labels)
+    say(f" * {prefix} accuracy {s['accuracy']:.2f} macro-F1 {s['macro_f1']:.2f} ({len(loader.dataset)} "
+        f"examples, {time.time() - t:.1f} s)")
+    return s
+
+
+def onnx_predict(sess, ids: np.ndarray, mask: np.ndarray, batch: int, length: int) -> np.ndarray:
+    """Logits from an exported split model with a static (batch, length) input: pads rows and columns."""
+    names = [i.name for i in sess.get_inputs()]
+    out = []
+    for s in range(0, len(ids), batch):
+        i, m = ids[s:s + batch], mask[s:s + batch]
+        k = len(i)
+        pi, pm = np.zeros((batch, length), np.int64), np.zeros((batch, length), np.int64)
+        pm[:, 0] = 1  # padding rows attend to one token, so their softmax is defined
+        pi[:k, :i.shape[1]], pm[:k, :m.shape[1]] = i, m
+        bias = attention_bias(torch.from_numpy(pm)).numpy()
+        out.append(sess.run(None, {names[0]: pi, names[1]: bias})[0][:k])
+    return np.concatenate(out)
+
+
+def ort_latency(path: str, batch: int, length: int, threads: int | None, repeats: int = 10) -> float:
+    """Median wall time (ms) of one (batch, length) forward in onnxruntime, after warm-up."""
+    from ts_qat_pytorch.onnx.verify import ort_session
+    sess = ort_session(path, threads=threads)
+    names = [i.name for i in sess.get_inputs()]
+    g = np.random.default_rng(0)
+    ids = g.integers(1000, 2000, (batch, length)).astype(np.int64)
+    feeds = {names[0]: ids, names[1]: np.zeros((batch, 1, 1, length), np.float32)}
+    for _ in range(2):
+        sess.run(None, feeds)
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        sess.run(None, feeds)
+        ts.append(1000 * (time.perf_counter() - t))
+    return round(float(np.median(ts)), 2)

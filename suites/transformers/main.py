@@ -12,7 +12,6 @@ and the attention mask run outside the traced part (model.py says why). One metr
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import logging
@@ -103,8 +102,6 @@ def resolve(args):
                                                 else "encoder_metrics.json")
     if args.threads is None and os.environ.get("TS_QAT_THREADS"):
         args.threads = int(os.environ["TS_QAT_THREADS"])
-    if args.onnx_length < args.max_length:
-        raise ModelError(f"--onnx-length {args.onnx_length} is shorter than --max-length {args.max_length}")
     if args.batch_size < 1 or args.onnx_batch < 1:
         raise DataError("--batch-size and --onnx-batch must be >= 1")
     return args
@@ -212,12 +209,14 @@ def run(args) -> int:
             model_dir = MINILM_L6.fetch()
         from suites.transformers.model import check_and_load
         tok, hf = check_and_load(model_dir, len(names), args.max_length, args.tokenizer)
+        if args.onnx_length < args.max_length:
+            raise ModelError(f"--onnx-length {args.onnx_length} is shorter than --max-length {args.max_length}")
         tl, vl = loaders(train, test, tok, args)
     stages.metrics.update(model=args.model or "all-MiniLM-L6-v2 (embedded)", labels=names,
                           train_examples=len(train), test_examples=len(test))
     say(f"=> {len(train)} training / {len(test)} test examples, {len(names)} labels, max length {args.max_length}")
     float_stage(hf, tl, args, stages, model_dir, train)
-    return pipeline.after_float(hf, tok, tl, vl, names, args, stages)
+    return pipeline.after_float(hf, tok, tl, vl, test, names, args, stages)
 
 
 if __name__ == "__main__":

@@ -5,13 +5,12 @@ from __future__ import annotations
 import copy
 import os
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from suites.transformers.model import EncoderClassifier, attention_bias, count_targets, prepare_config
-from suites.transformers.train import (evaluate, hf_forward, is_main, linear_warmup_decay, make_optimizer, onnx_predict,
-                                       ort_latency, say, scores, split_forward, train_epoch)
+from suites.transformers.train import (evaluate, hf_forward, is_main, linear_warmup_decay, make_optimizer, ort_latency,
+                                       say, split_forward, train_epoch)
 
 
 def calibrate(q, tl, batches: int) -> None:
@@ -33,7 +32,7 @@ def export_dummy(args):
     return ids, attention_bias(torch.ones(args.onnx_batch, args.onnx_length, dtype=torch.long))
 
 
-def after_float(hf, tok, tl, vl, names, args, stages) -> int:
+def after_float(hf, tok, tl, vl, test, names, args, stages) -> int:
     from ts_qat_pytorch.prepare_by_platform import BackendType, prepare_by_platform
     m, n = stages.metrics, len(names)
     with stages.timed("float_eval"):
@@ -79,7 +78,7 @@ def after_float(hf, tok, tl, vl, names, args, stages) -> int:
     if args.profile and is_main():
         profile_stage(q, vl, args, stages)
     if not args.no_export and is_main():
-        export_stage(q, float_split, vl, names, args, stages)
+        export_stage(q, float_split, tok, test, names, args, stages)
     return finish(args, stages)
 
 
@@ -96,9 +95,8 @@ def profile_stage(q, vl, args, stages) -> None:
                                  "worst_sqnr_db": rows[0]["sqnr_db"] if rows else None}
 
 
-def export_stage(q, float_split, vl, names, args, stages) -> None:
+def export_stage(q, float_split, tok, test, names, args, stages) -> None:
     from ts_qat_pytorch.convert_export import convert_export
-    from ts_qat_pytorch.onnx.verify import ort_session
     m = stages.metrics
     base = os.path.join(args.output_dir, "minilm" if args.model is None else "encoder")
     dummy = export_dummy(args)
@@ -115,11 +113,9 @@ def export_stage(q, float_split, vl, names, args, stages) -> None:
              quantized_layers=r.quantized_layers, integer_kernels=kernels,
              integer_matmul_kernels=r.integer_matmul_kernels, export_max_abs_diff=r.max_abs_diff)
     say(f"=> exported {r.onnx_path}: integer kernels {kernels}, max |ORT - PyTorch| {r.max_abs_diff}")
-    with stages.timed("ort_eval"):
-        ds = vl.dataset
-        sess = ort_session(r.onnx_path, threads=args.threads)
-        logits = onnx_predict(sess, ds.ids.numpy(), ds.mask.numpy(), args.onnx_batch, args.onnx_length)
-        m["ort"] = scores(logits.argmax(1), ds.labels.numpy(), len(names))
+    with stages.timed("ort_eval"):  # the test texts through the real tokenizer, then the int8 file
+        from suites.transformers.evaluate import score_onnx
+        m["ort"] = score_onnx(r.onnx_path, tok, test, len(names), args.max_length, args.threads)
     m["ort_minus_qat"] = round(m["ort"]["accuracy"] - m["qat"]["accuracy"], 3)
     say(f" * ORT int8 accuracy {m['ort']['accuracy']:.2f} macro-F1 {m['ort']['macro_f1']:.2f}")
     with stages.timed("latency"):

@@ -1,0 +1,203 @@
+"""Transformers suite tests: the R-data parser and chapter split on the real package, the split model against
+Hugging Face on real MiniLM weights and text, quantization coverage, ORT export, bad inputs, a main.py smoke.
+
+Real assets (all-MiniLM-L6-v2 weights, janeaustenr) come from suites.common.assets (pip / apt)."""
+from __future__ import annotations
+
+import json
+import operator
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(1)
+
+from suites.transformers import data  # noqa: E402
+from suites.transformers import main as suite_main  # noqa: E402
+from suites.transformers.model import (EncoderClassifier, ModelError, attention_bias, check_and_load,  # noqa: E402
+                                       count_targets, prepare_config)
+
+TEXTS = ["It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
+         "want of a wife.", "Emma Woodhouse, handsome, clever, and rich.", "Capt. Wentworth had no fortune."]
+LINE_COUNTS = {"emma": 16235, "mansfieldpark": 15349, "northangerabbey": 7856, "persuasion": 8328,
+               "prideprejudice": 13030, "sensesensibility": 12624}
+
+
+@pytest.fixture(scope="module")
+def novels():
+    from suites.common.assets import _JANE, JANEAUSTENR
+    files = JANEAUSTENR.fetch()
+    return data.load_novels(files[_JANE + "Rdata.rdb"], files[_JANE + "Rdata.rdx"])
+
+
+@pytest.fixture(scope="module")
+def minilm_dir():
+    from suites.common.assets import MINILM_L6
+    return MINILM_L6.fetch()
+
+
+@pytest.fixture(scope="module")
+def minilm(minilm_dir):
+    torch.manual_seed(0)
+    return check_and_load(minilm_dir, 6, 128)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(minilm_dir, tmp_path_factory):
+    """A 2-layer random BERT with MiniLM's vocabulary and tokenizer (fast export / smoke runs)."""
+    from transformers import BertConfig, BertForSequenceClassification
+    d = tmp_path_factory.mktemp("tiny_bert")
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=128, num_labels=6)
+    BertForSequenceClassification(cfg).save_pretrained(d)
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(os.path.join(minilm_dir, f), d)
+    return str(d)
+
+
+def test_rdata_parser_reads_six_novels_line_by_line(novels):
+    assert {k: len(v) for k, v in novels.items()} == LINE_COUNTS
+    assert novels["prideprejudice"][0] == "PRIDE AND PREJUDICE"
+    assert any("truth universally acknowledged" in s for s in novels["prideprejudice"][:200])
+    assert novels["emma"][0] == "EMMA"
+
+
+def test_chapter_split_never_shares_a_chapter(novels):
+    assert [len(data.chapters(novels[n])) for n in data.NOVELS] == [55, 48, 31, 24, 61, 50]
+    train, test = data.austen_split(novels, n_lines=4)
+    tr_ch, te_ch = {e[2] for e in train}, {e[2] for e in test}
+    assert tr_ch and te_ch and not tr_ch & te_ch
+    assert {e[1] for e in train} == {e[1] for e in test} == set(range(6))
+    assert not {e[0] for e in train} & {e[0] for e in test}
+    assert not any(data.CHAPTER_RE.match(e[0]) for e in train[:500])
+
+
+@pytest.mark.parametrize("padding", ["longest", "max_length"])
+def test_float_split_equals_hf_logits_on_real_minilm(minilm, padding):
+    tok, hf = minilm
+    enc = tok(TEXTS, padding=padding, max_length=48, truncation=True, return_tensors="pt")
+    assert int(enc["attention_mask"].sum(1).min()) < enc["input_ids"].shape[1]  # real padding in the batch
+    with torch.no_grad():
+        ref = hf(**enc).logits
+        out = EncoderClassifier(hf).eval()(enc["input_ids"], attention_bias(enc["attention_mask"]))
+    assert torch.allclose(out, ref, atol=1e-5, rtol=0), (out - ref).abs().max()
+
+
+@pytest.mark.parametrize("family", ["roberta", "distilbert"])
+def test_float_split_equals_hf_logits_other_families(family):
+    from transformers import AutoModelForSequenceClassification, DistilBertConfig, RobertaConfig
+    torch.manual_seed(0)
+    cfg = (RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=40, num_labels=3) if family == "roberta" else
+           DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=4, hidden_dim=64, num_labels=3))
+    hf = AutoModelForSequenceClassification.from_config(cfg, attn_implementation="eager").eval()
+    ids = torch.randint(3, 100, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 8:], mask[2, 5:] = 0, 0
+    ids[mask == 0] = cfg.pad_token_id
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).logits
+        out = EncoderClassifier(hf).eval()(ids, attention_bias(mask))
+    assert torch.allclose(out, ref, atol=1e-5, rtol=0), (out - ref).abs().max()
+
+
+def test_prepare_quantizes_every_linear_and_both_attention_matmuls(minilm):
+    from ts_qat_pytorch.nn.qat import modules as qat
+    from ts_qat_pytorch.prepare_by_platform import BackendType, prepare_by_platform
+    _, hf = minilm
+    split = EncoderClassifier(hf).eval()
+    linears, matmuls = count_targets(split)
+    assert (linears, matmuls) == (6 * 6 + 2, 12)
+    q = prepare_by_platform(split, BackendType.ONNXRuntime, prepare_config())
+    assert sum(isinstance(m, qat.Linear) for m in q.modules()) == linears
+    assert not any(type(m) is torch.nn.Linear for m in q.modules())
+    assert sum(isinstance(m, qat.Embedding) for m in q.modules()) == 3
+    mm = [n for n in q.graph.nodes if n.op == "call_function" and n.target in (torch.matmul, operator.matmul)]
+    assert len(mm) == matmuls
+    for n in mm:  # both operands come from an activation fake quantizer
+        for a in n.args[:2]:
+            src = a
+            while src.op != "call_module" and src.args:  # through passthrough views / transposes
+                src = src.args[0]
+            assert src.op == "call_module" and "fake_quantizer" in src.target, (n, a)
+    kinds = {type(q.get_submodule(n.target)).__name__ for n in q.graph.nodes if n.op == "call_module"}
+    assert {"MaskedSoftmax", "LayerNorm"} <= kinds  # float per the operator table
+
+
+def test_export_runs_in_ort_with_integer_matmuls_and_agrees(tiny_bert_dir, tmp_path):
+    from ts_qat_pytorch.convert_export import convert_export
+    from ts_qat_pytorch.onnx.verify import ort_session
+    from ts_qat_pytorch.prepare_by_platform import BackendType, prepare_by_platform
+    from ts_qat_pytorch.utils.state import enable_calibration, enable_quantization
+    tok, hf = check_and_load(tiny_bert_dir, 6, 32)
+    q = prepare_by_platform(EncoderClassifier(hf).eval(), BackendType.ONNXRuntime, prepare_config())
+    enc = tok(TEXTS * 3, padding="max_length", max_length=32, truncation=True, return_tensors="pt")
+    ids, bias = enc["input_ids"][:8], attention_bias(enc["attention_mask"][:8])
+    q.eval()
+    enable_calibration(q)
+    with torch.no_grad():
+        q(ids, bias)
+    enable_quantization(q)
+    r = convert_export(q, (ids, bias), str(tmp_path / "t.onnx"), opset_version=18,
+                       qparams_path=str(tmp_path / "t.json"), input_names=["input_ids", "attention_bias"])
+    assert r.integer_kernels.get("QGemm") == 2 * 6 + 2
+    assert r.integer_kernels.get("QLinearMatMul") == 2 * 2
+    out = ort_session(r.onnx_path).run(None, {"input_ids": ids.numpy(), "attention_bias": bias.numpy()})[0]
+    with torch.no_grad():
+        ref = q(ids, bias).numpy()
+    steps = np.abs(out - ref) / r.output_scale[0]
+    assert np.median(steps) <= 1.0 and (out.argmax(1) == ref.argmax(1)).mean() >= 0.85
+    assert json.load(open(tmp_path / "t.json"))["tensors"]
+
+
+def _bad(argv, capsys, match):
+    assert suite_main.main(argv) == 2
+    err = capsys.readouterr().err
+    assert match in err, err
+
+
+def test_bad_inputs_fail_early_with_clear_errors(tmp_path, capsys, minilm_dir, tiny_bert_dir):
+    out = ["--output-dir", str(tmp_path / "o"), "--smoke"]
+    empty = tmp_path / "empty_model"
+    empty.mkdir()
+    _bad(["--model", str(empty), *out], capsys, "has no config.json")
+    from transformers import GPT2Config
+    GPT2Config(n_layer=1).save_pretrained(tmp_path / "gpt2")
+    _bad(["--model", str(tmp_path / "gpt2"), *out], capsys, "supported families: BERT")
+    _bad(["--max-length", "1000", *out], capsys, "beyond the model's position embeddings (512")
+    tokdir = tmp_path / "tok"
+    tokdir.mkdir()
+    (tokdir / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"]) + "\n")
+    (tokdir / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer"}))
+    _bad(["--tokenizer", str(tokdir), *out], capsys, "does not match the model's vocabulary")
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "train.jsonl").write_text("")
+    (d / "test.jsonl").write_text('{"text": "x", "label": "a"}\n')
+    _bad(["--data", str(d), "--model", tiny_bert_dir, *out], capsys, "no examples (the file is empty)")
+    (d / "train.jsonl").write_text('{"text": "x", "label": "a"}\n{"text": "y"}\n')
+    _bad(["--data", str(d), "--model", tiny_bert_dir, *out], capsys, "unlabeled example")
+    assert not (tmp_path / "o" / "encoder_int8.onnx").exists()
+
+
+def test_main_smoke_writes_metrics_and_onnx(tiny_bert_dir, tmp_path):
+    out = tmp_path / "run"
+    rc = suite_main.main(["--model", tiny_bert_dir, "--smoke", "--threads", "1", "--max-length", "32",
+                          "--onnx-length", "32", "--output-dir", str(out)])
+    assert rc == 0
+    m = json.loads((out / "encoder_metrics.json").read_text())
+    for k in ("float", "qat", "ort"):
+        assert 0.0 <= m[k]["accuracy"] <= 100.0 and "macro_f1" in m[k]
+    assert m["integer_kernels"]["QGemm"] == m["split"]["linear"] == 14
+    assert m["integer_kernels"]["QLinearMatMul"] == m["split"]["attention_matmuls"] == 4
+    assert m["ort_latency"]["fp32_ms"] > 0 and m["ort_latency"]["int8_ms"] > 0
+    assert {"setup", "float_train", "float_eval", "calibration", "qat_train", "qat_eval", "export", "ort_eval"} \
+        <= set(m["times_s"])
+    import onnx
+    onnx.checker.check_model(str(out / "encoder_int8.onnx"))
+    assert (out / "encoder_qparams.json").exists() and (out / "encoder_qat_checkpoint.pth").exists()

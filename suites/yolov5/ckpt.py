@@ -34,11 +34,19 @@ def _allowed() -> dict:
             a[("torch._utils", n)] = getattr(tu, n)
     import collections
     a[("collections", "OrderedDict")] = collections.OrderedDict
+    for m in ("builtins", "__builtin__"):  # nn.Module keeps _non_persistent_buffers_set
+        a[(m, "set")], a[(m, "frozenset")] = set, frozenset
     for n in ("float16", "float32", "float64", "int64", "Size"):
         a[("torch", n)] = getattr(torch, n)
     try:  # numpy scalars / arrays of numbers (best_fitness in some versions); never object arrays
+        import codecs
+
         import numpy as np
-        from numpy.core import multiarray as ma
+        try:
+            from numpy._core import multiarray as ma
+        except ImportError:  # numpy < 2
+            from numpy.core import multiarray as ma
+        a[("_codecs", "encode")] = codecs.encode  # numpy's byte buffers under pickle protocol 2 (torch allows it too)
         for m in ("numpy.core.multiarray", "numpy._core.multiarray"):
             a[(m, "_reconstruct")] = ma._reconstruct
             a[(m, "scalar")] = ma.scalar

@@ -1,0 +1,260 @@
+"""YOLOv5 suite tests: model configs, the split network's QAT export, post-processing, COCO scoring, bad
+input, the restricted checkpoint unpickler and a tiny end-to-end run of train_qat.py / test.py."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from suites.yolov5 import ckpt as C
+from suites.yolov5 import datasets as D
+from suites.yolov5 import evaluate as E
+from suites.yolov5 import postprocess as PP
+from suites.yolov5.models import common
+from suites.yolov5.models.yolo import ConfigError, Model, count_params
+
+torch.set_num_threads(1)
+
+# every block type in a network small enough to export in a few seconds
+TINY = {
+    "nc": 3, "depth_multiple": 0.33, "width_multiple": 0.125, "act": "hardswish",
+    "anchors": [[10, 13, 16, 30, 33, 23], [30, 61, 62, 45, 59, 119]],
+    "backbone": [[-1, 1, "Focus", [64, 3]], [-1, 1, "Conv", [128, 3, 2]], [-1, 1, "BottleneckCSP", [128]],
+                 [-1, 1, "Conv", [256, 3, 2]], [-1, 1, "C3", [256]], [-1, 1, "SPP", [256, [3, 5]]],
+                 [-1, 1, "SPPF", [256, 3]]],
+    "head": [[-1, 1, "Conv", [128, 1, 1]], [-1, 1, "nn.Upsample", ["None", 2, "nearest"]],
+             [[-1, 2], 1, "Concat", [1]], [-1, 1, "C3", [128, False]],
+             [[10, 6], 1, "Detect", ["nc", "anchors"]]],
+}
+
+
+def test_published_parameter_counts():
+    # published model summaries: v3.0 yolov5s 7.47 M (Focus/BottleneckCSP/SPP), v6 yolov5n 1.87 M, v6 yolov5s 7.24 M
+    assert count_params(Model("yolov5s")) == 7468157
+    assert count_params(Model("yolov5n-v6")) == 1872157
+    m = Model("yolov5s-v6", nc=10)
+    assert count_params(m) == 7235389 - 3 * 70 * (128 + 256 + 512) - 3 * 70 * 3  # nc=10: only the Detect convs shrink
+    det = m.detect
+    assert [c.out_channels for c in det.m] == [45, 45, 45] and m.stride.tolist() == [8, 16, 32]
+    assert isinstance(Model("yolov5s").model[0].conv.act, nn.Hardswish)
+    assert isinstance(Model("yolov5n-v6").model[0].act, nn.SiLU)
+    out = Model(TINY).eval()(torch.zeros(1, 3, 64, 64))
+    assert [tuple(o.shape) for o in out] == [(1, 24, 16, 16), (1, 24, 8, 8)]
+
+
+def test_unknown_module_is_a_clear_error():
+    bad = json.loads(json.dumps(TINY))
+    bad["backbone"][3][2] = "GhostConv"
+    with pytest.raises(ConfigError, match=r"layer 3: unknown module 'GhostConv'"):
+        Model(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        Model("yolov5q")
+
+
+def test_decode_nms_and_letterbox_scaling():
+    anchors = torch.tensor([[[2.0, 2.0]]])  # one level, one anchor of 2x2 cells = 16 px at stride 8
+    raw = torch.full((1, 1 * 7, 4, 4), -10.0)
+    cell = raw[0].view(7, 4, 4)
+    cell[0:4, 1, 2] = 0.0                # x, y offsets 0.5 -> centre of the cell; w, h -> 1 x anchor
+    cell[4, 1, 2], cell[6, 1, 2] = 10.0, 10.0   # objectness, class 1
+    cell[0:4, 1, 3] = 0.0                # a neighbour: shifted by a cell, overlapping (IoU 1/3), lower score
+    cell[4, 1, 3], cell[6, 1, 3] = 2.0, 10.0
+    pred = PP.decode([raw], anchors, [8])
+    assert pred.shape == (1, 16, 7)
+    best = pred[0, 1 * 4 + 2]
+    assert torch.allclose(best[:4], torch.tensor([20.0, 12.0, 16.0, 16.0]))
+    d = PP.nms(pred, conf_thres=0.1, iou_thres=0.3)[0]
+    assert len(d) == 1 and torch.allclose(d[0, :4], torch.tensor([12.0, 4.0, 28.0, 20.0])) and d[0, 5] == 1
+    d2 = PP.nms(pred, conf_thres=0.1, iou_thres=0.5)[0]
+    assert len(d2) == 2  # IoU 1/3 < 0.5 keeps both
+    # letterbox: a 64 x 128 (h x w) image into 64: ratio 0.5, pad 16 on top
+    img = np.zeros((64, 128, 3), np.uint8)
+    out, ratio, pad = PP.letterbox(img, 64)
+    assert out.shape == (64, 64, 3) and ratio == 0.5 and pad == (0, 16) and out[0, 0, 0] == PP.PAD_VALUE
+    back = PP.scale_boxes(d[:, :4], ratio, pad, (64, 128))
+    assert torch.allclose(back[0], torch.tensor([24.0, 0.0, 56.0, 8.0]))
+
+
+def _records():
+    return [D.Record(1, "a.png", 100, 80, np.array([[10, 10, 50, 40], [60, 20, 90, 70]], np.float32),
+                     np.array([0, 1])),
+            D.Record(2, "b.png", 100, 80, np.array([[5, 5, 30, 30]], np.float32), np.array([1]))]
+
+
+def test_pycocotools_scoring_perfect_and_degraded():
+    recs, cat_ids = _records(), [1, 2]
+    gt = D.coco_ground_truth(recs, cat_ids)
+    perfect = [{"image_id": r.id, "category_id": cat_ids[c], "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+                "score": 0.9} for r in recs for b, c in zip(r.boxes.tolist(), r.cls)]
+    assert E.coco_map(gt, perfect) == (1.0, 1.0)
+    dets = {r.id: np.array([[*b, 0.9, c] for b, c in zip(r.boxes.tolist(), r.cls)]) for r in recs}
+    assert E.precision_recall(dets, recs, 2) == (1.0, 1.0)
+    shifted = [dict(d, bbox=[d["bbox"][0] + 6, *d["bbox"][1:]]) for d in perfect]
+    m50, m = E.coco_map(gt, shifted)
+    assert m < 0.8 and m50 >= 0.5
+    wrong_class = [dict(d, category_id=3 - d["category_id"]) for d in perfect]
+    assert E.coco_map(gt, wrong_class) == (0.0, 0.0)
+
+
+def _yolo_set(root, labels: dict, bad_image=None):
+    from PIL import Image
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for name, text in labels.items():
+        Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(root / "images" / f"{name}.png")
+        if text is not None:
+            (root / "labels" / f"{name}.txt").write_text(text)
+    if bad_image:
+        (root / "images" / bad_image).write_bytes(b"not an image")
+    (root / "data.yaml").write_text(f"path: {root}\ntrain: images\nval: images\nnc: 2\n")
+    return D.load_data_config(str(root / "data.yaml"))
+
+
+def test_label_errors_name_file_and_line_or_are_counted(tmp_path):
+    cfg = _yolo_set(tmp_path / "a", {"ok": "0 0.5 0.5 0.2 0.2\n", "bg": None,
+                                     "cls": "1 0.5 0.5 0.2 0.2\n\n2 0.5 0.5 0.1 0.1\n",
+                                     "out": "0 0.95 0.5 0.2 0.2\n", "junk": "0 0.5 0.5\n"})
+    with pytest.raises(D.LabelError, match=r"cls\.txt:3: class index 2 outside 0\.\.1"):
+        D.load_split(cfg, "val", "stop")
+    recs, cat_ids, skips = D.load_split(cfg, "val", "skip")
+    assert sorted(os.path.basename(r.file) for r in recs) == ["bg.png", "ok.png"]
+    assert skips.counts == {"bad label": 3} and any("out.txt:1" in e for e in skips.examples)
+    assert any("junk.txt:1: expected 'class cx cy w h'" in e for e in skips.examples)
+    ok = next(r for r in recs if r.file.endswith("ok.png"))
+    assert np.allclose(ok.boxes, [[19.2, 12.8, 28.8, 19.2]]) and len(next(r for r in recs if "bg" in r.file).boxes) == 0
+    cfg2 = _yolo_set(tmp_path / "b", {"ok": "0 0.5 0.5 0.2 0.2\n"}, bad_image="broken.jpg")
+    with pytest.raises(D.DataError, match="broken.jpg cannot be decoded"):
+        D.load_split(cfg2, "val", "stop")
+    assert D.load_split(cfg2, "val", "skip")[2].counts == {"undecodable image": 1}
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"{tmp_path}/b/images/ok.png\n{tmp_path}/b/images/gone.png\n")
+    with pytest.raises(D.DataError, match="gone.png not found"):
+        D.records_from_yolo(str(lst), 2, D.Skips("stop"))
+
+
+def test_coco_json_bad_box_is_reported(tmp_path):
+    from PIL import Image
+    (tmp_path / "img").mkdir()
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "img" / "x.png")
+    js = {"images": [{"id": 8, "file_name": "missing.png", "width": 30, "height": 20},
+                     {"id": 7, "file_name": "x.png", "width": 30, "height": 20}],
+          "annotations": [{"id": 1, "image_id": 7, "category_id": 5, "bbox": [20, 5, 15, 5], "iscrowd": 0}],
+          "categories": [{"id": 5, "name": "a"}]}
+    (tmp_path / "i.json").write_text(json.dumps(js))
+    with pytest.raises(D.DataError, match="missing.png"):
+        D.records_from_coco(str(tmp_path / "img"), str(tmp_path / "i.json"), D.Skips("stop"))
+    sk = D.Skips("skip")
+    with pytest.raises(D.DataError, match="no usable images"):
+        D.records_from_coco(str(tmp_path / "img"), str(tmp_path / "i.json"), sk)
+    assert sk.counts == {"missing image": 1, "bad label": 1} and "outside the 30x20 image" in sk.examples[1]
+
+
+def _fake_ultralytics_modules():
+    """Stand-ins for the ultralytics ``models.yolo`` / ``models.common`` modules, so pickled objects name them."""
+    pkg, my, mc = types.ModuleType("models"), types.ModuleType("models.yolo"), types.ModuleType("models.common")
+    from suites.yolov5.models import yolo
+    mapping = {}
+    for mod, src, names in ((my, yolo, ("Model", "Detect")),
+                            (mc, common, ("Conv", "Focus", "Bottleneck", "BottleneckCSP", "C3", "SPP", "SPPF",
+                                          "Concat"))):
+        for n in names:
+            cls = type(n, (getattr(src, n),), {"__module__": mod.__name__})
+            setattr(mod, n, cls)
+            mapping[getattr(src, n)] = cls
+    pkg.yolo, pkg.common = my, mc
+    return {"models": pkg, "models.yolo": my, "models.common": mc}, mapping
+
+
+def test_restricted_unpickler_loads_ultralytics_style_pickle(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    ours = Model(TINY)
+    for m in ours.modules():  # non-trivial BN statistics
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    fake, mapping = _fake_ultralytics_modules()
+    for k, v in fake.items():
+        monkeypatch.setitem(sys.modules, k, v)
+    import copy
+    theirs = copy.deepcopy(ours)
+    for m in theirs.modules():
+        if type(m) in mapping:
+            m.__class__ = mapping[type(m)]
+    theirs.model[-1].register_buffer("anchor_grid", torch.ones(2, 1, 3, 1, 1, 2))  # v3.0 had this buffer
+    del theirs.yaml["act"]  # v3.0 YAMLs have no activation key: it is read off the pickled modules
+    theirs.half()
+    path = tmp_path / "yolov5s.pt"
+    torch.save({"epoch": 3, "best_fitness": np.array([0.5]), "model": theirs, "optimizer": None,
+                "training_results": "..."}, path)
+    for k in fake:
+        monkeypatch.delitem(sys.modules, k)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)
+    cfg, sd = C.load_weights(str(path))
+    assert cfg["act"] == "hardswish" and "model.11.anchor_grid" not in sd
+    assert all(v.dtype == torch.float32 for v in sd.values() if v.is_floating_point())
+    m = C.build_from_weights(str(path))
+    ref = ours.state_dict()
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, ref[k].half().float() if v.is_floating_point() else ref[k]), k
+    assert isinstance(m.model[0].conv.act, nn.Hardswish)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/yolov5_pickle_pwned",))
+
+
+def test_restricted_unpickler_refuses_other_globals(tmp_path):
+    if os.path.exists("/tmp/yolov5_pickle_pwned"):
+        os.unlink("/tmp/yolov5_pickle_pwned")
+    path = tmp_path / "evil.pt"
+    torch.save({"model": _Evil()}, path)
+    with pytest.raises(C.CheckpointError, match=r"refusing to load the global '(posix|os)\.system'"):
+        C.load_weights(str(path))
+    assert not os.path.exists("/tmp/yolov5_pickle_pwned")
+    torch.save({"model": nn.Sequential(nn.GELU())}, path)  # torch, but not a class of YOLOv5
+    with pytest.raises(C.CheckpointError, match="torch.nn.modules.activation.GELU"):
+        C.load_weights(str(path))
+
+
+def test_train_qat_and_test_scripts_end_to_end(tmp_path):
+    import yaml
+    from suites.yolov5 import test as test_script
+    from suites.yolov5 import train_qat
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(dict(TINY, nc=10)))
+    out = tmp_path / "out"
+    args = ["--cfg", str(cfg), "--scenes", "40", "12", "--float-steps", "2", "--batch-size", "4", "--img-size", "64",
+            "--cache-dir", str(tmp_path / "cache"), "--output_dir", str(out), "--val-batch-size", "6"]
+    assert train_qat.main(args + ["--quantize", "--steps", "2"]) == 0
+    m = json.loads((out / "yolov5_metrics.json").read_text())
+    for k in ("float_map50", "float_map50_95", "qat_map50_95", "ort_map50", "ort_map50_95"):
+        assert 0.0 <= m[k] <= 1.0, k
+    assert m["float_cached"] is False and m["val_images"] == 12 and m["ort_eval"]["images"] == 12
+    # the split network: every convolution (backbone, neck, Detect) runs as an integer kernel in onnxruntime,
+    # and the exported file agrees with the PyTorch fake-quant network within two output quantization steps
+    assert m["integer_kernels"]["QLinearConv"] == m["conv_layers"] == 26 == m["quantized_layers"]
+    assert m["export_max_abs_diff"] <= 2 * max(m["export_output_scale"]) + 1e-6
+    assert set(m["times_s"]) >= {"float_train", "float_eval", "calibration", "qat_train", "export", "ort_eval"}
+    onnx_path = m["onnx_path"]
+    assert os.path.exists(onnx_path) and os.path.exists(m["qparams_path"])
+    # the same exported network scored by test.py (its _meta.json gives anchors and strides)
+    rc = test_script.main(["--weights", onnx_path, "--scenes", "40", "12", "--metrics", str(tmp_path / "t.json")])
+    assert rc == 0 and json.loads((tmp_path / "t.json").read_text())["map50_95"] == m["ort_map50_95"]
+    # float-only run reuses the cached float model
+    assert train_qat.main(args + ["--metrics", str(tmp_path / "f.json")]) == 0
+    f = json.loads((tmp_path / "f.json").read_text())
+    assert f["float_cached"] is True and f["float_map50_95"] == m["float_map50_95"] and "qat_map50_95" not in f
+    # bad config: a clear error, exit code 2
+    bad = json.loads(json.dumps(TINY))
+    bad["head"][0][2] = "Conv3"
+    cfg.write_text(yaml.safe_dump(bad))
+    assert train_qat.main(args + ["--no-float-cache"]) == 2

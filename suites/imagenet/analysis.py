@@ -6,20 +6,23 @@ from __future__ import annotations
 
 import torch
 
-from suites.imagenet import main as suite
+from suites.imagenet.cli import build_parser, resolve_args
+from suites.imagenet.engine import loader, make_datasets
+from suites.imagenet.models import create_model, prepare
+from suites.imagenet.stages import checkpoint_paths
 from ts_qat_pytorch.utils.utils import load_qat_checkpoint
 
 
 def load(output_dir: str = "checkpoint", val_images: int = 2000, extra_args: tuple[str, ...] = ()):
-    args = suite.resolve_args(suite.build_parser().parse_args(
+    args = resolve_args(build_parser().parse_args(
         ["--output-dir", output_dir, "--val-images", str(val_images), *extra_args]))
-    ckpt = suite.checkpoint_paths(args)["ckpt"]
-    model = suite.create_model(args.arch, args.model_zoo, args.num_classes, pretrained=False)
-    q = suite.prepare(model, args)
+    ckpt = checkpoint_paths(args)["ckpt"]
+    model = create_model(args.arch, args.model_zoo, args.num_classes, pretrained=False)
+    q = prepare(model, args)
     load_qat_checkpoint(ckpt, q)
     q.eval()
-    _, val, _ = suite.make_datasets(args)
-    val_loader = suite.loader(val, args.batch_size, 0)
+    _, val, _ = make_datasets(args)
+    val_loader = loader(val, args.batch_size, 0)
     batches = [x for x, _ in val_loader]
 
     @torch.no_grad()
@@ -37,9 +40,9 @@ def load(output_dir: str = "checkpoint", val_images: int = 2000, extra_args: tup
 def deploy_pair(output_dir: str = "checkpoint"):
     """(float model with the trained weights, the exported int8 ONNX path, an input batch of its size)."""
     import onnx
-    args = suite.resolve_args(suite.build_parser().parse_args(["--output-dir", output_dir]))
-    paths = suite.checkpoint_paths(args)
-    model = suite.create_model(args.arch, args.model_zoo, args.num_classes, pretrained=False)
+    args = resolve_args(build_parser().parse_args(["--output-dir", output_dir]))
+    paths = checkpoint_paths(args)
+    model = create_model(args.arch, args.model_zoo, args.num_classes, pretrained=False)
     model.load_state_dict(torch.load(paths["float"], map_location="cpu", weights_only=True))
     dims = onnx.load(paths["onnx"]).graph.input[0].type.tensor_type.shape.dim
     x = torch.randn(*[d.dim_value for d in dims])

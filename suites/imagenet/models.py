@@ -1,0 +1,149 @@
+"""Models of the ImageNet suite: zoo lookup, class heads, float weights, the teacher, QAT preparation."""
+from __future__ import annotations
+
+import copy
+import difflib
+import logging
+
+import torch
+import torch.nn as nn
+import torch.utils.data
+
+from suites.imagenet.cli import SuiteError
+
+logger = logging.getLogger("imagenet")
+
+
+def list_archs(zoo: str) -> list[str]:
+    if zoo == "timm":
+        import timm
+        return list(timm.list_models())
+    import torchvision.models as models
+    return sorted(models.list_models(module=models))
+
+
+def check_arch(arch: str, zoo: str, what: str = "--arch") -> None:
+    names = list_archs(zoo)
+    if arch not in names:
+        close = difflib.get_close_matches(arch, names, n=5, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; see the {zoo} model list"
+        raise SuiteError(f"unknown {what} '{arch}' for --model-zoo {zoo}{hint}")
+
+
+def create_model(arch: str, zoo: str, num_classes: int, pretrained: bool) -> nn.Module:
+    if zoo == "timm":
+        import timm
+        return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes)
+    import torchvision.models as models
+    if arch == "mobilenet_v2" and pretrained:
+        from suites.common.assets import install_torchvision_weights
+        install_torchvision_weights()
+    weights = None
+    if pretrained:  # mobilenet_v2: the V1 file is the one shipped offline (suites.common.assets)
+        weights = "IMAGENET1K_V1" if arch == "mobilenet_v2" else "DEFAULT"
+    model = models.get_model(arch, weights=weights)
+    if num_classes != _num_outputs(model):
+        replace_head(model, num_classes)
+    return model
+
+
+def _head(model: nn.Module) -> tuple[nn.Module, str, nn.Linear] | None:
+    for attr in ("fc", "classifier", "head", "heads"):
+        m = getattr(model, attr, None)
+        if isinstance(m, nn.Linear):
+            return model, attr, m
+        if isinstance(m, nn.Sequential):
+            for i in reversed(range(len(m))):
+                if isinstance(m[i], nn.Linear):
+                    return m, str(i), m[i]
+    return None
+
+
+def _num_outputs(model: nn.Module) -> int | None:
+    h = _head(model)
+    return h[2].out_features if h else None
+
+
+def replace_head(model: nn.Module, num_classes: int) -> None:
+    h = _head(model)
+    if h is None:
+        raise SuiteError(f"cannot find the classifier of {type(model).__name__} to resize it to {num_classes} "
+                         "classes")
+    parent, attr, lin = h
+    new = nn.Linear(lin.in_features, num_classes, bias=lin.bias is not None)
+    if isinstance(parent, nn.Sequential):
+        parent[int(attr)] = new
+    else:
+        setattr(parent, attr, new)
+
+
+def read_state_dict(path: str, what: str) -> dict:
+    from ts_qat_pytorch.utils.utils import load_checkpoint, strip_module_prefix
+    try:
+        ckpt = load_checkpoint(path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SuiteError(f"{what}: {exc}") from exc
+    if isinstance(ckpt, dict) and "state_dict" in ckpt and isinstance(ckpt["state_dict"], dict):
+        ckpt = ckpt["state_dict"]
+    if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) or k.endswith("_extra_state")
+                                             for k, v in ckpt.items()):
+        raise SuiteError(f"{what}: '{path}' is not a state_dict (a dict of tensors)")
+    return strip_module_prefix(ckpt)
+
+
+def check_shapes(model: nn.Module, sd: dict, path: str, num_classes: int, what: str, partial: bool = False) -> None:
+    """Clear errors for a checkpoint that does not fit the model (number of classes named first)."""
+    own = model.state_dict()
+    head = _head(model)
+    for k, v in sd.items():
+        if k in own and own[k].shape != v.shape:
+            if own[k].dim() >= 1 and own[k].shape[0] == num_classes and v.shape[0] != num_classes and (
+                    head is None or own[k].shape[1:] == v.shape[1:]):
+                raise SuiteError(f"{what} '{path}' has {v.shape[0]} classes but -nc/--num-classes is "
+                                 f"{num_classes} (tensor '{k}': {tuple(v.shape)} vs {tuple(own[k].shape)})")
+            raise SuiteError(f"{what} '{path}' does not fit the model: '{k}' is {tuple(v.shape)} in the file "
+                             f"and {tuple(own[k].shape)} in the model")
+    if partial:
+        return
+    missing = [k for k in own if k not in sd and not k.endswith(("._extra_state", "num_batches_tracked"))]
+    unexpected = [k for k in sd if k not in own]
+    if missing or unexpected:
+        raise SuiteError(f"{what} '{path}' does not match the architecture: {len(missing)} missing keys "
+                         f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}")
+
+
+def load_float_weights(model: nn.Module, path: str, num_classes: int, what: str) -> None:
+    sd = read_state_dict(path, what)
+    if any(".weight_fake_quant." in k or k.endswith("_fake_quant.scale") for k in sd):
+        raise SuiteError(f"{what} '{path}' is a QAT checkpoint; resume it with --resume")
+    check_shapes(model, sd, path, num_classes, what)
+    model.load_state_dict(sd, strict=False)
+
+
+def build_teacher(args, student_float: nn.Module) -> nn.Module | None:
+    if not args.distill_method:
+        return None
+    if args.embedded and not args.teacher_path:
+        teacher = copy.deepcopy(student_float)
+    else:
+        teacher = create_model(args.teacher_arch, args.model_zoo, args.num_classes,
+                               pretrained=not args.teacher_path)
+        if args.teacher_path:
+            load_float_weights(teacher, args.teacher_path, args.num_classes, "--teacher-path")
+    with torch.no_grad():
+        out = teacher.eval()(torch.zeros(1, 3, args.image_size, args.image_size))
+    if out.shape[-1] != args.num_classes:
+        raise SuiteError(f"teacher {args.teacher_arch} predicts {out.shape[-1]} classes but -nc/--num-classes is "
+                         f"{args.num_classes}; give --teacher-path with a {args.num_classes}-class teacher")
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.to(args.device).eval()
+
+
+def prepare(model, args):
+    from ts_qat_pytorch.prepare_by_platform import BackendType, prepare_by_platform
+    cfg = None
+    if args.backend == "Experimental":
+        w, a = args.w_bit or 8, args.a_bit or 8
+        cfg = {"extra_qconfig_dict": {"w_qscheme": {"bit": w}, "a_qscheme": {"bit": a}}}
+    return prepare_by_platform(model, BackendType(args.backend), cfg)

@@ -155,6 +155,9 @@ def float_stage(hf, tl, args, stages, model_dir, train):
         say(f"=> float fine-tune reused from the cache {path}")
         stages.metrics["float_cached"] = True
         return
+    if args.evaluate and args.resume:  # the QAT checkpoint carries the weights; no fine-tune for an export
+        say("=> no cached float fine-tune: float numbers are of the un-fine-tuned model (-e --resume)")
+        return
     with stages.timed("float_train"):
         opt = make_optimizer(hf.parameters(), args.optim, args.float_lr, args.weight_decay)
         steps = len(tl) * args.float_epochs

@@ -69,12 +69,11 @@ def run_qat(model, train, ev: P.Evaluator, hyp: dict, meta: dict, args, stages) 
     if not P.is_main():
         return
     q.eval()
-    if not args.export_only or args.resume is None:
-        with stages.timed("qat_eval"):
-            r = ev.run(torch_predictor(q, args.device), "QAT")
-        stages.metrics.update(qat_map50=r["map50"], qat_map50_95=r["map50_95"], qat_eval=r)
-        if "float_map50_95" in stages.metrics:
-            stages.metrics["qat_minus_float"] = round(r["map50_95"] - stages.metrics["float_map50_95"], 4)
+    with stages.timed("qat_eval"):
+        r = ev.run(torch_predictor(q, args.device), "QAT")
+    stages.metrics.update(qat_map50=r["map50"], qat_map50_95=r["map50_95"], qat_eval=r)
+    if "float_map50_95" in stages.metrics:
+        stages.metrics["qat_minus_float"] = round(r["map50_95"] - stages.metrics["float_map50_95"], 4)
     save_checkpoint(q.cpu(), os.path.join(args.output_dir, f"{name}_qat_float.pth"),
                     os.path.join(args.output_dir, f"{name}_qat_qparams_full.json"))
     q.to(args.device)

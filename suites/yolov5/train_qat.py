@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--quantize", action="store_true", help="quantization-aware training (calibration first)")
     ap.add_argument("--epochs", type=int, default=None, help="epochs (default 10; embedded: --steps instead)")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps instead of epochs (QAT or float)")
-    ap.add_argument("--float-steps", type=int, default=600, help="embedded default: float training steps")
+    ap.add_argument("--float-steps", type=int, default=1000, help="embedded default: float training steps")
     ap.add_argument("--batch-size", type=int, default=32, help="total batch size (split over ranks)")
     ap.add_argument("--img-size", type=int, default=None, help="square input size (default 640; embedded 128)")
     ap.add_argument("--workers", type=int, default=0)

@@ -240,9 +240,9 @@ def test_train_qat_and_test_scripts_end_to_end(tmp_path):
         assert 0.0 <= m[k] <= 1.0, k
     assert m["float_cached"] is False and m["val_images"] == 12 and m["ort_eval"]["images"] == 12
     # the split network: every convolution (backbone, neck, Detect) runs as an integer kernel in onnxruntime,
-    # and the exported file agrees with the PyTorch fake-quant network within two output quantization steps
+    # and the exported file agrees with the PyTorch fake-quant network within four output quantization steps
     assert m["integer_kernels"]["QLinearConv"] == m["conv_layers"] == 26 == m["quantized_layers"]
-    assert m["export_max_abs_diff"] <= 2 * max(m["export_output_scale"]) + 1e-6
+    assert m["export_max_abs_diff"] <= 4 * max(m["export_output_scale"]) + 1e-6
     assert set(m["times_s"]) >= {"float_train", "float_eval", "calibration", "qat_train", "export", "ort_eval"}
     onnx_path = m["onnx_path"]
     assert os.path.exists(onnx_path) and os.path.exists(m["qparams_path"])
@@ -253,6 +253,30 @@ def test_train_qat_and_test_scripts_end_to_end(tmp_path):
     assert train_qat.main(args + ["--metrics", str(tmp_path / "f.json")]) == 0
     f = json.loads((tmp_path / "f.json").read_text())
     assert f["float_cached"] is True and f["float_map50_95"] == m["float_map50_95"] and "qat_map50_95" not in f
+    # user data (--data, YOLO-format labels): float training from the cached weights, then test.py on its checkpoint
+    from PIL import Image
+    root = tmp_path / "user"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((48, 64, 3), 40 * i, np.uint8)).save(root / "images" / f"{i}.jpg")
+        (root / "labels" / f"{i}.txt").write_text(f"{i} 0.5 0.5 0.25 0.5\n")
+    (root / "data.yaml").write_text(f"path: {root}\ntrain: images\nval: images\nnc: 10\n")
+    cached = next((tmp_path / "cache" / "yolov5").glob("*.pt"))
+    assert train_qat.main(["--data", str(root / "data.yaml"), "--weights", str(cached), "--img-size", "64",
+                           "--epochs", "1", "--batch-size", "2", "--output_dir", str(tmp_path / "user_out")]) == 0
+    best = tmp_path / "user_out" / "tiny_float_best.pt"
+    assert best.exists()
+    assert test_script.main(["--weights", str(best), "--data", str(root / "data.yaml"), "--img-size", "64",
+                             "--metrics", str(tmp_path / "u.json")]) == 0
+    u = json.loads((tmp_path / "u.json").read_text())
+    assert u["images"] == 4 and u["targets"] == 4
+    (root / "labels" / "3.txt").write_text("12 0.5 0.5 0.25 0.5\n")
+    assert test_script.main(["--weights", str(best), "--data", str(root / "data.yaml"), "--img-size", "64"]) == 2
+    assert test_script.main(["--weights", str(best), "--data", str(root / "data.yaml"), "--img-size", "64",
+                             "--on-bad-label", "skip", "--metrics", str(tmp_path / "u.json")]) == 0
+    u = json.loads((tmp_path / "u.json").read_text())
+    assert u["images"] == 3 and u["skipped"] == {"bad label": 1}
     # bad config: a clear error, exit code 2
     bad = json.loads(json.dumps(TINY))
     bad["head"][0][2] = "Conv3"

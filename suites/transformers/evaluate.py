@@ -47,9 +47,10 @@ def main(argv=None) -> int:
     p.add_argument("onnx")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the embedded MiniLM's)")
     p.add_argument("--data", default=None, help="folder with test.jsonl / test.tsv (default: the Austen test set)")
-    p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--passage-lines", type=int, default=4)
-    p.add_argument("--test-per-class", type=int, default=200)
+    from suites.transformers.main import EMBEDDED
+    p.add_argument("--max-length", type=int, default=EMBEDDED["max_length"])
+    p.add_argument("--passage-lines", type=int, default=EMBEDDED["passage_lines"])
+    p.add_argument("--test-per-class", type=int, default=EMBEDDED["test_per_class"])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)

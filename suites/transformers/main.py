@@ -34,8 +34,8 @@ from suites.transformers.train import Stages, is_main, say  # noqa: E402
 
 logger = logging.getLogger("transformers_suite")
 
-EMBEDDED = dict(passage_lines=4, max_length=64, train_per_class=700, test_per_class=200,
-                float_epochs=1, float_lr=1e-4, epochs=1, qat_steps=40, batch_size=32, lr=2e-5, optim="adamw",
+EMBEDDED = dict(passage_lines=5, max_length=96, train_per_class=600, test_per_class=200,
+                float_epochs=1, float_lr=2e-4, epochs=1, qat_steps=40, batch_size=32, lr=1e-5, optim="adamw",
                 backend="ONNXRuntime", calib_batches=8, distill_method="kd", print_freq=10)
 GENERAL = dict(passage_lines=None, max_length=128, train_per_class=None, test_per_class=None,
                float_epochs=0, float_lr=2e-5, epochs=1, qat_steps=None, batch_size=32, lr=2e-5, optim="adamw",

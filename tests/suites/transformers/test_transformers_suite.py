@@ -18,8 +18,8 @@ torch.set_num_threads(1)
 
 from suites.transformers import data  # noqa: E402
 from suites.transformers import main as suite_main  # noqa: E402
-from suites.transformers.model import (EncoderClassifier, ModelError, attention_bias, check_and_load,  # noqa: E402
-                                       count_targets, prepare_config)
+from suites.transformers.model import (EncoderClassifier, attention_bias, check_and_load, count_targets,  # noqa: E402
+                                       prepare_config)
 
 TEXTS = ["It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
          "want of a wife.", "Emma Woodhouse, handsome, clever, and rich.", "Capt. Wentworth had no fortune."]

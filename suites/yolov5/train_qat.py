@@ -15,7 +15,6 @@ Distributed: torchrun --nproc_per_node N train_qat.py ... (gloo on CPU, nccl on 
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import os
 import sys
@@ -30,7 +29,7 @@ import torch.nn as nn  # noqa: E402
 from suites.yolov5 import ckpt as C  # noqa: E402
 from suites.yolov5 import datasets as D  # noqa: E402
 from suites.yolov5 import pipeline as P  # noqa: E402
-from suites.yolov5.evaluate import onnx_predictor, torch_predictor  # noqa: E402
+from suites.yolov5.evaluate import torch_predictor  # noqa: E402
 from suites.yolov5.models.yolo import ConfigError, Model  # noqa: E402
 from suites.yolov5.trainer import ModelEMA, train_steps  # noqa: E402
 

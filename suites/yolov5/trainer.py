@@ -77,6 +77,9 @@ def train_steps(model, loader, steps: int, hyp: dict, lr: float, anchors, nc: in
     sched = schedule(opt, steps, int(hyp.get("warmup_steps", 0)), hyp.get("lrf", 0.01))
     bt, lt, lbox, lobj, lcls = (AverageMeter("Time", ":6.3f"), AverageMeter("Loss", ":.4f"),
                                 AverageMeter("box", ":.4f"), AverageMeter("obj", ":.4f"), AverageMeter("cls", ":.4f"))
+    import torch.distributed as dist
+    if dist.is_initialized() and dist.get_rank() != 0:
+        print_freq = 10 ** 9  # progress lines from rank 0 only
     progress = ProgressMeter(steps, [bt, lt, lbox, lobj, lcls], prefix=f"{prefix}: ", print_freq=print_freq)
     kd = float(hyp.get("distill", 0.0)) if teacher is not None else 0.0
     model.train()

@@ -24,7 +24,7 @@ def prepare(model, backend: str):
 def run_qat(model, train, ev: P.Evaluator, hyp: dict, meta: dict, args, stages) -> None:
     from ts_qat_pytorch.utils.state import freeze_bn_stats
     from ts_qat_pytorch.utils.utils import load_qat_checkpoint, save_checkpoint, save_qat_checkpoint
-    name = os.path.splitext(os.path.basename(str(args.cfg)))[0]
+    name = args.name
     q = prepare(model, args.backend).to(args.device)
     ckpt_path = os.path.join(args.output_dir, f"{name}_qat_checkpoint.pth")
     if args.resume:

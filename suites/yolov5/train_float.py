@@ -14,7 +14,7 @@ from .trainer import ModelEMA, train_steps
 
 
 def train_float_epochs(model, train, ev: P.Evaluator, hyp: dict, args, stages) -> None:
-    name = os.path.splitext(os.path.basename(str(args.cfg)))[0]
+    name = args.name
     dl, sampler = P.train_loader(train, args.img_size, args.batch_size, args.workers, args.seed)
     ema = ModelEMA(model, tau=float(hyp.get("ema_tau", 2000)))
     mm = nn.parallel.DistributedDataParallel(model) if dist.is_initialized() else model

@@ -90,7 +90,10 @@ def resolve(args) -> None:
     args.img_size = args.img_size or (128 if args.embedded else 640)
     if args.img_size % 32:
         raise ConfigError(f"--img-size {args.img_size} must be a multiple of 32 (the largest stride)")
+    src = args.cfg or (args.weights if args.weights else None)
     args.cfg = args.cfg or ("yolov5n-v6" if args.embedded else "yolov5s")
+    # output file prefix: the config's name, or the --weights file's when the model comes from it
+    args.name = os.path.splitext(os.path.basename(str(src or args.cfg)))[0]
     args.hyp = args.hyp or os.path.join(HERE, "data", "hyp.qat.yaml" if args.quantize else "hyp.scratch.yaml")
     args.metrics = args.metrics or os.path.join(args.output_dir, "yolov5_metrics.json")
     if args.embedded and args.epochs is None and args.steps is None:
@@ -177,7 +180,7 @@ def run(args) -> int:
         raise ConfigError("--quantize fine-tunes trained weights: give --weights (or --resume with --export-only)")
     if args.weights:
         C.load_weights(args.weights)  # readable before any long work
-    stages = P.Stages(args.metrics, embedded=args.embedded, cfg=os.path.basename(str(args.cfg)),
+    stages = P.Stages(args.metrics, embedded=args.embedded, cfg=args.name,
                       backend=args.backend if args.quantize else None, img_size=args.img_size,
                       world_size=dist.get_world_size() if dist.is_initialized() else 1,
                       dataset="synthetic Fashion-MNIST scenes" if args.embedded else args.data)

@@ -265,7 +265,7 @@ def test_train_qat_and_test_scripts_end_to_end(tmp_path):
     cached = next((tmp_path / "cache" / "yolov5").glob("*.pt"))
     assert train_qat.main(["--data", str(root / "data.yaml"), "--weights", str(cached), "--img-size", "64",
                            "--epochs", "1", "--batch-size", "2", "--output_dir", str(tmp_path / "user_out")]) == 0
-    best = tmp_path / "user_out" / "tiny_float_best.pt"
+    best = tmp_path / "user_out" / f"{cached.stem}_float_best.pt"  # named after --weights
     assert best.exists()
     assert test_script.main(["--weights", str(best), "--data", str(root / "data.yaml"), "--img-size", "64",
                              "--metrics", str(tmp_path / "u.json")]) == 0

@@ -19,7 +19,8 @@ class CheckpointError(ValueError):
 
 
 def _allowed() -> dict:
-    a = {("models.yolo", "Model"): yolo.Model, ("models.yolo", "Detect"): yolo.Detect}
+    a = {("models.yolo", "Model"): yolo.Model, ("models.yolo", "DetectionModel"): yolo.Model,  # v7.0 name
+         ("models.yolo", "Detect"): yolo.Detect}
     for n in ("Conv", "Focus", "Bottleneck", "BottleneckCSP", "C3", "SPP", "SPPF", "Concat"):
         a[("models.common", n)] = getattr(common, n)
     torch_nn = {"container": ("Sequential", "ModuleList"), "conv": ("Conv2d",), "batchnorm": ("BatchNorm2d",),

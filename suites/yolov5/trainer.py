@@ -78,9 +78,8 @@ def train_steps(model, loader, steps: int, hyp: dict, lr: float, anchors, nc: in
     bt, lt, lbox, lobj, lcls = (AverageMeter("Time", ":6.3f"), AverageMeter("Loss", ":.4f"),
                                 AverageMeter("box", ":.4f"), AverageMeter("obj", ":.4f"), AverageMeter("cls", ":.4f"))
     import torch.distributed as dist
-    if dist.is_initialized() and dist.get_rank() != 0:
-        print_freq = 10 ** 9  # progress lines from rank 0 only
-    progress = ProgressMeter(steps, [bt, lt, lbox, lobj, lcls], prefix=f"{prefix}: ", print_freq=print_freq)
+    progress = ProgressMeter(steps, [bt, lt, lbox, lobj, lcls], prefix=f"{prefix}: ", print_freq=print_freq,
+                             enabled=not dist.is_initialized() or dist.get_rank() == 0)  # rank 0 logs
     kd = float(hyp.get("distill", 0.0)) if teacher is not None else 0.0
     model.train()
     end = time.time()

@@ -282,3 +282,22 @@ def test_train_qat_and_test_scripts_end_to_end(tmp_path):
     bad["head"][0][2] = "Conv3"
     cfg.write_text(yaml.safe_dump(bad))
     assert train_qat.main(args + ["--no-float-cache"]) == 2
+
+
+def test_torchrun_two_processes_gloo(tmp_path):
+    """Distributed float + QAT under torchrun (gloo on CPU): DDP, DistributedSampler, rank 0 evaluates."""
+    import subprocess
+    import yaml
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(dict(TINY, nc=10)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(root, "suites", "yolov5", "train_qat.py"), "--cfg", str(cfg), "--scenes", "32", "8",
+           "--float-steps", "2", "--batch-size", "8", "--img-size", "64", "--quantize", "--steps", "2",
+           "--no-export", "--threads", "1", "--cache-dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    m = json.loads((tmp_path / "yolov5_metrics.json").read_text())
+    assert m["world_size"] == 2 and m["qat_steps"] == 2 and "qat_map50_95" in m and "onnx_path" not in m
+    assert (tmp_path / "tiny_qat_checkpoint.pth").exists()
+    assert r.stdout.count("QAT: [0/2]") == 1  # progress lines from rank 0 only

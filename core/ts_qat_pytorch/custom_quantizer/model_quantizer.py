@@ -293,9 +293,15 @@ class ModelQuantizer:
                     continue  # biases stay float (int32 in the deployed kernel)
                 else:
                     node.replace_input_with(a, quantize_input(a))
+            mod = self._module(gm, node)
+            if mod is not None and hasattr(mod, "weight_fake_quant") and node.args:
+                # the layer's int32 bias lives on the grid input scale x weight scale (nn/qat: deployed_bias)
+                src = node.args[0]
+                fq_in = self._module(gm, src) if isinstance(src, fx.Node) and src.op == "call_module" else None
+                if isinstance(fq_in, QuantizeBase):
+                    mod.__dict__["input_fake_quant"] = fq_in
             # ... and output (after a directly following ReLU-like activation, which it absorbs)
             tail, bound = node, None
-            mod = self._module(gm, node)
             if getattr(mod, "act", None) is not None:
                 bound = self._act_bound(mod.act)
             while len(tail.users) == 1:

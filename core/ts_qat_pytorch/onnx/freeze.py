@@ -9,6 +9,7 @@ from torch import fx, nn
 
 from ..fake_quantize import QuantizeBase
 from ..nn.qat import FusedQATModule
+from ..nn.qat.modules import deployed_bias
 from .qdq import QDQ
 from .qparams import collect_qparams, quantizer_call_sites, weight_quantizers
 
@@ -39,7 +40,10 @@ def freeze_for_export(gm: fx.GraphModule, weight_dtype: str = "auto") -> tuple[f
         w = qdq.clip_constant(fq.export_transform(w))
         layer.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
         if b is not None:
+            if not isinstance(layer, (nn.ConvTranspose1d, nn.ConvTranspose2d)):
+                b = deployed_bias(layer, b)  # on the int32 grid, as the integer kernel adds it
             layer.bias = nn.Parameter(b.detach().clone(), requires_grad=False)
+        layer.__dict__.pop("input_fake_quant", None)
         if isinstance(layer, FusedQATModule) and layer.bn is not None:
             layer.bn = None
         layer.weight_fake_quant = qdq

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modules import Conv1d, Conv2d, ConvTranspose1d, ConvTranspose2d, Linear
+from .modules import Conv1d, Conv2d, ConvTranspose1d, ConvTranspose2d, Linear, deployed_bias
 
 
 class _FusedMixin:
@@ -50,12 +50,14 @@ class _FusedMixin:
 
     def forward(self, x):
         if self.bn is None:
-            y = self._raw(x, self.weight_fake_quant(self.weight), self.bias)
+            w = self.weight_fake_quant(self.weight)
+            y = self._raw(x, w, self._deployed_bias(self.bias))
         elif self.bn_frozen or not self.training:
-            # running statistics: compute exactly what is deployed (folded weight and bias), so that
+            # running statistics: compute exactly what is deployed (folded weight, int32 folded bias), so that
             # evaluation here and in onnxruntime see the same numbers
             w, b = self._folded()
-            y = self._raw(x, self.weight_fake_quant(w), b)
+            w = self.weight_fake_quant(w)
+            y = self._raw(x, w, self._deployed_bias(b))
         else:
             s = self._bn_scale()
             y = self._raw(x, self.weight_fake_quant(self.weight * self._weight_view(s)), None)
@@ -64,6 +66,10 @@ class _FusedMixin:
                 y = y + self._out_view(self.bias, y)
             y = self.bn(y)
         return self.act(y) if self.act is not None else y
+
+    def _deployed_bias(self, b):
+        # ConvTranspose: onnxruntime has no integer kernel for it, its bias stays float
+        return b if isinstance(self, (ConvTranspose1d, ConvTranspose2d)) else deployed_bias(self, b)
 
     def _folded(self):
         s = self._bn_scale()

@@ -197,21 +197,13 @@ def validate(val_loader, model, criterion, args, device=None, prefix="Test"):
     return _score(val_loader, predict, args, prefix, criterion, device or args.device)
 
 
-def validate_onnx(val_loader, onnx_path: str, input_name: str, onnx_batch: int, args, prefix="ORT"):
+def validate_onnx(val_loader, onnx_path: str, onnx_batch: int, args, prefix="ORT"):
     """Top-1/top-5 of an exported model in onnxruntime; batches are cut / zero-padded to the file's batch."""
-    from ts_qat_pytorch.onnx.verify import ort_session
+    from ts_qat_pytorch.onnx.verify import ort_session, run_in_batches
     sess = ort_session(onnx_path, threads=torch.get_num_threads())
 
     def predict(images):
-        x = images.numpy().astype(np.float32)
-        outs = []
-        for s in range(0, len(x), onnx_batch):
-            chunk = x[s:s + onnx_batch]
-            n = len(chunk)
-            if n < onnx_batch:
-                chunk = np.concatenate([chunk, np.zeros((onnx_batch - n, *chunk.shape[1:]), np.float32)])
-            outs.append(sess.run(None, {input_name: chunk})[0][:n])
-        return torch.from_numpy(np.concatenate(outs))
+        return torch.from_numpy(run_in_batches(sess, images.numpy().astype(np.float32), onnx_batch)[0])
 
     return _score(val_loader, predict, args, prefix)
 

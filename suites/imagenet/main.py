@@ -103,7 +103,8 @@ def main_worker(gpu, ngpus_per_node, args) -> int:
 
 
 def run(args) -> int:
-    stages = Stages(args)
+    stages = Stages(args.metrics, "imagenet", log=lambda msg: say(args, msg), embedded=args.embedded, arch=args.arch,
+                    backend=None if args.not_qat else args.backend)
     if torch.cuda.is_available() and (args.gpu is not None or args.distributed):
         gpu = args.gpu if args.gpu is not None else int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(gpu)

@@ -7,52 +7,18 @@ import json
 import logging
 import os
 import shutil
-import time
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.utils.data
 
+from suites.common.stages import Stages
 from suites.imagenet.cli import is_main, say
 from suites.imagenet.engine import (EpochSubsetSampler, cosine_schedule, loader, make_optimizer, rng_state,
                                     set_rng_state, train, validate, validate_onnx)
 
 logger = logging.getLogger("imagenet")
-
-
-class Stages:
-    """Wall time and results of each stage, collected into the metrics JSON."""
-
-    def __init__(self, args):
-        self.args = args
-        self.metrics: dict = {"suite": "imagenet", "embedded": args.embedded, "arch": args.arch,
-                              "backend": None if args.not_qat else args.backend, "times_s": {}}
-        self.t0 = time.time()
-
-    def timed(self, name):
-        stages = self
-
-        class _T:
-            def __enter__(self):
-                self.t = time.time()
-                say(stages.args, f"==> stage {name}")
-                return self
-
-            def __exit__(self, *exc):
-                dt = time.time() - self.t
-                stages.metrics["times_s"][name] = round(dt + stages.metrics["times_s"].get(name, 0.0), 2)
-                if exc[0] is None:
-                    say(stages.args, f"==> stage {name} done in {dt:.1f} s")
-        return _T()
-
-    def write(self):
-        args = self.args
-        self.metrics["times_s"]["total"] = round(time.time() - self.t0, 2)
-        if not is_main(args):
-            return
-        from ts_qat_pytorch.utils.utils import atomic_write_bytes
-        atomic_write_bytes(args.metrics, (json.dumps(self.metrics, indent=2, default=str) + "\n").encode())
 
 
 def float_cache_path(args) -> str:
@@ -119,8 +85,8 @@ def ort_stage(val_loader, r, args, stages) -> None:
     if args.no_ort_eval:
         return
     with stages.timed("ort_eval"):
-        acc1, acc5 = validate_onnx(val_loader, stages.metrics["onnx_path"], stages.metrics["input_name"],
-                                   args.onnx_batch, args, prefix="ORT int8")
+        acc1, acc5 = validate_onnx(val_loader, stages.metrics["onnx_path"], args.onnx_batch, args,
+                                   prefix="ORT int8")
     stages.metrics.update(ort_top1=round(acc1, 3), ort_top5=round(acc5, 3))
     if "qat_top1" in stages.metrics:
         stages.metrics["ort_minus_qat"] = round(acc1 - stages.metrics["qat_top1"], 3)

@@ -30,7 +30,8 @@ import torch.distributed as dist  # noqa: E402
 
 from suites.transformers.data import DataError  # noqa: E402
 from suites.transformers.model import ModelError  # noqa: E402
-from suites.transformers.train import Stages, is_main, say  # noqa: E402
+from suites.common.stages import Stages  # noqa: E402
+from suites.transformers.train import is_main, say  # noqa: E402
 
 logger = logging.getLogger("transformers_suite")
 
@@ -202,7 +203,7 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
     os.makedirs(args.output_dir, exist_ok=True)
-    stages = Stages(args.metrics, embedded=args.embedded, backend=None if args.not_qat else args.backend,
+    stages = Stages(args.metrics, "transformers", log=say, embedded=args.embedded, backend=None if args.not_qat else args.backend,
                     max_length=args.max_length, threads=torch.get_num_threads())
     with stages.timed("setup"):
         train, test, names = load_data(args)  # bad data fails before the model loads

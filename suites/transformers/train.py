@@ -1,60 +1,25 @@
 """Training, scoring, ONNX evaluation and latency helpers of the transformers suite."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from suites.common.meters import AverageMeter, ProgressMeter
+from suites.common.stages import is_main
 from suites.transformers.data import trim_batch
 from suites.transformers.model import attention_bias
 
 logger = logging.getLogger("transformers_suite")
 
 
-def is_main() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 def say(msg: str) -> None:
     if is_main():
         logger.info(msg)
-
-
-class Stages:
-    """Wall time and results of each stage, collected into one metrics JSON."""
-
-    def __init__(self, path: str, **info):
-        self.path, self.t0 = path, time.time()
-        self.metrics: dict = {"suite": "transformers", **info, "times_s": {}}
-
-    def timed(self, name: str):
-        stages = self
-
-        class _T:
-            def __enter__(self):
-                self.t = time.time()
-                say(f"==> stage {name}")
-                return self
-
-            def __exit__(self, *exc):
-                dt = time.time() - self.t
-                stages.metrics["times_s"][name] = round(dt + stages.metrics["times_s"].get(name, 0.0), 2)
-                if exc[0] is None:
-                    say(f"==> stage {name} done in {dt:.1f} s")
-        return _T()
-
-    def write(self) -> None:
-        self.metrics["times_s"]["total"] = round(time.time() - self.t0, 2)
-        if is_main():
-            from ts_qat_pytorch.utils.utils import atomic_write_bytes
-            atomic_write_bytes(self.path, (json.dumps(self.metrics, indent=2, default=str) + "\n").encode())
 
 
 def kd_loss(student_logits, teacher_logits, target, alpha: float, temperature: float):

@@ -136,20 +136,9 @@ def torch_predictor(model, device="cpu"):
 def onnx_predictor(onnx_path: str, threads: int | None = None):
     """Raw feature maps from an exported network in onnxruntime (CPU, ORT_ENABLE_ALL); batches are cut or
     zero-padded to the file's fixed batch size."""
-    from ts_qat_pytorch.onnx.verify import ort_session
+    from ts_qat_pytorch.onnx.verify import ort_session, run_in_batches
     sess = ort_session(onnx_path, threads=threads)
-    inp = sess.get_inputs()[0]
-    fixed = inp.shape[0] if isinstance(inp.shape[0], int) else None
 
     def predict(x):
-        x = x.numpy().astype(np.float32)
-        bs = fixed or len(x)
-        outs = []
-        for s in range(0, len(x), bs):
-            chunk = x[s:s + bs]
-            n = len(chunk)
-            if n < bs:
-                chunk = np.concatenate([chunk, np.zeros((bs - n, *chunk.shape[1:]), np.float32)])
-            outs.append([o[:n] for o in sess.run(None, {inp.name: chunk})])
-        return [torch.from_numpy(np.concatenate([o[i] for o in outs])) for i in range(len(outs[0]))]
+        return [torch.from_numpy(o) for o in run_in_batches(sess, x.numpy().astype(np.float32))]
     return predict

@@ -6,10 +6,11 @@ import hashlib
 import json
 import logging
 import os
-import time
 
 import torch
 import torch.distributed as dist
+
+from suites.common.stages import is_main
 
 from . import datasets as D
 from . import evaluate as E
@@ -17,45 +18,9 @@ from . import evaluate as E
 logger = logging.getLogger("suites")
 
 
-def is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
 def say(msg: str) -> None:
     if is_main():
         print(msg, flush=True)
-
-
-class Stages:
-    """Wall time and results of each stage, collected into the metrics JSON."""
-
-    def __init__(self, path: str, **info):
-        self.path = path
-        self.metrics: dict = {"suite": "yolov5", **info, "times_s": {}}
-        self.t0 = time.time()
-
-    def timed(self, name):
-        stages = self
-
-        class _T:
-            def __enter__(self):
-                self.t = time.time()
-                say(f"==> stage {name}")
-
-            def __exit__(self, *exc):
-                dt = time.time() - self.t
-                stages.metrics["times_s"][name] = round(dt + stages.metrics["times_s"].get(name, 0.0), 2)
-                if exc[0] is None:
-                    say(f"==> stage {name} done in {dt:.1f} s")
-        return _T()
-
-    def write(self) -> None:
-        self.metrics["times_s"]["total"] = round(time.time() - self.t0, 2)
-        if not is_main():
-            return
-        from ts_qat_pytorch.utils.utils import atomic_write_bytes
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        atomic_write_bytes(self.path, (json.dumps(self.metrics, indent=2, default=str) + "\n").encode())
 
 
 def load_hyp(path: str) -> dict:

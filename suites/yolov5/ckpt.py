@@ -95,6 +95,8 @@ def _infer_act(model: nn.Module) -> str | None:
 def load_ultralytics(path: str) -> tuple[dict, dict]:
     """(model config dict, float32 state_dict) of a YOLOv5 ``.pt`` written by the ultralytics repository."""
     try:
+        # weights_only=False is safe here: unpickling goes through RestrictedUnpickler, which resolves only the
+        # named YOLOv5 / torch classes and refuses every other global (ultralytics .pt files pickle whole models)
         ck = torch.load(path, map_location="cpu", pickle_module=restricted_pickle, weights_only=False)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(f"{path}: {exc}") from exc

@@ -55,17 +55,18 @@ def step(model, opt, x, y, amp: bool = False):
     opt.step()
 
 
-def time_steps(arch, device, steps, batch, res):
+def time_steps(arch, device, steps, batch, res, amp=False):
     runs = {k: build(arch, k == "qat", device, batch, res) for k in ("float", "qat")}
     times = {"float": [], "qat": []}
     for k in runs:  # warm-up
-        step(*runs[k])
+        for _ in range(3 if device == "cuda" else 1):
+            step(*runs[k], amp=amp)
     for _ in range(steps):
         for k in ("float", "qat"):
             if device == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()
-            step(*runs[k])
+            step(*runs[k], amp=amp)
             if device == "cuda":
                 torch.cuda.synchronize()
             times[k].append(time.perf_counter() - t)
@@ -138,6 +139,9 @@ def main(argv=None):
     p.add_argument("--ort-res", type=int, default=224)
     p.add_argument("--ort-reps", type=int, default=20)
     p.add_argument("--threads", type=int, default=None, help="torch / onnxruntime threads (default: all cores)")
+    p.add_argument("--devices", nargs="+", default=None, help="train-step devices (default: cpu, and cuda if present)")
+    p.add_argument("--amp", action="store_true", help="also time train steps under autocast (fp16 CUDA, bf16 CPU)")
+    p.add_argument("--train-only", action="store_true", help="only the train-step timings (no memory, no ORT)")
     p.add_argument("--out", default="runs/bench_core.json")
     p.add_argument("--memory-worker", nargs=4, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -147,7 +151,7 @@ def main(argv=None):
     threads = a.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     os.environ["TS_QAT_BENCH_THREADS"] = str(threads)
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = a.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     results = {"torch": torch.__version__, "cpu_count": os.cpu_count(), "models": {}}
     rows = []
     for arch in a.models:
@@ -155,8 +159,15 @@ def main(argv=None):
         for dev in devices:
             print(f"[bench] {arch}: train steps on {dev} (batch {a.batch}, {a.res}x{a.res}) ...", flush=True)
             res[f"train_{dev}"] = t = time_steps(arch, dev, a.steps, a.batch, a.res)
-            rows.append((arch, f"QAT/float train step ({dev})", f"{t['qat_step_s']*1e3:.0f} / {t['float_step_s']*1e3:.0f} ms",
+            rows.append((arch, f"QAT/float train step ({dev})", f"{t['qat_step_s']*1e3:.1f} / {t['float_step_s']*1e3:.1f} ms",
                          f"{t['ratio']:.2f}x", "<= 1.25"))
+            if a.amp:
+                res[f"train_{dev}_amp"] = t = time_steps(arch, dev, a.steps, a.batch, a.res, amp=True)
+                rows.append((arch, f"QAT/float train step ({dev}, AMP)",
+                             f"{t['qat_step_s']*1e3:.1f} / {t['float_step_s']*1e3:.1f} ms", f"{t['ratio']:.2f}x",
+                             "<= 1.25"))
+        if a.train_only:
+            continue
         print(f"[bench] {arch}: peak memory ...", flush=True)
         res["memory_cpu"] = m = peak_memory(arch, a.batch, a.res)
         rows.append((arch, "QAT/float step peak memory", f"{m['qat_step_mb']:.0f} / {m['float_step_mb']:.0f} MB",

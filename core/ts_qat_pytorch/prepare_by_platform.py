@@ -10,6 +10,7 @@ from torch import fx, nn
 
 from . import custom_quantizer  # noqa: F401  (registers the built-in backends)
 from .fake_quantize import QuantizeBase
+from .quantization.overrides import apply_module_qconfig
 from .quantization.qconfig import QConfig
 from .quantization.tracer import QuantTracer, trace_model
 from .utils.registry import lookup_backend
@@ -28,7 +29,7 @@ class BackendType(Enum):
 
 
 PREPARE_CUSTOM_CONFIG_KEYS = ("extra_qconfig_dict", "extra_quantizer_dict", "leaf_module", "preserve_attr",
-                              "concrete_args")
+                              "concrete_args", "module_qconfig")
 
 
 def prepare_by_platform(model: nn.Module, backend: BackendType | str = BackendType.TSQAT,
@@ -45,6 +46,9 @@ def prepare_by_platform(model: nn.Module, backend: BackendType | str = BackendTy
         leaf_module:          module types or qualified names not traced into (they stay float).
         preserve_attr:        {submodule path: [attribute names]} (or a list for the root) copied to the result.
         concrete_args:        fixed values for forward arguments (flags that drive control flow).
+        module_qconfig:       {layer name: extra_qconfig_dict-style dict}: per-layer settings laid over the
+                              model-wide ones (mixed precision, e.g. W4A4 with 8-bit first and last layers);
+                              the layer's weight, input and output quantizers follow them.
     """
     cfg = dict(prepare_custom_config_dict or {})
     unknown = sorted(set(cfg) - set(PREPARE_CUSTOM_CONFIG_KEYS))
@@ -61,6 +65,9 @@ def prepare_by_platform(model: nn.Module, backend: BackendType | str = BackendTy
                      tracer=tracer)
     gm.train(model.training)
     gm = quantizer.prepare(gm, qconfig)
+    if cfg.get("module_qconfig"):
+        apply_module_qconfig(gm, backend_qconfig, cfg.get("extra_qconfig_dict"), cfg["module_qconfig"],
+                             quantizer.allowed_bits)
     gm.qat_backend = getattr(backend, "value", backend)
     gm.qat_qconfig = qconfig
     logger.info("prepared %s for backend %s: %d fake quantizers", type(model).__name__, gm.qat_backend,

@@ -110,6 +110,16 @@ def autocast(args):
     return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
+def input_format(model) -> torch.memory_format:
+    """channels_last when the model's convolution weights are (the float stages use it on the CPU: depthwise and
+    1x1 convolutions run ~1.5x faster in that layout); the batch is converted to match."""
+    for p in model.parameters():
+        if p.dim() == 4:
+            cl = p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+            return torch.channels_last if cl else torch.contiguous_format
+    return torch.contiguous_format
+
+
 def train(train_loader, model, criterion, optimizer, scheduler, epoch, device, args, teacher=None, scaler=None,
           prefix="Epoch"):
     batch_time = AverageMeter("Time", ":6.3f")
@@ -120,11 +130,12 @@ def train(train_loader, model, criterion, optimizer, scheduler, epoch, device, a
     progress = ProgressMeter(len(train_loader), [batch_time, data_time, losses, top1, top5],
                              prefix=f"{prefix}: [{epoch}]", print_freq=args.print_freq, enabled=is_main(args))
     model.train()
+    fmt = input_format(model)
     end = time.time()
     try:
         for i, (images, target) in enumerate(train_loader):
             data_time.update(time.time() - end)
-            images = images.to(device, non_blocking=True)
+            images = images.to(device, non_blocking=True, memory_format=fmt)
             target = target.to(device, non_blocking=True)
             with autocast(args):
                 output = model(images)
@@ -189,10 +200,11 @@ def _score(val_loader, predict, args, prefix: str, criterion=None, device=None):
 
 def validate(val_loader, model, criterion, args, device=None, prefix="Test"):
     model.eval()
+    fmt = input_format(model)
 
     def predict(images):
         with autocast(args):
-            return model(images).float()
+            return model(images.contiguous(memory_format=fmt)).float()
 
     return _score(val_loader, predict, args, prefix, criterion, device or args.device)
 

@@ -154,7 +154,7 @@ def run(args) -> int:
 
     if args.embedded and not args.model_path:
         embedded_float_stage(model, train_ds, args, stages)
-    model.to(args.device)
+    model.to(args.device, memory_format=torch.channels_last)  # float evaluation: faster in this layout
 
     if args.embedded or (args.evaluate and not qat):
         if is_main(args):
@@ -169,6 +169,7 @@ def run(args) -> int:
         return finish(args, stages)
 
     # ---- QAT: teacher (checked before long work), prepare, calibrate (unless resuming), train, export
+    model.to(memory_format=torch.contiguous_format)  # the traced QAT model gains nothing from channels_last
     teacher = build_teacher(args, model) if not args.evaluate else None
     q = prepare(model, args).to(args.device)
     calib_loader = loader(calib_ds, per_rank_batch, args.workers,

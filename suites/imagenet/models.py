@@ -130,14 +130,15 @@ def build_teacher(args, student_float: nn.Module) -> nn.Module | None:
                                pretrained=not args.teacher_path)
         if args.teacher_path:
             load_float_weights(teacher, args.teacher_path, args.num_classes, "--teacher-path")
+    teacher = teacher.to(args.device, memory_format=torch.channels_last).eval()  # forward only: the faster layout
     with torch.no_grad():
-        out = teacher.eval()(torch.zeros(1, 3, args.image_size, args.image_size))
+        out = teacher(torch.zeros(1, 3, args.image_size, args.image_size, device=args.device))
     if out.shape[-1] != args.num_classes:
         raise SuiteError(f"teacher {args.teacher_arch} predicts {out.shape[-1]} classes but -nc/--num-classes is "
                          f"{args.num_classes}; give --teacher-path with a {args.num_classes}-class teacher")
     for p in teacher.parameters():
         p.requires_grad_(False)
-    return teacher.to(args.device).eval()
+    return teacher
 
 
 def prepare(model, args):
@@ -146,4 +147,16 @@ def prepare(model, args):
     if args.backend == "Experimental":
         w, a = args.w_bit or 8, args.a_bit or 8
         cfg = {"extra_qconfig_dict": {"w_qscheme": {"bit": w}, "a_qscheme": {"bit": a}}}
+        keep = 8 if getattr(args, "first_last_bit", None) is None else args.first_last_bit
+        if keep and min(w, a) < keep:
+            # mixed precision as in the low-bit QAT literature: the image and the logits keep 8 bits
+            ends = first_last_layers(model)
+            cfg["module_qconfig"] = {n: {"w_qscheme": {"bit": keep}, "a_qscheme": {"bit": keep}} for n in ends}
     return prepare_by_platform(model, BackendType(args.backend), cfg)
+
+
+def first_last_layers(model: nn.Module) -> list[str]:
+    """Names of the first and the last conv / linear layer, in module order (execution order for the zoos'
+    classifiers)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return list(dict.fromkeys([names[0], names[-1]])) if names else []

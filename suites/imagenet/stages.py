@@ -56,11 +56,11 @@ def embedded_float_stage(model, train_ds, args, stages: Stages):
             opt = torch.optim.AdamW(model.parameters(), lr=args.float_lr, weight_decay=1e-4)
             sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.float_lr, total_steps=max(2, steps),
                                                         pct_start=0.15)
-            model.to(args.device)
+            model.to(args.device, memory_format=torch.channels_last)
             for ep in range(args.float_epochs):
                 sampler.set_epoch(ep)
                 train(dl, model, nn.CrossEntropyLoss(), opt, sched, ep, args.device, args, prefix="Float")
-            model.cpu()
+            model.to("cpu", memory_format=torch.contiguous_format)
             atomic_torch_save({"state_dict": model.state_dict(), "key": key}, path)
             say(args, f"=> fine-tuned float model cached at {path}")
         if getattr(args, "distributed", False):

@@ -116,6 +116,19 @@ class PositionIds(nn.Module):
         return (torch.cumsum(m, dim=1).type_as(m) * m).long() + self.padding_idx
 
 
+class ResidualSum(nn.Module):
+    """``a + b`` on the residual stream (the sums LayerNorm normalises): a float leaf of the traced graph.
+
+    BERT-family residual streams carry a few hidden dimensions far larger than the rest, so one per-tensor 8-bit
+    grid for the sum wastes almost every level on them. Measured on the embedded default (post-training, all
+    else quantized): float 80.58 %, every sum quantized 78.33 %, the residual sums float 79.75 %. The Linear
+    layers around them keep their integer kernels (their outputs are still quantized); onnxruntime runs the
+    float Add where it would run QLinearAdd, and LayerNorm is float either way."""
+
+    def forward(self, a, b):
+        return a + b
+
+
 class Block(nn.Module):
     """One encoder layer, built from the HF layer's own submodules (post-LayerNorm, as BERT/DistilBERT)."""
 
@@ -125,6 +138,7 @@ class Block(nn.Module):
         self.ff1, self.act, self.ff2, self.ln2 = ff1, act, ff2, ln2
         self.heads, self.dk = heads, q.out_features // heads
         self.softmax = MaskedSoftmax(self.dk ** -0.5)
+        self.res1, self.res2 = ResidualSum(), ResidualSum()
 
     def forward(self, x, bias):
         b, n, d = x.shape
@@ -133,8 +147,8 @@ class Block(nn.Module):
         v = self.v(x).view(b, n, self.heads, self.dk).transpose(1, 2)
         p = self.softmax(torch.matmul(q, k.transpose(2, 3)), bias)
         ctx = torch.matmul(p, v).transpose(1, 2).reshape(b, n, d)
-        x = self.ln1(self.o(ctx) + x)
-        return self.ln2(self.ff2(self.act(self.ff1(x))) + x)
+        x = self.ln1(self.res1(self.o(ctx), x))
+        return self.ln2(self.res2(self.ff2(self.act(self.ff1(x))), x))
 
 
 class EncoderClassifier(nn.Module):
@@ -172,11 +186,13 @@ class EncoderClassifier(nn.Module):
                       L.attention.n_heads) for L in enc.transformer.layer)
             self.pooler, self.classifier = hf_model.pre_classifier, hf_model.classifier
 
+        self.emb_sum, self.emb_sum2 = ResidualSum(), ResidualSum()  # the embedding sums feed LayerNorm too
+
     def forward(self, input_ids, attention_bias):
         x = self.word(input_ids)
         if self.tok_type is not None:  # segment 0 everywhere (single-sentence classification)
-            x = x + self.tok_type(torch.zeros_like(input_ids))
-        x = self.ln(x + self.pos(self.positions(input_ids)))
+            x = self.emb_sum(x, self.tok_type(torch.zeros_like(input_ids)))
+        x = self.ln(self.emb_sum2(x, self.pos(self.positions(input_ids))))
         for blk in self.blocks:
             x = blk(x, attention_bias)
         h = self.pooler(x[:, 0])
@@ -186,7 +202,7 @@ class EncoderClassifier(nn.Module):
 
 def prepare_config() -> dict:
     """prepare_by_platform's custom config for the split: the float leaves named above."""
-    return {"leaf_module": [MaskedSoftmax, PositionIds]}
+    return {"leaf_module": [MaskedSoftmax, PositionIds, ResidualSum]}
 
 
 def count_targets(model: nn.Module) -> tuple[int, int]:

@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from suites.transformers.model import EncoderClassifier, attention_bias, count_targets, prepare_config
 from suites.transformers.train import (evaluate, hf_forward, is_main, linear_warmup_decay, make_optimizer, ort_latency,
+                                       qat_param_groups,
                                        say, split_forward, train_epoch)
 
 
@@ -46,7 +47,7 @@ def after_float(hf, tok, tl, vl, test, names, args, stages) -> int:
     linears, matmuls = count_targets(float_split)
     m["split"] = {"linear": linears, "attention_matmuls": matmuls}
     start_epoch = 0
-    opt = make_optimizer(q.parameters(), args.optim, args.lr, args.weight_decay)
+    opt = make_optimizer(qat_param_groups(q, args.lr, args.qparam_lr), args.optim, args.lr, args.weight_decay)
     steps = min(len(tl), args.qat_steps or len(tl)) * args.epochs
     sched = linear_warmup_decay(opt, steps, max(1, steps // 10))
     ckpt = os.path.join(args.output_dir, "minilm_qat_checkpoint.pth" if args.model is None else "encoder_qat_checkpoint.pth")
@@ -119,8 +120,8 @@ def export_stage(q, float_split, tok, test, names, args, stages) -> None:
     m["ort_minus_qat"] = round(m["ort"]["accuracy"] - m["qat"]["accuracy"], 3)
     say(f" * ORT int8 accuracy {m['ort']['accuracy']:.2f} macro-F1 {m['ort']['macro_f1']:.2f}")
     with stages.timed("latency"):
-        lat = {k: ort_latency(p, args.onnx_batch, args.onnx_length, args.threads, args.latency_repeats)
-               for k, p in (("fp32_ms", base + "_fp32.onnx"), ("int8_ms", r.onnx_path))}
+        lat = ort_latency({"fp32_ms": base + "_fp32.onnx", "int8_ms": r.onnx_path}, args.onnx_batch,
+                          args.onnx_length, args.threads, args.latency_repeats)
     lat.update(batch=args.onnx_batch, length=args.onnx_length, threads=args.threads or torch.get_num_threads(),
                int8_over_fp32=round(lat["int8_ms"] / lat["fp32_ms"], 3))
     m["ort_latency"] = lat

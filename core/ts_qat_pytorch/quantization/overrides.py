@@ -37,36 +37,26 @@ def _rebuilt(old: QuantizeBase, qc: QConfig, weight_channels: int | None) -> Qua
 
 
 def _activation_quantizers(gm: fx.GraphModule, name: str) -> list[str]:
-    """The quantizers feeding the layer's node(s) and the one quantizing its output (after absorbed
-    activations)."""
-    found: list[str] = []
-
+    """The quantizers feeding the layer's node(s), and the first quantizer after it (its output's; a fused
+    activation or a view may sit in between)."""
     def fq_name(n) -> str | None:
-        if isinstance(n, fx.Node) and n.op == "call_module" and isinstance(gm.get_submodule(n.target),
-                                                                           QuantizeBase):
+        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), QuantizeBase):
             return str(n.target)
         return None
 
+    found: list[str] = []
     for node in gm.graph.nodes:
         if node.op != "call_module" or node.target != name:
             continue
-        for a in node.all_input_nodes:
-            t = fq_name(a)
-            if t and not gm.get_submodule(t).is_weight:
-                found.append(t)
+        found += [t for t in map(fq_name, node.all_input_nodes) if t and not gm.get_submodule(t).is_weight]
         frontier = [node]
-        for _ in range(4):  # the output quantizer sits right after the layer or after its fused activations
-            nxt = []
-            for n in frontier:
-                for u in n.users:
-                    t = fq_name(u)
-                    if t:
-                        found.append(t)
-                    else:
-                        nxt.append(u)
-            if any(fq_name(u) for n in frontier for u in n.users):
+        while frontier:  # breadth first through single-input ops, stopping at the first level with a quantizer
+            users = [u for n in frontier for u in n.users]
+            outs = [t for t in map(fq_name, users) if t]
+            if outs:
+                found += outs
                 break
-            frontier = [u for u in nxt if len(u.all_input_nodes) == 1]
+            frontier = [u for u in users if len(u.all_input_nodes) == 1]
     return list(dict.fromkeys(found))
 
 

@@ -95,9 +95,10 @@ def _infer_act(model: nn.Module) -> str | None:
 def load_ultralytics(path: str) -> tuple[dict, dict]:
     """(model config dict, float32 state_dict) of a YOLOv5 ``.pt`` written by the ultralytics repository."""
     try:
-        # weights_only=False is safe here: unpickling goes through RestrictedUnpickler, which resolves only the
-        # named YOLOv5 / torch classes and refuses every other global (ultralytics .pt files pickle whole models)
-        ck = torch.load(path, map_location="cpu", pickle_module=restricted_pickle, weights_only=False)
+        # Unpickling goes through RestrictedUnpickler, which resolves only the named YOLOv5 / torch classes and
+        # refuses every other global (ultralytics .pt files pickle whole models, which weights_only cannot read).
+        ck = torch.load(path, map_location="cpu", pickle_module=restricted_pickle,
+                        weights_only=False)  # safe: restricted unpickler (above)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
     model = ck.get("ema") or ck.get("model") if isinstance(ck, dict) else ck

@@ -38,10 +38,10 @@ def linear_warmup_decay(optimizer, total_steps: int, warmup_steps: int):
 
 
 def qat_param_groups(model, lr: float, qparam_lr: float | None):
-    """Weights at ``lr``; the quantizers' learned scales / zero points at ``qparam_lr``. LSQ scales get gradients
-    shrunk by 1/sqrt(numel * q_max), and Adam moves a parameter by about the learning rate per step whatever its
-    gradient: at a weight's learning rate (1e-5) a 40-step QAT leaves an activation scale of ~0.05 where
-    calibration put it."""
+    """Weights at ``lr``; the quantizers' learned scales / zero points at ``qparam_lr`` (None: ``lr``). Adam moves
+    a parameter by about its learning rate per step, so at a weight's rate (1e-5) a 40-step QAT barely moves an
+    activation scale of ~0.05. Moving them faster did not help the embedded default: scales at 1e-3 scored 78.67
+    against 79.50 (README)."""
     if not qparam_lr or qparam_lr == lr:
         return model.parameters()
     from ts_qat_pytorch.fake_quantize import QuantizeBase

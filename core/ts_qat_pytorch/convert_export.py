@@ -26,11 +26,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
-import onnx
 import torch
 from torch import fx
 
 from .onnx import exporter as _exporter
+from .onnx.bias import quantize_biases
+from .onnx.gather import gather_before_dequantize
 from .onnx.freeze import freeze_for_export
 from .onnx.naming import apply_canonical_names
 from .onnx.qparams import write_qparams_json
@@ -115,13 +116,15 @@ def convert_export(model: torch.nn.Module, dummy_input=None, onnx_path: str = "m
             if os.path.exists(p):
                 os.unlink(p)
     apply_canonical_names(model_proto, stub_names)
+    int32_biases = quantize_biases(model_proto)  # Linear biases as int32 + DequantizeLinear (onnx/bias.py)
+    gather_before_dequantize(model_proto)  # embeddings: dequantize the looked-up rows, not the table (onnx/gather.py)
     model_proto.doc_string = f"QDQ model exported by ts_qat_pytorch (backend {qparams.get('backend')})"
     atomic_write_bytes(onnx_path, model_proto.SerializeToString())
 
     qparams_path = qparams_path or os.path.splitext(onnx_path)[0] + "_qparams.json"
     _record_encoding(frozen, stub_names, qparams)
     qparams.update(onnx_file=os.path.basename(onnx_path), opset_version=opset_version, exporter=used,
-                   inputs=input_names, outputs=output_names)
+                   inputs=input_names, outputs=output_names, int32_biases=int32_biases)
     write_qparams_json(qparams, qparams_path)
 
     narrow = [t for t in qparams["tensors"].values() if t["bit"] < 8 and t["kind"] == "activation"]

@@ -15,6 +15,8 @@ TSQAT (default, INT8)
 ONNXRuntime (INT8 activations, 7-bit weights)
     as TSQAT with weights in [-64, 63]: onnxruntime's fast uint8 x int8 kernels on x86 CPUs without
     VNNI sum products in int16 and saturate with full 8-bit weights; 7-bit weights never do.
+    A Linear / matmul output that only float ops consume stays float (``float_outputs``): onnxruntime's
+    QGemm / MatMulIntegerToFloat write it directly.
 
 Experimental (2 to 8 bits, chosen separately)
     as TSQAT, with ``w_qscheme['bit']`` / ``a_qscheme['bit']`` in 2..8 (e.g. W4A4, W4A8).

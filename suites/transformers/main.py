@@ -35,7 +35,7 @@ from suites.transformers.train import is_main, say  # noqa: E402
 
 logger = logging.getLogger("transformers_suite")
 
-EMBEDDED = dict(passage_lines=5, max_length=96, train_per_class=600, test_per_class=200,
+EMBEDDED = dict(passage_lines=5, max_length=96, train_per_class=600, test_per_class=None,
                 float_epochs=1, float_lr=2e-4, epochs=1, qat_steps=40, batch_size=32, lr=1e-5, optim="adamw",
                 backend="ONNXRuntime", calib_batches=8, distill_method="kd", print_freq=10)
 GENERAL = dict(passage_lines=None, max_length=128, train_per_class=None, test_per_class=None,
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baselines", default=None, help="compare with this baselines.json at the end; exit 1 on failure")
     p.add_argument("--passage-lines", type=int, default=None, help="embedded: lines per passage (4)")
     p.add_argument("--train-per-class", type=int, default=None, help="training examples per class (embedded 700)")
-    p.add_argument("--test-per-class", type=int, default=None, help="test examples per class (embedded 200)")
+    p.add_argument("--test-per-class", type=int, default=None, help="at most this many test examples per class (default: every passage of the test chapters, 2 344 embedded)")
     p.add_argument("--float-epochs", type=int, default=None, help="float fine-tune epochs, cached (1; 0 = none)")
     p.add_argument("--float-lr", type=float, default=None)
     p.add_argument("--calib-batches", type=int, default=None)

@@ -49,6 +49,9 @@ ONNXRUNTIME_QCONFIG = dict(TSQAT_QCONFIG, w_qscheme={"bit": 7, "symmetry": True,
 
 @register_model_quantizer("ONNXRuntime", ONNXRUNTIME_QCONFIG)
 class ONNXRuntimeQuantizer(ModelQuantizer):
-    """Deployment with onnxruntime on CPUs: fast integer kernels that match training exactly."""
+    """Deployment with onnxruntime on CPUs: fast integer kernels that match training exactly. Linear / matmul
+    outputs that feed float ops stay float: onnxruntime's QGemm and MatMulIntegerToFloat write them directly,
+    which saves a QuantizeLinear/DequantizeLinear pair per layer and its rounding."""
 
     allowed_bits = range(7, 9)
+    float_outputs = True

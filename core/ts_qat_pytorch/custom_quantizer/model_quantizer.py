@@ -12,7 +12,6 @@ import copy
 import difflib
 import logging
 import operator
-from typing import Any, Iterable
 
 import torch
 from torch import fx, nn
@@ -20,7 +19,7 @@ from torch import fx, nn
 from ..fake_quantize import QuantizeBase
 from ..fuser_method_mappings import FUSABLE_ACTIVATION_MODULES, FUSION_PATTERNS
 from ..nn.qat import QAT_MODULE_MAPPING
-from ..quantization.op_table import (BOUNDED_ACT_MAX, FLOAT, FUSABLE_ACT_FUNCTIONS,
+from ..quantization.op_table import (BOUNDED_ACT_MAX, FLOAT, FLOAT_WARN, FUSABLE_ACT_FUNCTIONS,
                                      FUSABLE_ACT_METHODS, INDEX, OP_INDEX, PASSTHROUGH, QUANTIZED,
                                      SHAPE_FUNCTIONS, SHAPE_METHODS, OpRow)
 from ..quantization.qconfig import QConfig
@@ -28,7 +27,10 @@ from ..quantization.qconfig import QConfig
 logger = logging.getLogger(__name__)
 
 EXTRA_QUANTIZER_KEYS = ("exclude_module_name", "exclude_node_name", "additional_function_type",
-                        "additional_module_type")
+                        "additional_module_type", "float_outputs")
+# Layers whose integer kernel can write float directly (onnxruntime: QGemm without an output scale,
+# MatMulIntegerToFloat), so a float consumer needs no QuantizeLinear/DequantizeLinear pair in between.
+_FLOAT_OUTPUT_ROWS = ("Linear", "matmul")
 _TUPLE_PRODUCERS = {"split", "chunk", "min", "max", "unbind", "topk", "sort"}
 
 
@@ -45,6 +47,10 @@ class ModelQuantizer:
 
     # The bit widths a backend accepts; subclasses narrow or widen it.
     allowed_bits = range(8, 9)
+    # Linear / matmul outputs that only float operations (or the model's output) consume stay float
+    # (extra_quantizer_dict "float_outputs" overrides). Off for integer accelerators, whose kernels write
+    # integers; on for onnxruntime, whose QGemm / MatMulIntegerToFloat write float at no cost.
+    float_outputs = False
 
     def __init__(self, extra_quantizer_dict: dict | None = None):
         extra = dict(extra_quantizer_dict or {})
@@ -55,6 +61,11 @@ class ModelQuantizer:
         self.exclude_node_name = set(extra.get("exclude_node_name", []))
         self.additional_function_type = tuple(_resolve_dotted(f) for f in extra.get("additional_function_type", []))
         self.additional_module_type = tuple(_resolve_dotted(m) for m in extra.get("additional_module_type", []))
+        if extra.get("float_outputs") is not None:
+            if not isinstance(extra["float_outputs"], bool):
+                raise ValueError(f"extra_quantizer_dict['float_outputs'] must be True or False, got "
+                                 f"{extra['float_outputs']!r}")
+            self.float_outputs = extra["float_outputs"]
 
     # -- entry point -------------------------------------------------------------------------------
     def prepare(self, gm: fx.GraphModule, qconfig: QConfig) -> fx.GraphModule:
@@ -218,6 +229,24 @@ class ModelQuantizer:
             row = OP_INDEX.methods.get(node.target)
         return row.treatment if row is not None else FLOAT
 
+    def _row_name(self, gm: fx.GraphModule, node: fx.Node) -> str | None:
+        row = None
+        if node.op == "call_module":
+            mod = self._module(gm, node)
+            row = OP_INDEX.lookup_module(mod) if mod is not None else None
+        elif node.op == "call_function":
+            row = OP_INDEX.functions.get(node.target)
+        elif node.op == "call_method":
+            row = OP_INDEX.methods.get(node.target)
+        return row.name if row is not None else None
+
+    def _output_stays_float(self, gm: fx.GraphModule, node: fx.Node) -> bool:
+        """float_outputs: a Linear / matmul whose every consumer is a float op, an index op or the model output
+        gets no output quantizer (the deployed integer kernel writes float)."""
+        if not self.float_outputs or not node.users or self._row_name(gm, node) not in _FLOAT_OUTPUT_ROWS:
+            return False
+        return all(u.op == "output" or self.classify(gm, u) in (FLOAT, FLOAT_WARN, INDEX) for u in node.users)
+
     def insert_act_quantizers(self, gm: fx.GraphModule, qconfig: QConfig) -> None:
         graph = gm.graph
         is_tensor: dict[fx.Node, bool] = {}
@@ -300,6 +329,9 @@ class ModelQuantizer:
                 fq_in = self._module(gm, src) if isinstance(src, fx.Node) and src.op == "call_module" else None
                 if isinstance(fq_in, QuantizeBase):
                     mod.__dict__["input_fake_quant"] = fq_in
+            if self._output_stays_float(gm, node):
+                origin[node] = None
+                continue
             # ... and output (after a directly following ReLU-like activation, which it absorbs)
             tail, bound = node, None
             if getattr(mod, "act", None) is not None:

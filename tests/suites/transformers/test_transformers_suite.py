@@ -128,15 +128,15 @@ def test_prepare_quantizes_every_linear_and_both_attention_matmuls(minilm):
     kinds = {type(q.get_submodule(n.target)).__name__ for n in q.graph.nodes if n.op == "call_module"}
     assert {"MaskedSoftmax", "LayerNorm", "ResidualSum"} <= kinds  # float per the operator table / the split
     # the residual stream stays float: no quantizer reads a residual sum (its outliers ruin a per-tensor grid),
-    # while the Linear layers feeding it keep their quantized outputs (integer kernels in onnxruntime)
+    # and the o / ff2 Linear layers feeding it write float (float_outputs: QGemm with float output in onnxruntime)
     from ts_qat_pytorch.fake_quantize import QuantizeBase
     sums = [n for n in q.graph.nodes if n.op == "call_module" and type(q.get_submodule(n.target)).__name__ ==
             "ResidualSum"]
     assert len(sums) == 2 * 6 + 2
     for n in sums:
         assert not any(u.op == "call_module" and isinstance(q.get_submodule(u.target), QuantizeBase) for u in n.users)
-        if n.target.startswith("blocks."):  # the o / ff2 output: quantized, so the Linear runs as QGemm
-            assert isinstance(q.get_submodule(n.args[0].target), QuantizeBase)
+        if n.target.startswith("blocks."):  # the o / ff2 output goes straight in, unquantized
+            assert isinstance(q.get_submodule(n.args[0].target), qat.Linear)
 
 
 def _bad(argv, capsys, match):
@@ -185,7 +185,9 @@ def test_main_smoke_writes_metrics_and_onnx(smoke_run):
     for k in ("float", "qat", "ort"):
         assert 0.0 <= m[k]["accuracy"] <= 100.0 and "macro_f1" in m[k]
     assert m["integer_kernels"]["QGemm"] == m["split"]["linear"] == 2 * 6 + 2
-    assert m["integer_kernels"]["QLinearMatMul"] == m["split"]["attention_matmuls"] == 2 * 2
+    # QK^T feeds the float softmax: its integer kernel writes float (MatMulIntegerToFloat); P.V -> QLinearMatMul
+    assert m["integer_kernels"]["QLinearMatMul"] == m["integer_kernels"]["MatMulIntegerToFloat"] == 2
+    assert m["split"]["attention_matmuls"] == 2 * 2
     assert "QLinearAdd" not in m["integer_kernels"]  # the residual sums run as float Adds
     assert m["ort_latency"]["fp32_ms"] > 0 and m["ort_latency"]["int8_ms"] > 0
     assert {"setup", "float_train", "float_eval", "calibration", "qat_train", "qat_eval", "export", "ort_eval"} \

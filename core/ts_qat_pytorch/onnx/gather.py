@@ -22,6 +22,11 @@ def _const(g: onnx.GraphProto, producer: dict, name: str) -> np.ndarray | None:
         for a in n.attribute:
             if a.name == "value":
                 return numpy_helper.to_array(a.t)
+    if n is not None and n.op_type == "Cast":  # the exporter casts large int32 zero-point buffers at run time
+        v = _const(g, producer, n.input[0])
+        to = next((a.i for a in n.attribute if a.name == "to"), None)
+        if v is not None and to is not None:
+            return v.astype(helper.tensor_dtype_to_np_dtype(to))
     return None
 
 

@@ -6,9 +6,12 @@
   3. onnxruntime with integer kernels (ORT_ENABLE_ALL) against onnxruntime's float QDQ reference
      (no graph optimisation), per output, on given (--inputs a.npy ...) or random inputs;
   4. which conv / gemm / matmul ops onnxruntime runs as integer kernels, and for each one left in float,
-     why ("why is my int8 model slow").
+     why ("why is my int8 model slow");
+  5. with --profile [--threads N]: where onnxruntime spends the time, per op type of its optimized graph
+     (its own profiler; compare an int8 file with its fp32 twin to see what the int8 one pays extra for).
 
     python tools/onnx_inspect.py model.onnx [--qparams model_qparams.json] [--inputs x.npy] [--json report.json]
+    python tools/onnx_inspect.py model_int8.onnx model_fp32.onnx --profile --threads 2
 """
 from __future__ import annotations
 
@@ -110,11 +113,59 @@ def float_compute_reasons(model: onnx.ModelProto) -> list[dict]:
     return rows
 
 
-def compare_ort(path: str, inputs: list[np.ndarray] | None, seed: int = 0) -> dict:
-    ref_sess, int_sess = ort_session(path, optimize=False), ort_session(path, optimize=True)
+def op_time_profile(path: str, inputs: list[np.ndarray] | None = None, threads: int | None = None,
+                    runs: int = 10, seed: int = 0) -> dict:
+    """onnxruntime's profiler over ``runs`` runs after 2 warm-up runs: wall ms per run and, per op type of the
+    optimized graph, kernel ms per run, share of the kernel time and nodes."""
+    import collections
+    import os
+    import tempfile
+    import time
+
+    import onnxruntime as ort
+    with tempfile.TemporaryDirectory() as d:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if threads:
+            so.intra_op_num_threads = threads
+        sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        feeds = _feeds(sess, inputs, seed)
+        for _ in range(2):
+            sess.run(None, feeds)
+        so.enable_profiling = True
+        so.profile_file_prefix = os.path.join(d, "ort_profile")
+        sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        sess.run(None, feeds)  # this profiled session's own first run: in the profile, so divided out below
+        t0 = time.perf_counter()
+        for _ in range(runs):
+            sess.run(None, feeds)
+        wall = (time.perf_counter() - t0) / runs * 1000
+        with open(sess.end_profiling()) as f:
+            events = json.load(f)
+    per_op, nodes = collections.Counter(), collections.defaultdict(set)
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            op = e["args"]["op_name"]
+            per_op[op] += e["dur"]
+            nodes[op].add(e["name"])
+    total = sum(per_op.values()) or 1
+    calls = runs + 1
+    return {"onnx": path, "threads": threads, "runs": runs, "wall_ms": round(wall, 2),
+            "ops": [{"op": op, "ms": round(us / 1000 / calls, 3), "share": round(us / total, 4), "nodes": len(nodes[op])}
+                    for op, us in per_op.most_common()]}
+
+
+def print_profile(p: dict, out=sys.stdout, limit: int = 15) -> None:
+    print(f"\n{p['onnx']}: {p['wall_ms']} ms per run ({p['threads'] or 'default'} threads, {p['runs']} runs)", file=out)
+    print(f"  {'op':32s} {'ms/run':>8s} {'share':>6s} {'nodes':>6s}", file=out)
+    for r in p["ops"][:limit]:
+        print(f"  {r['op']:32s} {r['ms']:8.2f} {100 * r['share']:5.1f}% {r['nodes']:6d}", file=out)
+
+
+def _feeds(sess, inputs: list[np.ndarray] | None, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     feeds = {}
-    for k, i in enumerate(ref_sess.get_inputs()):
+    for k, i in enumerate(sess.get_inputs()):
         if inputs and k < len(inputs):
             feeds[i.name] = inputs[k]
             continue
@@ -123,6 +174,12 @@ def compare_ort(path: str, inputs: list[np.ndarray] | None, seed: int = 0) -> di
             feeds[i.name] = rng.integers(0, 2, size=shape).astype(np.int64)
         else:
             feeds[i.name] = rng.standard_normal(shape).astype(np.float32)
+    return feeds
+
+
+def compare_ort(path: str, inputs: list[np.ndarray] | None, seed: int = 0) -> dict:
+    ref_sess, int_sess = ort_session(path, optimize=False), ort_session(path, optimize=True)
+    feeds = _feeds(ref_sess, inputs, seed)
     ref, got = ref_sess.run(None, feeds), int_sess.run(None, feeds)
     return {o.name: {"max_abs_diff": float(np.abs(a - b).max()) if a.size else 0.0,
                      "mean_abs_diff": float(np.abs(a - b).mean()) if a.size else 0.0}
@@ -194,14 +251,28 @@ def print_report(r: dict, out=sys.stdout) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("onnx")
+    ap.add_argument("more", nargs="*", help="with --profile: more ONNX files to profile alongside (an fp32 twin)")
     ap.add_argument("--qparams", help="the parameter JSON written by convert_export / save_checkpoint")
     ap.add_argument("--inputs", nargs="*", help=".npy files, one per model input (default: random)")
     ap.add_argument("--json", help="also write the report as JSON here")
     ap.add_argument("--suite", help="also compare with the suite's PyTorch QAT model (suites/<suite>/analysis.py)")
     ap.add_argument("--output-dir", default="checkpoint", help="the suite's checkpoint folder (with --suite)")
     ap.add_argument("--samples", type=int, default=64, help="samples for the PyTorch comparison")
+    ap.add_argument("--profile", action="store_true", help="time per op type in onnxruntime (its profiler)")
+    ap.add_argument("--threads", type=int, default=None, help="onnxruntime threads for --profile")
+    ap.add_argument("--runs", type=int, default=10, help="profiled runs for --profile")
     a = ap.parse_args(argv)
     inputs = [np.load(f) for f in a.inputs] if a.inputs else None
+    if a.profile:
+        profiles = [op_time_profile(f, inputs, a.threads, a.runs) for f in [a.onnx, *a.more]]
+        for p in profiles:
+            print_profile(p)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(profiles, f, indent=1)
+        return 0
+    if a.more:
+        ap.error("more than one ONNX file is for --profile")
     r = inspect(a.onnx, a.qparams, inputs)
     if a.suite:
         import importlib

@@ -44,3 +44,16 @@ def test_inspector_says_why_a_layer_is_float(tmp_path):
     r = _export(tmp_path, {"extra_quantizer_dict": {"exclude_module_name": ["conv2"]}})
     out = subprocess.run([sys.executable, str(TOOL), r.onnx_path], capture_output=True, text=True)
     assert "weight" in out.stdout and "is not quantized" in out.stdout
+
+
+def test_profile_reports_time_per_op_type_of_each_file(tmp_path):
+    r = _export(tmp_path)
+    out = subprocess.run([sys.executable, str(TOOL), r.onnx_path, r.onnx_path, "--profile", "--threads", "1",
+                          "--runs", "3", "--json", str(tmp_path / "prof.json")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    profiles = json.loads((tmp_path / "prof.json").read_text())
+    assert len(profiles) == 2 and all(p["wall_ms"] > 0 for p in profiles)
+    ops = {o["op"]: o for o in profiles[0]["ops"]}
+    assert ops["QLinearConv"]["nodes"] == 2  # the optimized graph's kernels, counted per node
+    assert abs(sum(o["share"] for o in profiles[0]["ops"]) - 1.0) < 0.01
+    assert "QLinearConv" in out.stdout

@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ts_qat_pytorch.onnx.graph import GraphIndex
 from ts_qat_pytorch.onnx.verify import INTEGER_KERNELS, optimized_op_counts, ort_session
 
 COMPUTE_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
@@ -79,12 +80,8 @@ def check_against_json(rows: list[dict], qparams: dict) -> list[str]:
 
 def float_compute_reasons(model: onnx.ModelProto) -> list[dict]:
     """For each conv / gemm / matmul: would onnxruntime's QDQ fusion make it an integer kernel? If not, why."""
-    g = model.graph
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    G = GraphIndex(model)
+    g, producer, consumers = G.g, G.producer, G.consumers
     outputs = {o.name for o in g.output}
     rows = []
     for n in g.node:
@@ -117,9 +114,9 @@ def op_time_profile(path: str, inputs: list[np.ndarray] | None = None, threads: 
                     runs: int = 10, seed: int = 0) -> dict:
     """onnxruntime's profiler over ``runs`` runs after 2 warm-up runs: wall ms per run and, per op type of the
     optimized graph, kernel ms per run, share of the kernel time and nodes."""
-    import collections
     import os
     import tempfile
+    from collections import defaultdict
     import time
 
     import onnxruntime as ort
@@ -142,7 +139,7 @@ def op_time_profile(path: str, inputs: list[np.ndarray] | None = None, threads: 
         wall = (time.perf_counter() - t0) / runs * 1000
         with open(sess.end_profiling()) as f:
             events = json.load(f)
-    per_op, nodes = collections.Counter(), collections.defaultdict(set)
+    per_op, nodes = Counter(), defaultdict(set)
     for e in events:
         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
             op = e["args"]["op_name"]

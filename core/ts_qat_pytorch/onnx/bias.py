@@ -20,42 +20,23 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .graph import GraphIndex, attr
 
-class _Graph:
-    def __init__(self, model: onnx.ModelProto):
-        self.g = model.graph
-        self.inits = {i.name: i for i in self.g.initializer}
-        self.producer = {o: n for n in self.g.node for o in n.output}
-        self.consumers: dict[str, list] = {}
-        for n in self.g.node:
-            for i in n.input:
-                self.consumers.setdefault(i, []).append(n)
 
-    def const(self, name: str) -> np.ndarray | None:
-        if name in self.inits:
-            return numpy_helper.to_array(self.inits[name])
-        n = self.producer.get(name)
-        if n is not None and n.op_type == "Constant":
-            for a in n.attribute:
-                if a.name == "value":
-                    return numpy_helper.to_array(a.t)
-                if a.name == "value_float":
-                    return np.array(a.f, np.float32)
-        return None
-
+class _Graph(GraphIndex):
     def dq_scale(self, name: str, through_transpose: bool) -> tuple[np.ndarray, int] | None:
         """(scale, axis) of the DequantizeLinear that produces ``name`` (optionally through a Transpose)."""
         n = self.producer.get(name)
         perm = None
         if through_transpose and n is not None and n.op_type == "Transpose":
-            perm = next((list(a.ints) for a in n.attribute if a.name == "perm"), None)
+            perm = attr(n, "perm", None)
             n = self.producer.get(n.input[0])
         if n is None or n.op_type != "DequantizeLinear":
             return None
         scale = self.const(n.input[1])
         if scale is None:
             return None
-        axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+        axis = attr(n, "axis", 1)
         if perm is not None and scale.size > 1:
             axis = perm.index(axis)
         return scale.astype(np.float32), axis
@@ -69,12 +50,11 @@ def quantize_biases(model: onnx.ModelProto) -> int:
     done = 0
     for node in list(G.g.node):
         if node.op_type == "Gemm":
-            attrs = {a.name: (a.i if a.type == onnx.AttributeProto.INT else a.f) for a in node.attribute}
-            if len(node.input) < 3 or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 \
-                    or attrs.get("beta", 1.0) != 1.0:
+            if len(node.input) < 3 or attr(node, "transA", 0) or attr(node, "alpha", 1.0) != 1.0 \
+                    or attr(node, "beta", 1.0) != 1.0:
                 continue
             x, w, bias_name, host, slot = node.input[0], node.input[1], node.input[2], node, 2
-            w_out_axis = 0 if attrs.get("transB", 0) else 1
+            w_out_axis = 0 if attr(node, "transB", 0) else 1
             sw = G.dq_scale(w, through_transpose=False)
         elif node.op_type == "MatMul":
             users = G.consumers.get(node.output[0], [])

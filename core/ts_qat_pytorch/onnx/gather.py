@@ -12,45 +12,22 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-
-def _const(g: onnx.GraphProto, producer: dict, name: str) -> np.ndarray | None:
-    for i in g.initializer:
-        if i.name == name:
-            return numpy_helper.to_array(i)
-    n = producer.get(name)
-    if n is not None and n.op_type == "Constant":
-        for a in n.attribute:
-            if a.name == "value":
-                return numpy_helper.to_array(a.t)
-    if n is not None and n.op_type == "Cast":  # the exporter casts large int32 zero-point buffers at run time
-        v = _const(g, producer, n.input[0])
-        to = next((a.i for a in n.attribute if a.name == "to"), None)
-        if v is not None and to is not None:
-            return v.astype(helper.tensor_dtype_to_np_dtype(to))
-    return None
-
-
-def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
-    return next((a.i for a in node.attribute if a.name == name), default)
+from .graph import GraphIndex, attr
 
 
 def gather_before_dequantize(model: onnx.ModelProto) -> int:
     """Rewrite ``Gather(DequantizeLinear(table), ids)`` in place; returns how many Gathers were rewritten."""
-    g = model.graph
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    G = GraphIndex(model)
+    g = G.g
     rewrites: list[tuple[onnx.NodeProto, list[onnx.NodeProto]]] = []
     for gather in g.node:
-        if gather.op_type != "Gather" or _attr(gather, "axis", 0) != 0:
+        if gather.op_type != "Gather" or attr(gather, "axis", 0) != 0:
             continue
-        dq = producer.get(gather.input[0])
+        dq = G.producer.get(gather.input[0])
         if dq is None or dq.op_type != "DequantizeLinear":
             continue
-        scale = _const(g, producer, dq.input[1])
-        zp = _const(g, producer, dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
+        scale = G.const(dq.input[1])
+        zp = G.const(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
         if scale is None or (len(dq.input) > 2 and dq.input[2] and zp is None):
             continue
         ids, out, base = gather.input[1], gather.output[0], gather.name or gather.output[0]
@@ -59,7 +36,7 @@ def gather_before_dequantize(model: onnx.ModelProto) -> int:
         if scale.size == 1:  # per tensor: an ordinary DequantizeLinear of the gathered rows
             nodes.append(helper.make_node("DequantizeLinear", [rows] + list(dq.input[1:]), [out],
                                           name=f"{base}_dequantize_rows"))
-        elif _attr(dq, "axis", 1) == 0 and scale.ndim == 1:  # per row: gather the scales (and zero points) too
+        elif attr(dq, "axis", 1) == 0 and scale.ndim == 1:  # per row: gather the scales (and zero points) too
             axes = f"{base}_last_axis"
             g.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), axes))
             nodes += [helper.make_node("Cast", [rows], [f"{rows}_f"], to=TensorProto.FLOAT),

@@ -209,41 +209,38 @@ class ModelQuantizer:
             return None
         if self.is_excluded(node):
             return FLOAT
-        row: OpRow | None = None
         if node.op == "call_module":
             mod = self._module(gm, node)
             if isinstance(mod, QuantizeBase):
                 return None
             if self.additional_module_type and isinstance(mod, self.additional_module_type):
                 return QUANTIZED
-            row = OP_INDEX.lookup_module(mod)
         elif node.op == "call_function":
             if node.target in self.additional_function_type:
                 return QUANTIZED
             if node.target in SHAPE_FUNCTIONS:
                 return INDEX
-            row = OP_INDEX.functions.get(node.target)
-        elif node.op == "call_method":
-            if node.target in SHAPE_METHODS:
-                return INDEX
-            row = OP_INDEX.methods.get(node.target)
+        elif node.op == "call_method" and node.target in SHAPE_METHODS:
+            return INDEX
+        row = self._row(gm, node)
         return row.treatment if row is not None else FLOAT
 
-    def _row_name(self, gm: fx.GraphModule, node: fx.Node) -> str | None:
-        row = None
+    def _row(self, gm: fx.GraphModule, node: fx.Node) -> OpRow | None:
+        """The operator-table row of a call node (None: not in the table)."""
         if node.op == "call_module":
             mod = self._module(gm, node)
-            row = OP_INDEX.lookup_module(mod) if mod is not None else None
-        elif node.op == "call_function":
-            row = OP_INDEX.functions.get(node.target)
-        elif node.op == "call_method":
-            row = OP_INDEX.methods.get(node.target)
-        return row.name if row is not None else None
+            return OP_INDEX.lookup_module(mod) if mod is not None else None
+        if node.op == "call_function":
+            return OP_INDEX.functions.get(node.target)
+        if node.op == "call_method":
+            return OP_INDEX.methods.get(node.target)
+        return None
 
     def _output_stays_float(self, gm: fx.GraphModule, node: fx.Node) -> bool:
         """float_outputs: a Linear / matmul whose every consumer is a float op, an index op or the model output
         gets no output quantizer (the deployed integer kernel writes float)."""
-        if not self.float_outputs or not node.users or self._row_name(gm, node) not in _FLOAT_OUTPUT_ROWS:
+        row = self._row(gm, node)
+        if not self.float_outputs or not node.users or row is None or row.name not in _FLOAT_OUTPUT_ROWS:
             return False
         return all(u.op == "output" or self.classify(gm, u) in (FLOAT, FLOAT_WARN, INDEX) for u in node.users)
 

@@ -135,3 +135,36 @@ def test_embedding_rows_are_dequantized_after_the_lookup(backend, tmp_path):
     table_q = next(n for n in m.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "word.weight")
     assert not any(n.op_type == "DequantizeLinear" and n.input[0] == table_q.output[0] for n in m.graph.node)
     np.testing.assert_allclose(outs[0], ref[0], atol=1e-4)
+
+
+class AddOffset(nn.Module):
+    """A float leaf that adds a constant vector (as a position bias would)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("offset", torch.linspace(-1.0, 1.0, 8))
+
+    def forward(self, s):
+        return F.softmax(s + self.offset, dim=-1)
+
+
+class ScoresPlusConstant(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.add = nn.Linear(16, 16), nn.Linear(16, 16), AddOffset()
+
+    def forward(self, x):
+        return self.add(torch.matmul(self.q(x), self.k(x).transpose(1, 2)))  # MatMul -> Add(constant) in the file
+
+
+def test_only_layer_biases_become_int32(tmp_path):
+    """A float constant added after an activation x activation matmul is not a bias on an int32 grid: it stays."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 16)
+    q = prepare_and_calibrate(ScoresPlusConstant().eval(), (x,), BackendType.ONNXRuntime, {"leaf_module": [AddOffset]})
+    r, outs, ref = export_and_run(q, (x,), tmp_path / "s.onnx")
+    m = onnx.load(r.onnx_path)
+    assert any(n.op_type == "MatMul" for n in m.graph.node)
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    assert sum(v.dtype == np.int32 for v in inits.values()) == 2  # q's and k's biases only
+    assert np.abs(outs[0] - ref[0]).max() <= 0.05

@@ -24,14 +24,22 @@ from .graph import GraphIndex, attr
 
 
 class _Graph(GraphIndex):
-    def dq_scale(self, name: str, through_transpose: bool) -> tuple[np.ndarray, int] | None:
-        """(scale, axis) of the DequantizeLinear that produces ``name`` (optionally through a Transpose)."""
+    def is_weight(self, name: str) -> bool:
+        """A constant, or the QuantizeLinear of a constant (how the exporter writes a fake-quantized weight)."""
+        n = self.producer.get(name)
+        return name in self.inits or (n is not None and n.op_type == "QuantizeLinear" and n.input[0] in self.inits)
+
+    def dq_scale(self, name: str, through_transpose: bool, weight: bool = False) -> tuple[np.ndarray, int] | None:
+        """(scale, axis) of the DequantizeLinear that produces ``name`` (optionally through a Transpose); with
+        ``weight``, only where it dequantizes a constant."""
         n = self.producer.get(name)
         perm = None
         if through_transpose and n is not None and n.op_type == "Transpose":
             perm = attr(n, "perm", None)
             n = self.producer.get(n.input[0])
         if n is None or n.op_type != "DequantizeLinear":
+            return None
+        if weight and not self.is_weight(n.input[0]):
             return None
         scale = self.const(n.input[1])
         if scale is None:
@@ -55,7 +63,7 @@ def quantize_biases(model: onnx.ModelProto) -> int:
                 continue
             x, w, bias_name, host, slot = node.input[0], node.input[1], node.input[2], node, 2
             w_out_axis = 0 if attr(node, "transB", 0) else 1
-            sw = G.dq_scale(w, through_transpose=False)
+            sw = G.dq_scale(w, through_transpose=False, weight=True)
         elif node.op_type == "MatMul":
             users = G.consumers.get(node.output[0], [])
             if len(users) != 1 or users[0].op_type != "Add":
@@ -64,7 +72,7 @@ def quantize_biases(model: onnx.ModelProto) -> int:
             slot = 1 if host.input[0] == node.output[0] else 0
             x, w, bias_name = node.input[0], node.input[1], host.input[slot]
             w_out_axis = -1
-            sw = G.dq_scale(w, through_transpose=True)
+            sw = G.dq_scale(w, through_transpose=True, weight=True)
         else:
             continue
         sx = G.dq_scale(x, through_transpose=False)
@@ -81,6 +89,8 @@ def quantize_biases(model: onnx.ModelProto) -> int:
         if np.any(scale <= 0):
             continue
         q = np.clip(np.round(bias / scale), -(2 ** 31), 2 ** 31 - 1).astype(np.int32)
+        if np.any(np.abs(q * scale.astype(np.float64) - bias) > np.maximum(1e-3 * scale, 4 * np.spacing(np.abs(bias)))):
+            continue  # not a bias deployed_bias put on the grid (e.g. a constant added after an activation matmul)
         # torch's exporter shares one initializer among equal constants (zero biases of untrained layers), so
         # each rewritten layer gets its own int32 tensor (its grid differs)
         base, k = f"{bias_name}_int32", 1

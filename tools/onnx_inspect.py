@@ -112,12 +112,12 @@ def float_compute_reasons(model: onnx.ModelProto) -> list[dict]:
 
 def op_time_profile(path: str, inputs: list[np.ndarray] | None = None, threads: int | None = None,
                     runs: int = 10, seed: int = 0) -> dict:
-    """onnxruntime's profiler over ``runs`` runs after 2 warm-up runs: wall ms per run and, per op type of the
-    optimized graph, kernel ms per run, share of the kernel time and nodes."""
+    """onnxruntime's profiler over one warm-up run and ``runs`` timed runs: wall ms per timed run and, per op type
+    of the optimized graph, kernel ms per run (all runs), share of the kernel time and nodes."""
     import os
     import tempfile
-    from collections import defaultdict
     import time
+    from collections import defaultdict
 
     import onnxruntime as ort
     with tempfile.TemporaryDirectory() as d:
@@ -125,14 +125,11 @@ def op_time_profile(path: str, inputs: list[np.ndarray] | None = None, threads: 
         so.log_severity_level = 3
         if threads:
             so.intra_op_num_threads = threads
-        sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-        feeds = _feeds(sess, inputs, seed)
-        for _ in range(2):
-            sess.run(None, feeds)
         so.enable_profiling = True
         so.profile_file_prefix = os.path.join(d, "ort_profile")
         sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-        sess.run(None, feeds)  # this profiled session's own first run: in the profile, so divided out below
+        feeds = _feeds(sess, inputs, seed)
+        sess.run(None, feeds)  # warm-up: in the profile too, so the per-op figures divide by runs + 1
         t0 = time.perf_counter()
         for _ in range(runs):
             sess.run(None, feeds)

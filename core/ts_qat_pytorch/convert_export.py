@@ -5,13 +5,17 @@ and check the result in onnxruntime.
 
 model          a prepared (and calibrated) model from ``prepare_by_platform``; DDP wrappers are unwrapped.
                It is not modified.
-dummy_input    a tensor, a tuple of tensors (one per forward argument), or an input shape such as
-               ``(1, 3, 224, 224)`` (random data of that shape is used).
+dummy_input    a tensor, a tuple (one entry per forward argument; an entry may be a dict or tuple of tensors),
+               a dict of forward parameter name -> tensor (keyword arguments), or an input shape such as
+               ``(1, 3, 224, 224)`` (random data of that shape is used). It is not modified.
+               ONNX inputs and outputs are the tensors in it and in the model's output, flattened depth
+               first (dict keys in insertion order) and named by their path (onnx/signature.py): ``x``,
+               ``batch_image``; ``output``, ``output_0_1``, a dict's keys (``out``, ``aux``).
 onnx_path      where the ONNX file goes; the JSON goes to ``qparams_path`` (default: next to it,
                ``<name>_qparams.json``).
 opset_version  13..21, default 18 (the manual's).
-batch_size     the batch dimension baked into the file (default: the dummy input's); ``dynamic_batch=True``
-               makes it symbolic instead (legacy exporter).
+batch_size     the batch dimension baked into the file (a positive int; default: the dummy input's);
+               ``dynamic_batch=True`` makes it symbolic instead (legacy exporter).
 exporter       "dynamo" (torch's current exporter, default) or "legacy" (see onnx/exporter.py).
 weight_dtype   how signed weights are stored: "auto" (default: uint8 shifted by 128 for full 8-bit weights,
                exact in onnxruntime on every x86 CPU; int8 for weights of 7 bits or fewer), "int8", "uint8".
@@ -34,7 +38,9 @@ from .onnx.bias import quantize_biases
 from .onnx.gather import gather_before_dequantize
 from .onnx.freeze import freeze_for_export
 from .onnx.naming import apply_canonical_names
+from .onnx.qdq import QDQ
 from .onnx.qparams import write_qparams_json
+from .onnx import signature
 from .onnx.verify import INTEGER_MATMUL_KERNELS, check_model, count_integer_kernels, run_onnx
 from .utils.utils import atomic_write_bytes
 
@@ -61,28 +67,34 @@ class ExportResult:
         return asdict(self)
 
 
-def _make_args(dummy_input, batch_size: int | None) -> tuple[torch.Tensor, ...]:
-    if dummy_input is None:
-        raise ValueError("convert_export needs dummy_input: a tensor, a tuple of tensors, or an input shape "
-                         "such as (1, 3, 224, 224)")
-    if isinstance(dummy_input, (tuple, list, torch.Size)) and all(isinstance(d, int) for d in dummy_input):
-        dummy_input = torch.randn(*dummy_input)
-    args = (dummy_input,) if isinstance(dummy_input, torch.Tensor) else tuple(dummy_input)
-    if batch_size is not None:
-        args = tuple(a[:1].expand(batch_size, *a.shape[1:]).contiguous() if isinstance(a, torch.Tensor) and a.dim()
-                     else a for a in args)
-    return tuple(a.detach().cpu() if isinstance(a, torch.Tensor) else a for a in args)
+def _names(given: Sequence[str] | None, default: list[str], what: str) -> list[str]:
+    """``given`` names, or the default ones; either way one unique name per tensor."""
+    names = list(given) if given else default
+    if len(names) != len(default):
+        raise ValueError(f"{what} has {len(names)} names but the model has {len(default)} such tensors "
+                         f"(default names {default}); give one name per tensor or leave {what} out")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{what} {names} repeats a name; pass {what}= with unique names")
+    return names
 
 
-def _output_scales(gm: fx.GraphModule) -> list[float | None]:
-    from .fake_quantize import QuantizeBase
-    out_node = next(n for n in gm.graph.nodes if n.op == "output")
-    outs = out_node.args[0]
-    outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+def _reference_outputs(frozen: fx.GraphModule, args: tuple, input_names: list[str]):
+    try:
+        with torch.no_grad():
+            return frozen(*args)
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        raise signature.bad_input_error(frozen, args, input_names, exc) from exc
+
+
+def _output_scales(frozen: fx.GraphModule, paths: list[tuple]) -> list[float | None]:
+    """The quantization step of each output (None for a float output), found by its path in the graph's output."""
+    out_node = next(n for n in frozen.graph.nodes if n.op == "output")
+    producers = dict(signature.leaves(out_node.args[0], fx.Node))
     scales = []
-    for o in outs:
-        mod = gm.get_submodule(o.target) if isinstance(o, fx.Node) and o.op == "call_module" else None
-        scales.append(float(mod.qparams()[0].max()) if isinstance(mod, QuantizeBase) and mod.initialized else None)
+    for path in paths:
+        node = producers.get(path)
+        stub = frozen.get_submodule(node.target) if isinstance(node, fx.Node) and node.op == "call_module" else None
+        scales.append(float(torch.as_tensor(stub.scale).max()) if isinstance(stub, QDQ) else None)
     return scales
 
 
@@ -94,16 +106,14 @@ def convert_export(model: torch.nn.Module, dummy_input=None, onnx_path: str = "m
     gm = getattr(model, "module", model)
     if not isinstance(gm, fx.GraphModule):
         raise TypeError(f"convert_export needs a model prepared by prepare_by_platform, got {type(gm).__name__}")
-    args = _make_args(dummy_input, batch_size)
-    frozen, stub_names, qparams = freeze_for_export(gm, weight_dtype)
+    args = signature.bind_dummy_input(gm, dummy_input, batch_size)
+    frozen, stub_names, qparams = freeze_for_export(gm, weight_dtype)  # a copy: the caller's model is untouched
     frozen = frozen.cpu().eval()
-    placeholders = [n.name for n in frozen.graph.nodes if n.op == "placeholder"]
-    input_names = list(input_names or placeholders[:len(args)])
-    with torch.no_grad():
-        ref = frozen(*args)
-    ref_list = list(ref) if isinstance(ref, (tuple, list)) else [ref]
-    output_names = list(output_names or (["output"] if len(ref_list) == 1 else
-                                         [f"output_{i}" for i in range(len(ref_list))]))
+    inputs = signature.leaves(args)
+    parameters = [p.target for p in signature.forward_parameters(frozen)]
+    input_names = _names(input_names, signature.input_names(parameters, [p for p, _ in inputs]), "input_names")
+    ref = signature.leaves(_reference_outputs(frozen, args, input_names))
+    output_names = _names(output_names, signature.output_names([p for p, _ in ref]), "output_names")
 
     onnx_path = os.fspath(onnx_path)
     os.makedirs(os.path.dirname(os.path.abspath(onnx_path)), exist_ok=True)
@@ -115,7 +125,7 @@ def convert_export(model: torch.nn.Module, dummy_input=None, onnx_path: str = "m
         for p in (tmp_path, tmp_path + ".data"):
             if os.path.exists(p):
                 os.unlink(p)
-    apply_canonical_names(model_proto, stub_names)
+    onnx_names = apply_canonical_names(model_proto, stub_names)
     int32_biases = quantize_biases(model_proto)  # Linear biases as int32 + DequantizeLinear (onnx/bias.py)
     gather_before_dequantize(model_proto)  # embeddings: dequantize the looked-up rows, not the table (onnx/gather.py)
     model_proto.doc_string = f"QDQ model exported by ts_qat_pytorch (backend {qparams.get('backend')})"
@@ -123,6 +133,8 @@ def convert_export(model: torch.nn.Module, dummy_input=None, onnx_path: str = "m
 
     qparams_path = qparams_path or os.path.splitext(onnx_path)[0] + "_qparams.json"
     _record_encoding(frozen, stub_names, qparams)
+    # graph inputs and outputs keep their names (onnx/naming.py): key the JSON by the file's names
+    qparams["tensors"] = {onnx_names.get(k, k): v for k, v in qparams["tensors"].items()}
     qparams.update(onnx_file=os.path.basename(onnx_path), opset_version=opset_version, exporter=used,
                    inputs=input_names, outputs=output_names, int32_biases=int32_biases)
     write_qparams_json(qparams, qparams_path)
@@ -133,26 +145,33 @@ def convert_export(model: torch.nn.Module, dummy_input=None, onnx_path: str = "m
                        "the narrow range as a Clip (numerically identical). onnxruntime has no integer kernels for "
                        "them and runs those layers in float; the JSON carries the true bit widths for the "
                        "deployment tool.", len(narrow), sorted({t["bit"] for t in narrow}))
-    n_layers = sum(1 for t in qparams["tensors"].values() if t["kind"] == "weight" and not _is_embedding(gm, t))
+    n_layers = sum(1 for t in qparams["tensors"].values() if t["kind"] == "weight" and not _is_embedding(frozen, t))
     result = ExportResult(onnx_path, qparams_path, used, opset_version, input_names, output_names, n_layers,
-                          output_scale=_output_scales(gm))
+                          output_scale=_output_scales(frozen, [p for p, _ in ref]))
     if verify:
-        check_model(onnx_path)
-        feeds = {n: a.numpy() for n, a in zip(input_names, args) if isinstance(a, torch.Tensor)}
-        outs = run_onnx(onnx_path, feeds)
-        result.max_abs_diff = [float(np.abs(o - r.detach().numpy()).max()) if o.size else 0.0
-                               for o, r in zip(outs, ref_list)]
-        result.integer_kernels = count_integer_kernels(onnx_path)
-        result.integer_matmul_kernels = sum(v for k, v in result.integer_kernels.items() if k in INTEGER_MATMUL_KERNELS)
-        logger.info("exported %s (%s exporter, opset %d): %d quantized layers, integer kernels %s, "
-                    "max |ORT - PyTorch| %s", onnx_path, used, opset_version, n_layers, result.integer_kernels,
-                    ["%.3g" % d for d in result.max_abs_diff])
+        _verify(result, {n: t.numpy() for n, (_, t) in zip(input_names, inputs)}, [t for _, t in ref])
     return result
+
+
+def _verify(result: ExportResult, feeds: dict[str, np.ndarray], ref: list[torch.Tensor]) -> None:
+    """onnx.checker, then every output of the file in onnxruntime against PyTorch's."""
+    file_outputs = [o.name for o in check_model(result.onnx_path).graph.output]
+    if file_outputs != result.output_names:
+        raise RuntimeError(f"the exported file has outputs {file_outputs}, expected {result.output_names}: please "
+                           "report this with the model; try exporter='legacy' meanwhile")
+    outs = run_onnx(result.onnx_path, feeds)
+    result.max_abs_diff = [float(np.abs(o.astype(np.float64) - r.numpy().astype(np.float64)).max()) if o.size else 0.0
+                           for o, r in zip(outs, ref)]
+    result.integer_kernels = count_integer_kernels(result.onnx_path)
+    result.integer_matmul_kernels = sum(v for k, v in result.integer_kernels.items() if k in INTEGER_MATMUL_KERNELS)
+    logger.info("exported %s (%s exporter, opset %d): %d quantized layers, integer kernels %s, "
+                "max |ORT - PyTorch| %s", result.onnx_path, result.exporter, result.opset_version,
+                result.quantized_layers, result.integer_kernels,
+                dict(zip(result.output_names, ["%.3g" % d for d in result.max_abs_diff])))
 
 
 def _record_encoding(frozen: fx.GraphModule, stub_names: dict[str, str], qparams: dict) -> None:
     """Add each tensor's storage in the file (uint8 / int8 and the stored zero point) to the JSON."""
-    from .onnx.qdq import QDQ
     stubs = {tensor: frozen.get_submodule(stub) for stub, tensor in stub_names.items()}
     for name, mod in frozen.named_modules():
         if isinstance(getattr(mod, "weight_fake_quant", None), QDQ):

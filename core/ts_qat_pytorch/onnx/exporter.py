@@ -59,6 +59,8 @@ def export(module: torch.nn.Module, args: tuple, path: str, opset: int, input_na
         raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
     if not 13 <= opset <= 21:
         raise ValueError(f"opset_version must be within 13..21 (per-channel QDQ needs 13), got {opset}")
+    if args and isinstance(args[-1], dict):  # torch.onnx reads a trailing dict as keyword arguments, not as one
+        args = (*args, {})
     if exporter == "dynamo" and dynamic_batch:
         logger.info("dynamic batch requested: using the legacy exporter (the current one fails on "
                     "fake-quantize ops with a symbolic batch dimension)")

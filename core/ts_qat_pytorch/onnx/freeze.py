@@ -24,15 +24,15 @@ def _qdq(fq: QuantizeBase, weight_dtype: str) -> QDQ:
 
 @torch.no_grad()
 def freeze_for_export(gm: fx.GraphModule, weight_dtype: str = "auto") -> tuple[fx.GraphModule, dict[str, str], dict]:
-    """Returns (export module, {stub module name: canonical tensor name}, qparams JSON dict).
+    """Returns (export module, {stub module name: canonical tensor name}, qparams JSON dict). ``gm`` is not modified.
 
     weight_dtype: container of signed weights: "int8", "uint8" (shifted by 128), or "auto": uint8 when
     the weights use the full 8 bits (exact in onnxruntime on every x86 CPU), int8 when they fit 7 bits.
     """
     if weight_dtype not in ("auto", "int8", "uint8"):
         raise ValueError(f"weight_dtype must be 'auto', 'int8' or 'uint8', got {weight_dtype!r}")
-    qparams = collect_qparams(gm)  # raises on uncalibrated activations; initialises weight quantizers
-    m = copy.deepcopy(gm).eval()
+    m = copy.deepcopy(gm).eval()  # everything below changes the copy only, never the caller's model
+    qparams = collect_qparams(m)  # raises on uncalibrated activations; initialises weight quantizers
     for name, layer in list(weight_quantizers(m)):
         fq = layer.weight_fake_quant
         w, b = layer.quantized_weight_source()

@@ -40,9 +40,12 @@ def rename_tensor(model: onnx.ModelProto, old: str, new: str) -> None:
 
 def apply_canonical_names(model: onnx.ModelProto, stub_names: dict[str, str]) -> dict[str, str]:
     """Rename the input of each activation QuantizeLinear to its canonical name. Returns {canonical: onnx name}
-    for every stub found, and raises if a stub has no QuantizeLinear (the export lost a quantizer)."""
+    for every stub found, and raises if a stub has no QuantizeLinear (the export lost a quantizer).
+
+    Graph inputs and outputs keep their names: a quantized graph input or output is known by that name, and
+    a canonical name taken by a graph input or output gets the suffix ``__quantized``."""
     g = model.graph
-    graph_inputs = {i.name for i in g.input}
+    interface = {v.name for v in list(g.input) + list(g.output)}  # the names users feed and fetch: never renamed
     all_names = {v for n in g.node for v in list(n.input) + list(n.output)} | {t.name for t in g.initializer}
     found: dict[str, str] = {}
     producer = {o: n for n in g.node for o in n.output}
@@ -57,14 +60,16 @@ def apply_canonical_names(model: onnx.ModelProto, stub_names: dict[str, str]) ->
         while have in producer and _stub_of(producer[have]) == stub and producer[have].input:
             have = producer[have].input[0]
         want = stub_names[stub]
-        if have != want and have not in graph_inputs:
+        if want in interface and have != want:  # e.g. a dict output "out" and the layer "out" it dequantizes
+            want += "__quantized"
+        if have != want and have not in interface:
             if want in all_names:  # make room: the exporter used our name for another tensor
                 rename_tensor(model, want, want + "__onnx")
                 all_names.add(want + "__onnx")
             rename_tensor(model, have, want)
             all_names.add(want)
             have = want
-        found[want] = have
+        found[stub_names[stub]] = have
     missing = sorted(set(stub_names.values()) - set(found))
     if missing:
         raise RuntimeError(f"the exported ONNX lost the QuantizeLinear of {missing[:5]}: please report this "

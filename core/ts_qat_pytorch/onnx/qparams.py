@@ -48,11 +48,32 @@ def entry(fq: QuantizeBase, kind: str) -> dict[str, Any]:
     }
 
 
+def non_finite(fq: QuantizeBase) -> str | None:
+    """What is not finite in a quantizer's scale / zero point (a diverged learned scale), or None."""
+    scale, _ = fq.qparams()
+    zero_point = getattr(fq, "zero_point", None)  # before qparams() rounds it to an int (NaN becomes garbage)
+    bad = [what for what, t in (("scale", scale), ("zero point", zero_point))
+           if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all()]
+    return " and ".join(bad) or None
+
+
+def _check_finite(named: dict[str, QuantizeBase]) -> None:
+    bad = [f"{name} ({what})" for name, fq in named.items() if (what := non_finite(fq))]
+    if bad:
+        raise ValueError(
+            f"{len(bad)} quantizer(s) have a non-finite scale or zero point: {', '.join(bad)}. The learned "
+            "quantization parameters diverged and cannot be exported or saved. Lower the learning rate (or weight "
+            "decay) of the quantizer parameters, re-calibrate (model.eval(); enable_calibration(model); a few batches; "
+            "enable_quantization(model)), or resume from an earlier checkpoint.")
+
+
 @torch.no_grad()
 def collect_qparams(gm: fx.GraphModule) -> dict[str, Any]:
-    """All quantized tensors of a prepared model. Raises if an activation quantizer was never calibrated."""
+    """All quantized tensors of a prepared model. Raises if an activation quantizer was never calibrated
+    (RuntimeError) or a scale / zero point is NaN or infinite (ValueError)."""
     tensors: dict[str, Any] = {}
     missing = []
+    used: dict[str, QuantizeBase] = {}  # quantizer name -> quantizer, for the finiteness check
     for node, fq, tensor in quantizer_call_sites(gm):
         if fq.non_float and not fq.initialized:
             continue  # only ever saw integer tensors (token ids, masks): nothing to quantize
@@ -62,11 +83,13 @@ def collect_qparams(gm: fx.GraphModule) -> dict[str, Any]:
             else:
                 missing.append(fq.qualname or node.target)
                 continue
+        used[fq.qualname or str(node.target)] = fq
         tensors[tensor] = entry(fq, "weight" if fq.is_weight else "activation")
     for name, layer in weight_quantizers(gm):
         fq = layer.weight_fake_quant
         if not fq.initialized:
             fq.init_from_weight(layer.quantized_weight_source()[0])
+        used[fq.qualname or f"{name}.weight_fake_quant"] = fq
         tensors[f"{name}.weight"] = entry(fq, "weight")
     if missing:
         shown = ", ".join(sorted(set(missing))[:8]) + (" ..." if len(set(missing)) > 8 else "")
@@ -74,10 +97,16 @@ def collect_qparams(gm: fx.GraphModule) -> dict[str, Any]:
             f"{len(set(missing))} activation quantizer(s) were never calibrated ({shown}): the model would be "
             "exported with meaningless scales. Calibrate first: model.eval(); enable_calibration(model); "
             "run a few batches; then enable_quantization(model).")
+    _check_finite(used)
     return {"format": FORMAT, "version": VERSION, "backend": getattr(gm, "qat_backend", None),
             "tensors": tensors}
 
 
 def write_qparams_json(qparams: dict[str, Any], path: str) -> None:
     from ..utils.utils import atomic_write_bytes
-    atomic_write_bytes(path, (json.dumps(qparams, indent=1) + "\n").encode())
+    try:  # NaN / Infinity are not JSON: refuse them rather than write a file other tools cannot read
+        text = json.dumps(qparams, indent=1, allow_nan=False)
+    except ValueError as exc:
+        raise ValueError(f"the quantization parameters for {path} hold NaN or infinity ({exc}): nothing was "
+                         "written; re-calibrate or resume from an earlier checkpoint") from exc
+    atomic_write_bytes(path, (text + "\n").encode())

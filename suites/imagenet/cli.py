@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 
 
 from suites.imagenet.data import DataError
@@ -32,6 +33,9 @@ GENERAL_RECIPE = dict(
     epochs=90, batch_size=256, lr=0.1, optim="sgd", weight_decay=1e-4, train_images=None,
     calib_batches=32, print_freq=100, workers=4, distill_method=None,
 )
+
+
+OPSET_RANGE = (13, 21)  # what convert_export accepts (per-channel QDQ needs opset 13)
 
 
 class SuiteError(Exception):
@@ -95,7 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=6.0)
     p.add_argument("--amp", action="store_true", help="automatic mixed precision (bf16 on CPU, fp16 on CUDA)")
     p.add_argument("--onnx-batch", type=int, default=1, help="batch size baked into the exported ONNX")
-    p.add_argument("--opset-version", type=int, default=18)
+    p.add_argument("--opset-version", type=int, default=18, help="ONNX opset of the export (13..21)")
+    p.add_argument("--on-bad-image", default="error", choices=["error", "skip"],
+                   help="an unreadable --data image (corrupt, truncated): stop with an error naming the file, or "
+                        "skip it (the next readable image takes its place), counted and reported per epoch and in "
+                        "the metrics JSON (skipped_images)")
     p.add_argument("--output-dir", default="checkpoint", help="checkpoints, ONNX, qparams, profile")
     p.add_argument("--metrics", default=None, help="metrics JSON path (default <output-dir>/<arch>_metrics.json)")
     # recipe details (defaults depend on embedded / --data, see the recipes at the top of this file)
@@ -125,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     args.embedded = args.data is None
+    args.lr_given = args.lr is not None  # an explicit --lr (a --resume with another one is reported)
     recipe = EMBEDDED_RECIPE if args.embedded else GENERAL_RECIPE
     if args.embedded and args.backend == "Experimental" and min(args.w_bit or 8, args.a_bit or 8) < 8 \
             and not args.smoke:
@@ -154,7 +163,26 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise SuiteError("--w-bit/--a-bit need --backend Experimental (TSQAT is int8)")
     if args.onnx_batch < 1 or args.batch_size < 1:
         raise SuiteError("--onnx-batch and --batch-size must be >= 1")
+    check_ranges(args)
     return args
+
+
+def check_ranges(args: argparse.Namespace) -> None:
+    """Numbers that would fail late (the opset at the first export, after an epoch) or silently train nonsense
+    (a negative or NaN learning rate): errors before any work."""
+    for flag, v in (("--lr", args.lr), ("--float-lr", args.float_lr)):
+        if not (math.isfinite(v) and v > 0):
+            raise SuiteError(f"{flag} {v} must be a finite number > 0 (e.g. --lr 1e-4)")
+    if args.workers < 0:
+        raise SuiteError(f"-j/--workers {args.workers} must be >= 0 (0: load data in the main process)")
+    if args.image_size < 32:
+        raise SuiteError(f"--image-size {args.image_size} must be >= 32 (the zoo networks downsample by 32)")
+    lo, hi = OPSET_RANGE
+    if not lo <= args.opset_version <= hi:
+        raise SuiteError(f"--opset-version {args.opset_version} is outside {lo}..{hi} (what convert_export writes; "
+                         f"per-channel QDQ needs opset 13); the default is 18")
+    if args.num_classes < 1:
+        raise SuiteError(f"-nc/--num-classes {args.num_classes} must be >= 1")
 
 
 def set_log_level(level: int) -> None:

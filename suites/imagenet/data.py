@@ -4,6 +4,8 @@ grey -> 3 channels, resized to ``image_size``, ImageNet mean/std normalisation."
 from __future__ import annotations
 
 import gzip
+import logging
+import multiprocessing
 import os
 
 import numpy as np
@@ -15,6 +17,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                          "Bag", "Ankle boot")
+logger = logging.getLogger("imagenet")
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -109,18 +112,71 @@ def check_imagefolder(root: str) -> None:
                             f"({', '.join(IMG_EXTENSIONS)})")
 
 
-def imagefolder_datasets(root: str, image_size: int = 224):
-    import torchvision.datasets as datasets
+def class_folders(split_dir: str) -> list[str]:
+    """The class names ImageFolder will find under ``split_dir`` (its sub-folders, sorted), without scanning
+    the images: cheap enough to check -nc before any long work."""
+    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+
+
+class CheckedImageFolder(Dataset):
+    """A torchvision ImageFolder whose unreadable images (corrupt, truncated, not an image) are found lazily, when
+    a sample is loaded (no pre-scan of the data set): with ``on_bad='error'`` a DataError naming the file; with
+    ``on_bad='skip'`` the next readable image (in index order) takes its place, the file is logged and
+    ``skipped`` counts the event. ``skipped`` is a multiprocessing.Value, so increments made in DataLoader worker
+    processes (forked, or spawned: the dataset travels with the worker's start-up arguments) reach the main
+    process, which reports the count after each epoch / evaluation."""
+
+    def __init__(self, root: str, transform=None, on_bad: str = "error"):
+        import torchvision.datasets as datasets
+        folder = datasets.ImageFolder(root)
+        self.root, self.loader, self.transform = root, folder.loader, transform
+        self.classes, self.class_to_idx, self.samples = folder.classes, folder.class_to_idx, folder.samples
+        self.targets = folder.targets
+        self.on_bad = on_bad
+        self.skipped = multiprocessing.Value("q", 0)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        n = len(self.samples)
+        for k in range(n):
+            path, target = self.samples[(index + k) % n]
+            try:
+                sample = self.loader(path)
+            except Exception as exc:  # noqa: BLE001 - PIL raises OSError, UnidentifiedImageError, ...
+                why = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+                if self.on_bad != "skip":
+                    raise DataError(f"image '{path}' cannot be read ({why}); replace or remove it, or pass "
+                                    "--on-bad-image skip to skip such images (counted and reported)") from None
+                with self.skipped.get_lock():
+                    self.skipped.value += 1
+                logger.warning("skipping unreadable image %s (%s)", path, why)
+                continue
+            return (self.transform(sample) if self.transform is not None else sample), target
+        raise DataError(f"'{self.root}': none of its {n} images can be read")
+
+
+def skipped_images(ds) -> int | None:
+    """Unreadable images skipped so far by ``ds`` (through Subset wrappers); None for data sets that never skip."""
+    while isinstance(ds, torch.utils.data.Subset):
+        ds = ds.dataset
+    counter = getattr(ds, "skipped", None)
+    return None if counter is None else int(counter.value)
+
+
+def imagefolder_datasets(root: str, image_size: int = 224, on_bad: str = "error"):
     import torchvision.transforms as T
     check_imagefolder(root)
+    folder = CheckedImageFolder
     normalize = T.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)
     resize = int(round(image_size / 0.875))
     train_tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
     eval_tf = T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.ToTensor(), normalize])
     try:
-        train = datasets.ImageFolder(os.path.join(root, "train"), train_tf)
-        calib = datasets.ImageFolder(os.path.join(root, "train"), eval_tf)
-        val = datasets.ImageFolder(os.path.join(root, "val"), eval_tf)
+        train = folder(os.path.join(root, "train"), train_tf, on_bad)
+        calib = folder(os.path.join(root, "train"), eval_tf, on_bad)
+        val = folder(os.path.join(root, "val"), eval_tf, on_bad)
     except (FileNotFoundError, RuntimeError) as exc:
         raise DataError(f"--data '{root}': {exc}") from exc
     if train.classes != val.classes:

@@ -54,16 +54,30 @@ def make_datasets(args):
         calib = FashionMNISTImageNet(xtr, ytr, args.image_size, train=False)
         val = FashionMNISTImageNet(xte, yte, args.image_size, train=False)
     else:
-        from suites.imagenet.data import imagefolder_datasets
-        train, val, calib = imagefolder_datasets(args.data, args.image_size)
-        if len(train.classes) > args.num_classes:
-            raise SuiteError(f"--data '{args.data}' has {len(train.classes)} classes but -nc/--num-classes is "
-                             f"{args.num_classes}")
-        if len(train.classes) < args.num_classes:
-            logger.warning("--data has %d classes, the model %d outputs", len(train.classes), args.num_classes)
+        import os
+
+        from suites.imagenet.data import check_imagefolder, class_folders, imagefolder_datasets
+        check_imagefolder(args.data)
+        n = len(class_folders(os.path.join(args.data, "train")))  # before ImageFolder scans every image
+        if n != args.num_classes:
+            more = (f"the model's {args.num_classes - n} extra outputs would never see a label" if n < args.num_classes
+                    else "the labels would not fit the model's outputs")
+            raise SuiteError(f"--data '{args.data}' has {n} classes (class folders in train/) but -nc/--num-classes "
+                             f"is {args.num_classes}: {more}; use -nc {n}")
+        train, val, calib = imagefolder_datasets(args.data, args.image_size, getattr(args, "on_bad_image", "error"))
     if args.val_images:
         val = torch.utils.data.Subset(val, range(min(args.val_images, len(val))))
     return train, val, calib
+
+
+def report_skips(loader, before: int | None, what: str) -> None:
+    """Log the unreadable images skipped (--on-bad-image skip) while ``loader`` ran, counted in every worker."""
+    from suites.imagenet.data import skipped_images
+    now = skipped_images(loader.dataset)
+    if before is not None and now is not None and now > before:
+        logger.warning("%s: skipped %d unreadable image(s) (--on-bad-image skip: the next readable image took each "
+                       "one's place; the files are named above); %d skipped so far in this data set", what,
+                       now - before, now)
 
 
 class EpochSubsetSampler(torch.utils.data.Sampler):
@@ -131,6 +145,8 @@ def train(train_loader, model, criterion, optimizer, scheduler, epoch, device, a
                              prefix=f"{prefix}: [{epoch}]", print_freq=args.print_freq, enabled=is_main(args))
     model.train()
     fmt = input_format(model)
+    from suites.imagenet.data import skipped_images
+    skipped_before = skipped_images(train_loader.dataset)
     end = time.time()
     try:
         for i, (images, target) in enumerate(train_loader):
@@ -166,6 +182,7 @@ def train(train_loader, model, criterion, optimizer, scheduler, epoch, device, a
             progress.step(i)
     finally:
         progress.close()
+    report_skips(train_loader, skipped_before, f"{prefix}: [{epoch}]")
     return top1.avg, losses.avg
 
 
@@ -178,6 +195,8 @@ def _score(val_loader, predict, args, prefix: str, criterion=None, device=None):
     top5 = AverageMeter("Acc@5", ":6.2f", Summary.AVERAGE)
     meters = [batch_time] + ([losses] if criterion is not None else []) + [top1, top5]
     progress = ProgressMeter(len(val_loader), meters, prefix=f"{prefix}: ", print_freq=args.print_freq * 5)
+    from suites.imagenet.data import skipped_images
+    skipped_before = skipped_images(val_loader.dataset)
     end = time.time()
     try:
         for i, (images, target) in enumerate(val_loader):
@@ -195,6 +214,7 @@ def _score(val_loader, predict, args, prefix: str, criterion=None, device=None):
     finally:
         progress.close()
     progress.display_summary()
+    report_skips(val_loader, skipped_before, prefix)
     return top1.avg, top5.avg
 
 

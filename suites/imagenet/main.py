@@ -29,10 +29,10 @@ import torch.nn as nn
 import torch.utils.data
 
 from suites.imagenet.cli import BAD_INPUT, SuiteError, build_parser, is_main, resolve_args, say, set_log_level
-from suites.imagenet.models import (build_teacher, check_arch, check_shapes, create_model, load_float_weights, prepare,
-                                    read_state_dict)
+from suites.imagenet.models import (build_teacher, check_arch, check_shapes, choose_teacher, create_model,
+                                    load_float_weights, prepare, read_checkpoint, read_state_dict)
 from suites.imagenet.engine import (EpochSubsetSampler, cosine_schedule, loader, make_datasets, make_optimizer,
-                                    seed_everything, set_rng_state, train, validate)
+                                    report_skips, seed_everything, set_rng_state, train, validate)
 from suites.imagenet.stages import (Stages, checkpoint_paths, embedded_float_stage, evaluate_qat, export_stage, finish,
                                     ort_stage, profile_stage, replica_check, save_checkpoint_all, train_float)
 
@@ -64,12 +64,46 @@ def main(argv=None) -> int:
             return 0
         return main_worker(args.gpu, ngpus, args)
     except BAD_INPUT as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        print(f"error: {error_message(exc)}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         print(f"interrupted: the last complete checkpoints in {args.output_dir} are intact (writes are atomic)",
               file=sys.stderr, flush=True)
         return 130
+
+
+def error_message(exc: BaseException) -> str:
+    """The error's own text; one raised in a DataLoader worker arrives wrapped with the worker's traceback, of
+    which the last line is the error itself."""
+    msg = str(exc)
+    if "Original Traceback" in msg:
+        last = msg.strip().splitlines()[-1]
+        msg = last.split(": ", 1)[1] if ": " in last else last
+    return msg
+
+
+def check_resume(args) -> None:
+    """--resume before long work: readable, a QAT checkpoint, and a --lr that differs from the one its optimizer and
+    LR schedule restore is reported (the checkpoint's is used)."""
+    from suites.common.resume import lr_change_message
+    ck = read_checkpoint(args.resume, "--resume")
+    sd = read_state_dict(args.resume, "--resume", ck)
+    if not any("fake_quant" in k for k in sd):
+        raise SuiteError(f"--resume '{args.resume}' is not a QAT checkpoint (no fake-quant state); give float "
+                         "weights with --model-path")
+    if not args.evaluate and isinstance(ck, dict) and "optimizer" in ck:
+        msg = lr_change_message(ck, args.lr, args.resume, args.lr_given)
+        if msg and is_main(args):
+            logger.warning(msg)
+
+
+def record_skips(stages, **datasets) -> None:
+    """Unreadable images skipped so far (--on-bad-image skip), per data set, into the metrics JSON."""
+    from suites.imagenet.data import skipped_images
+    counts = {k: skipped_images(d) for k, d in datasets.items()}
+    counts = {k: v for k, v in counts.items() if v is not None}
+    if counts:
+        stages.metrics["skipped_images"] = counts
 
 
 def main_worker(gpu, ngpus_per_node, args) -> int:
@@ -95,7 +129,7 @@ def main_worker(gpu, ngpus_per_node, args) -> int:
     try:
         return run(args)
     except BAD_INPUT as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        print(f"error: {error_message(exc)}", file=sys.stderr, flush=True)
         return 2
     finally:
         if args.distributed and dist.is_initialized():
@@ -129,13 +163,16 @@ def run(args) -> int:
                          "(or --not-qat to train a float model from scratch)")
     if args.distill_method and not args.embedded and not args.teacher_path:
         check_arch(args.teacher_arch, args.model_zoo, "--teacher-arch")
-    for flag, path in (("--model-path", args.model_path), ("--resume", args.resume),
-                       ("--teacher-path", args.teacher_path)):
-        if path:
-            read_state_dict(path, flag)  # readable, a state_dict
     if args.resume and args.not_qat:
         raise SuiteError("--resume restores QAT checkpoints; with --not-qat use --model-path")
+    for flag, path in (("--model-path", args.model_path), ("--teacher-path", args.teacher_path)):
+        if path:
+            read_state_dict(path, flag)  # readable, a state_dict
+    if args.resume:
+        check_resume(args)
+    args.teacher_source = choose_teacher(args)  # a zoo teacher with a random new head is refused here
     train_ds, val_ds, calib_ds = make_datasets(args)
+    datasets = dict(train=train_ds, val=val_ds, calib=calib_ds)
     os.makedirs(args.output_dir, exist_ok=True)
     paths = checkpoint_paths(args)
     stages.metrics.update(num_classes=args.num_classes, image_size=args.image_size, world_size=world,
@@ -165,6 +202,7 @@ def run(args) -> int:
     if not qat:
         if not args.embedded and not args.evaluate:
             train_float(model, train_ds, val_loader, criterion, args, stages, paths)
+        record_skips(stages, **datasets)
         stages.write()
         return finish(args, stages)
 
@@ -181,8 +219,11 @@ def run(args) -> int:
             q.eval()
             enable_calibration(q)
             with torch.no_grad():
+                from suites.imagenet.data import skipped_images
+                before = skipped_images(calib_ds)
                 for i, (images, _t) in enumerate(calib_loader):
                     q(images.to(args.device))
+                report_skips(calib_loader, before, "Calibration")
             enable_quantization(q)
         say(args, f"=> calibrated on {len(calib_loader.sampler)} images ({len(calib_loader)} batches)")
     del model
@@ -197,10 +238,7 @@ def run(args) -> int:
     start_epoch = args.start_epoch
     if args.resume:
         from ts_qat_pytorch.utils.utils import load_qat_checkpoint
-        sd = read_state_dict(args.resume, "--resume")
-        if not any("fake_quant" in k for k in sd):
-            raise SuiteError(f"--resume '{args.resume}' is not a QAT checkpoint (no fake-quant state); give float "
-                             "weights with --model-path")
+        sd = read_state_dict(args.resume, "--resume")  # a QAT checkpoint: checked before long work (check_resume)
         # the layers' shapes (quantizer buffers may be shaped lazily: load_qat_checkpoint handles them)
         check_shapes(q, {k: v for k, v in sd.items() if "fake_quant" not in k and "post_process" not in k},
                      args.resume, args.num_classes, "--resume", partial=True)
@@ -229,6 +267,7 @@ def run(args) -> int:
             with stages.timed("export"):
                 r = export_stage(q, args, stages)
             ort_stage(val_loader, r, args, stages)
+        record_skips(stages, **datasets)
         stages.write()
         return finish(args, stages)
 
@@ -269,6 +308,7 @@ def run(args) -> int:
     if is_main(args) and "onnx_path" in stages.metrics:
         ort_stage(val_loader, None, args, stages)
     stages.metrics["best_acc1"] = round(best_acc1, 3)
+    record_skips(stages, **datasets)
     stages.write()
     return finish(args, stages)
 

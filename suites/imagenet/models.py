@@ -77,12 +77,20 @@ def replace_head(model: nn.Module, num_classes: int) -> None:
         setattr(parent, attr, new)
 
 
-def read_state_dict(path: str, what: str) -> dict:
-    from ts_qat_pytorch.utils.utils import load_checkpoint, strip_module_prefix
+def read_checkpoint(path: str, what: str):
+    """The checkpoint as saved (torch.load(weights_only=True) through the core's load_checkpoint), or a
+    SuiteError naming the flag for a missing, empty, truncated or foreign file."""
+    from ts_qat_pytorch.utils.utils import load_checkpoint
     try:
-        ckpt = load_checkpoint(path)
+        return load_checkpoint(path)
     except (FileNotFoundError, ValueError) as exc:
         raise SuiteError(f"{what}: {exc}") from exc
+
+
+def read_state_dict(path: str, what: str, ckpt=None) -> dict:
+    from ts_qat_pytorch.utils.utils import strip_module_prefix
+    if ckpt is None:
+        ckpt = read_checkpoint(path, what)
     if isinstance(ckpt, dict) and "state_dict" in ckpt and isinstance(ckpt["state_dict"], dict):
         ckpt = ckpt["state_dict"]
     if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) or k.endswith("_extra_state")
@@ -120,10 +128,52 @@ def load_float_weights(model: nn.Module, path: str, num_classes: int, what: str)
     model.load_state_dict(sd, strict=False)
 
 
-def build_teacher(args, student_float: nn.Module) -> nn.Module | None:
-    if not args.distill_method:
+def zoo_num_classes(arch: str, zoo: str) -> int | None:
+    """Classes the zoo's pretrained weights of ``arch`` predict (1000 for ImageNet-1k), None when unknown.
+    Reads the weights' metadata only: nothing is downloaded or built."""
+    try:
+        if zoo == "timm":
+            import timm
+            cfg = timm.models.get_pretrained_cfg(arch)
+            return int(cfg.num_classes) if cfg is not None and cfg.num_classes else None
+        import torchvision.models as models
+        return len(models.get_model_weights(arch).DEFAULT.meta["categories"])
+    except Exception:  # noqa: BLE001 - unknown arch / no pretrained weights: the later checks speak
         return None
-    if args.embedded and not args.teacher_path:
+
+
+def choose_teacher(args) -> str | None:
+    """Where the distillation teacher comes from, decided before long work: 'float' (a copy of the float model the
+    student starts from), 'path' (--teacher-path), 'zoo' (--teacher-arch with the zoo's pretrained weights) or
+    None (no distillation). A zoo teacher whose pretrained head predicts another number of classes than -nc
+    would get a new, random head: then the fine-tuned float model of --model-path is the teacher (as in the
+    embedded default, logged), and without one it is an error."""
+    if not args.distill_method or args.not_qat or args.evaluate:
+        return None
+    if args.teacher_path:
+        return "path"
+    if args.embedded:
+        return "float"
+    zoo_nc = zoo_num_classes(args.teacher_arch, args.model_zoo)
+    if zoo_nc is None or zoo_nc == args.num_classes:
+        return "zoo"
+    if args.model_path:
+        logger.warning("distillation teacher: the float model of --model-path '%s' (%d classes), not --teacher-arch "
+                       "%s: the zoo's pretrained %s predicts %d classes and a new %d-class head would be random; give "
+                       "--teacher-path for another teacher", args.model_path, args.num_classes, args.teacher_arch,
+                       args.teacher_arch, zoo_nc, args.num_classes)
+        return "float"
+    raise SuiteError(f"--distill-method {args.distill_method} with -nc/--num-classes {args.num_classes}: the "
+                     f"pretrained --teacher-arch {args.teacher_arch} predicts {zoo_nc} classes, and a new "
+                     f"{args.num_classes}-class head would be random; give --teacher-path (a {args.num_classes}-class "
+                     f"teacher), --model-path (fine-tuned float weights, which then teach), or --distill-method none")
+
+
+def build_teacher(args, student_float: nn.Module) -> nn.Module | None:
+    source = args.teacher_source if hasattr(args, "teacher_source") else choose_teacher(args)
+    if not args.distill_method or source is None:
+        return None
+    if source == "float":
         teacher = copy.deepcopy(student_float)
     else:
         teacher = create_model(args.teacher_arch, args.model_zoo, args.num_classes,

@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve(args):
     args.embedded = args.data is None
+    args.lr_given = args.lr is not None  # an explicit --lr (a --resume with another one is reported)
     for k, v in (EMBEDDED if args.embedded else GENERAL).items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
@@ -109,6 +110,53 @@ def resolve(args):
     if args.batch_size < 1 or args.onnx_batch < 1:
         raise DataError("--batch-size and --onnx-batch must be >= 1")
     return args
+
+
+def check_resume(args) -> dict:
+    """--resume first of all (before data, model loading and calibration): the file exists, is not empty, loads
+    with torch.load(weights_only=True) (the core's load_checkpoint) and is a QAT checkpoint of this suite's
+    encoder split with the same backend. A --lr other than the one its optimizer and LR schedule restore is
+    reported (the checkpoint's is used)."""
+    from ts_qat_pytorch.utils.utils import load_checkpoint
+    from suites.common.resume import lr_change_message
+    path = args.resume
+    try:
+        ck = load_checkpoint(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise ModelError(f"--resume: {e}") from e
+    sd = ck.get("state_dict") if isinstance(ck, dict) else None
+    if not isinstance(sd, dict) or not any("fake_quant" in k for k in sd):
+        raise ModelError(f"--resume '{path}' is not a QAT checkpoint (no 'state_dict' with fake-quant state); it is "
+                         "written by this script as <output-dir>/*_qat_checkpoint.pth")
+    if "word.weight" not in sd or not any(k.startswith("blocks.") for k in sd):
+        raise ModelError(f"--resume '{path}' is not a checkpoint of this suite's encoder split (no 'word.weight' / "
+                         f"'blocks.N...' tensors; it has e.g. {list(sd)[:3]}): another model's checkpoint")
+    if ck.get("backend") and args.backend and ck["backend"] != args.backend:
+        raise ModelError(f"--resume '{path}' was trained with --backend {ck['backend']}, this run uses "
+                         f"--backend {args.backend}; pass --backend {ck['backend']}")
+    if not args.evaluate:
+        msg = lr_change_message(ck, args.lr, path, args.lr_given)
+        if msg and is_main():
+            logger.warning(msg)
+    return ck
+
+
+def check_resume_fits(ck: dict, hf, names, path: str) -> None:
+    """The --resume checkpoint against the loaded model (cheap: the split wraps the model's own modules) and the
+    data's labels, before the float stage and calibration."""
+    from suites.transformers.model import EncoderClassifier
+    sd = ck["state_dict"]
+    own = EncoderClassifier(hf).state_dict()
+    if "labels" in ck and list(ck["labels"]) != list(names):
+        raise ModelError(f"--resume '{path}' was trained on the labels {list(ck['labels'])[:8]}, the data has "
+                         f"{list(names)[:8]}")
+    missing = [k for k in own if k not in sd]
+    wrong = [f"{k}: {tuple(sd[k].shape)} in the file, {tuple(v.shape)} in the model" for k, v in own.items()
+             if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    if missing or wrong:
+        raise ModelError(f"--resume '{path}' does not fit the model (another model's checkpoint?): "
+                         + "; ".join(wrong[:3] + ([f"{len(missing)} tensors missing, e.g. {missing[:3]}"]
+                                                  if missing else [])))
 
 
 def load_data(args):
@@ -155,7 +203,13 @@ def float_stage(hf, tl, args, stages, model_dir, train):
         return
     path = float_cache_path(args, model_dir, train)
     if os.path.exists(path) and not args.smoke:
-        hf.load_state_dict(torch.load(path, map_location="cpu"))
+        from ts_qat_pytorch.utils.utils import load_checkpoint
+        try:  # weights_only=True: a cache file never runs pickled code
+            hf.load_state_dict(load_checkpoint(path))
+        except (ValueError, RuntimeError, TypeError, AttributeError) as e:
+            raise ModelError(f"the cached float fine-tune {path} cannot be used "
+                             f"({(str(e).splitlines() or [''])[0][:300]}); delete it and run again (the float "
+                             "fine-tune runs and re-creates it)") from e
         say(f"=> float fine-tune reused from the cache {path}")
         stages.metrics["float_cached"] = True
         return
@@ -208,6 +262,7 @@ def run(args) -> int:
     os.makedirs(args.output_dir, exist_ok=True)
     stages = Stages(args.metrics, "transformers", log=say, embedded=args.embedded, backend=None if args.not_qat else args.backend,
                     max_length=args.max_length, threads=torch.get_num_threads())
+    ck = check_resume(args) if args.resume else None  # before the data, the model and calibration
     with stages.timed("setup"):
         train, test, names = load_data(args)  # bad data fails before the model loads
         model_dir = args.model
@@ -216,6 +271,9 @@ def run(args) -> int:
             model_dir = MINILM_L6.fetch()
         from suites.transformers.model import check_and_load
         tok, hf = check_and_load(model_dir, len(names), args.max_length, args.tokenizer)
+        if ck is not None:
+            check_resume_fits(ck, hf, names, args.resume)
+            del ck
         if args.onnx_length < args.max_length:
             raise ModelError(f"--onnx-length {args.onnx_length} is shorter than --max-length {args.max_length}")
         tl, vl = loaders(train, test, tok, args)

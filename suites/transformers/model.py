@@ -65,11 +65,56 @@ def check_and_load(model_path: str, num_labels: int, max_length: int, tokenizer_
     check_tokenizer(tok, config, tok_path)
     config.num_labels = num_labels
     if weights:
-        model = AutoModelForSequenceClassification.from_pretrained(model_path, config=config,
-                                                                   attn_implementation="eager")
+        if os.path.isdir(model_path):
+            check_weight_files(model_path)
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(model_path, config=config,
+                                                                       attn_implementation="eager")
+        except Exception as e:  # noqa: BLE001 - OSError, safetensors / zip errors, shape mismatches, ...
+            raise ModelError(f"--model {model_path}: cannot load the weights ({type(e).__name__}: "
+                             f"{(str(e).splitlines() or [''])[0][:300]}); the weights must be complete and belong to "
+                             "the model config.json describes") from e
     else:
         model = AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
     return tok, model.eval()
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def check_weight_files(model_dir: str) -> None:
+    """A local model folder holds weights, and its safetensors files are whole (the header reads and the data
+    cover what it lists: a truncated copy fails here, in milliseconds, instead of inside from_pretrained)."""
+    import json
+    have = [f for f in WEIGHT_FILES if os.path.isfile(os.path.join(model_dir, f))]
+    if not have:
+        raise ModelError(f"--model {model_dir}: the folder has no weights (none of {', '.join(WEIGHT_FILES)}); "
+                         "config.json alone describes the architecture: copy the model's weights file into the folder")
+    files = ["model.safetensors"] if "model.safetensors" in have else []
+    for index in (f for f in have if f.endswith(".index.json")):
+        try:
+            with open(os.path.join(model_dir, index)) as fh:
+                shards = sorted(set(json.load(fh)["weight_map"].values()))
+        except Exception as e:  # noqa: BLE001 - bad JSON, no weight_map
+            raise ModelError(f"--model {model_dir}: {index} is not a weights index ({type(e).__name__}: {e})") from e
+        missing = [f for f in shards if not os.path.isfile(os.path.join(model_dir, f))]
+        if missing:
+            raise ModelError(f"--model {model_dir}: {index} lists weight shards that are missing: "
+                             f"{', '.join(missing[:5])}")
+        files += shards
+    for f in files:
+        path = os.path.join(model_dir, f)
+        if os.path.getsize(path) == 0:
+            raise ModelError(f"--model {model_dir}: the weights file {f} is empty (0 bytes): copy it again")
+        if f.endswith(".safetensors"):
+            from safetensors import safe_open
+            try:
+                with safe_open(path, "pt"):
+                    pass
+            except Exception as e:  # noqa: BLE001 - SafetensorError
+                raise ModelError(f"--model {model_dir}: the weights file {f} is truncated or corrupt "
+                                 f"({(str(e).splitlines() or [''])[0]}): copy it again") from e
 
 
 def check_tokenizer(tok, config, where: str) -> None:

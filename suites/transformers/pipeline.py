@@ -54,7 +54,11 @@ def after_float(hf, tok, tl, vl, test, names, args, stages) -> int:
     if args.resume:
         from ts_qat_pytorch.utils.utils import load_qat_checkpoint
         calibrate(q, tl, 1)  # shapes the lazily-sized quantizer buffers, then the checkpoint overwrites them
-        ck = load_qat_checkpoint(args.resume, q, None if args.evaluate else opt, None if args.evaluate else sched)
+        from suites.transformers.model import ModelError
+        try:
+            ck = load_qat_checkpoint(args.resume, q, None if args.evaluate else opt, None if args.evaluate else sched)
+        except (ValueError, RuntimeError, KeyError) as e:
+            raise ModelError(f"--resume '{args.resume}': {(str(e).splitlines() or [''])[0][:300]}") from e
         start_epoch = int(ck.get("epoch", 0))
         say(f"=> resumed {args.resume} (epoch {start_epoch})")
     else:

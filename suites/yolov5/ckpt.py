@@ -5,6 +5,7 @@ unpickler: exactly the classes below are mapped onto this suite's modules (or to
 is refused with an error naming it. The result is converted to a plain float32 state_dict."""
 from __future__ import annotations
 
+import os
 import pickle
 import types
 
@@ -92,7 +93,13 @@ def _infer_act(model: nn.Module) -> str | None:
     return None
 
 
-def load_ultralytics(path: str) -> tuple[dict, dict]:
+def _unreadable(flag: str, path: str, exc: BaseException) -> CheckpointError:
+    msg = (str(exc).splitlines() or [""])[0][:200]
+    return CheckpointError(f"{flag} '{path}' could not be read ({type(exc).__name__}: {msg}): the file is truncated, "
+                           "corrupt or not a PyTorch checkpoint; give this suite's .pt or an ultralytics YOLOv5 .pt")
+
+
+def load_ultralytics(path: str, flag: str = "--weights") -> tuple[dict, dict]:
     """(model config dict, float32 state_dict) of a YOLOv5 ``.pt`` written by the ultralytics repository."""
     try:
         # Unpickling goes through RestrictedUnpickler, which resolves only the named YOLOv5 / torch classes and
@@ -100,13 +107,18 @@ def load_ultralytics(path: str) -> tuple[dict, dict]:
         ck = torch.load(path, map_location="cpu", pickle_module=restricted_pickle,
                         weights_only=False)  # safe: restricted unpickler (above)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{path}: {exc}") from exc
+        if "refusing to load the global" in str(exc):
+            raise CheckpointError(f"{flag} '{path}': {exc}") from exc
+        raise _unreadable(flag, path, exc) from exc
+    except Exception as exc:  # noqa: BLE001 - truncated zip, EOF, garbage bytes: all "unreadable"
+        raise _unreadable(flag, path, exc) from exc
     model = ck.get("ema") or ck.get("model") if isinstance(ck, dict) else ck
     if not isinstance(model, nn.Module):
-        raise CheckpointError(f"{path}: no 'model' object in the checkpoint (keys {list(ck)[:8]})")
+        raise CheckpointError(f"{flag} '{path}': no 'model' object in the checkpoint "
+                              f"({'keys ' + str(list(ck)[:8]) if isinstance(ck, dict) else type(ck).__name__})")
     cfg = getattr(model, "__dict__", {}).get("yaml")
     if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path}: the pickled model carries no YAML config")
+        raise CheckpointError(f"{flag} '{path}': the pickled model carries no YAML config")
     cfg = dict(cfg)
     if "act" not in cfg:
         cfg["act"] = _infer_act(model) or "silu"
@@ -121,22 +133,51 @@ def save_float(path: str, model: yolo.Model, **extra) -> None:
     atomic_torch_save({"state_dict": model.state_dict(), "cfg": cfg, **extra}, path)
 
 
-def load_weights(path: str) -> tuple[dict, dict]:
-    """(config, state_dict) of this suite's checkpoint or of an ultralytics ``.pt``."""
-    import os
+def check_file(path: str, flag: str = "--weights") -> None:
+    """Clear errors for a path that is missing, a directory or empty (before torch.load sees it)."""
     if not os.path.exists(path):
-        raise CheckpointError(f"--weights '{path}' not found")
+        raise CheckpointError(f"{flag} '{path}' not found")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{flag} '{path}' is a directory; give the checkpoint file inside it")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{flag} '{path}' is empty (0 bytes): it was not written completely; "
+                              "copy or download it again")
+
+
+def load_weights(path: str, flag: str = "--weights") -> tuple[dict, dict]:
+    """(config, state_dict) of this suite's checkpoint or of an ultralytics ``.pt``. Every unreadable file
+    (missing, a directory, empty, truncated, garbage) is a CheckpointError naming ``flag`` and the file."""
+    check_file(path, flag)
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        return load_ultralytics(path)
-    if isinstance(ck, dict) and "state_dict" in ck and "cfg" in ck:
+    except pickle.UnpicklingError:  # whole pickled objects (ultralytics), or bytes that are no pickle at all
+        return load_ultralytics(path, flag)
+    except Exception as exc:  # noqa: BLE001 - truncated zip (RuntimeError), EOFError, KeyError on garbage, ...
+        raise _unreadable(flag, path, exc) from exc
+    if isinstance(ck, dict) and isinstance(ck.get("state_dict"), dict) and isinstance(ck.get("cfg"), dict):
         return ck["cfg"], ck["state_dict"]
-    raise CheckpointError(f"{path}: neither this suite's checkpoint (state_dict + cfg) nor a YOLOv5 .pt")
+    raise CheckpointError(f"{flag} '{path}' is neither this suite's checkpoint (a dict with 'state_dict' and "
+                          "'cfg') nor a YOLOv5 .pt" + (f" (keys {list(ck)[:8]})" if isinstance(ck, dict) else ""))
 
 
-def build_from_weights(path: str, nc: int | None = None) -> yolo.Model:
-    cfg, sd = load_weights(path)
+def check_resume(path: str, flag: str = "--resume") -> dict:
+    """The QAT checkpoint of ``--resume`` (this script's ``<name>_qat_checkpoint.pth``), read safely, or a
+    CheckpointError naming the flag, the file and what is wrong."""
+    from ts_qat_pytorch.utils.utils import load_checkpoint
+    check_file(path, flag)
+    try:
+        ck = load_checkpoint(path)
+    except (ValueError, FileNotFoundError) as exc:
+        raise CheckpointError(f"{flag}: {exc}") from exc
+    sd = ck.get("state_dict") if isinstance(ck, dict) else None
+    if not isinstance(sd, dict) or not any("fake_quant" in k for k in sd):
+        raise CheckpointError(f"{flag} '{path}' is not a QAT checkpoint of train_qat.py (no 'state_dict' with "
+                              "fake-quant state); float weights go to --weights")
+    return ck
+
+
+def build_from_weights(path: str, nc: int | None = None, flag: str = "--weights") -> yolo.Model:
+    cfg, sd = load_weights(path, flag)
     m = yolo.Model(cfg)
     m.load_compatible_state_dict(sd, path)
     if nc is not None and nc != m.nc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -57,24 +58,55 @@ class Skips:
             logger.warning("%s: skipped images: %s; e.g. %s", what, self.counts, "; ".join(self.examples))
 
 
-def load_data_config(path: str) -> dict:
+def read_yaml(path: str, flag: str) -> object:
+    """The parsed YAML file, or a DataError naming ``flag``, the file and (for a syntax error) the line."""
     import yaml
     if not os.path.exists(path):
-        raise DataError(f"--data '{path}' not found")
-    with open(path) as f:
-        d = yaml.safe_load(f)
+        raise DataError(f"{flag} '{path}' not found")
+    if os.path.isdir(path):
+        raise DataError(f"{flag} '{path}' is a directory; give the YAML file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else path
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise DataError(f"{flag} {where}: not valid YAML ({problem}); fix the file's syntax") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{flag} '{path}': not a UTF-8 text file ({exc.reason})") from None
+
+
+def load_data_config(path: str) -> dict:
+    d = read_yaml(path, "--data")
     if not isinstance(d, dict) or "val" not in d or "nc" not in d:
-        raise DataError(f"{path}: a data YAML needs at least 'val' and 'nc' (and 'train' for training)")
+        missing = [k for k in ("val", "nc") if not isinstance(d, dict) or k not in d]
+        raise DataError(f"--data {path}: a data YAML needs at least 'val' and 'nc' (and 'train' for training); "
+                        f"missing {', '.join(repr(k) for k in missing)}")
+    nc = d["nc"]
+    if isinstance(nc, str) and nc.strip().isdigit():
+        nc = int(nc)
+    if isinstance(nc, bool) or not isinstance(nc, int) or nc < 1:
+        raise DataError(f"--data {path}: 'nc' (the number of classes) must be a positive integer, got {d['nc']!r}")
+    d["nc"] = nc
     root = d.get("path") or ""
     if root and not os.path.isabs(root):
         root = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), root))
     for k in ("train", "val", "train_json", "val_json"):
+        if d.get(k) and not isinstance(d[k], str):
+            raise DataError(f"--data {path}: '{k}' must be a path (a folder, a .txt list or a .json file), "
+                            f"got {d[k]!r}")
         if d.get(k) and not os.path.isabs(d[k]):
             d[k] = os.path.join(root or os.path.dirname(os.path.abspath(path)), d[k])
-    d["nc"] = int(d["nc"])
     d.setdefault("names", [str(i) for i in range(d["nc"])])
+    if isinstance(d["names"], dict):  # {0: person, 1: bicycle, ...} (later YOLOv5 YAMLs)
+        if sorted(d["names"]) != list(range(len(d["names"]))):
+            raise DataError(f"--data {path}: 'names' as a mapping needs the keys 0..{len(d['names']) - 1}")
+        d["names"] = [str(d["names"][i]) for i in range(len(d["names"]))]
+    if not isinstance(d["names"], list):
+        raise DataError(f"--data {path}: 'names' must be a list of class names, got {d['names']!r}")
     if len(d["names"]) != d["nc"]:
-        raise DataError(f"{path}: {len(d['names'])} names for nc={d['nc']}")
+        raise DataError(f"--data {path}: {len(d['names'])} names for nc={d['nc']}")
     return d
 
 
@@ -119,6 +151,9 @@ def _parse_yolo_label(lp: str, w: int, h: int, nc: int):
                 cx, cy, bw, bh = (float(v) for v in parts[1:])
             except ValueError:
                 raise LabelError(f"{where}: expected 'class cx cy w h', got {line.strip()!r}") from None
+            if not all(math.isfinite(v) for v in (c, cx, cy, bw, bh)):
+                raise LabelError(f"{where}: non-finite number (NaN or inf) in {line.strip()!r}; every value of "
+                                 "'class cx cy w h' must be a finite number")
             if c != int(c) or not 0 <= c < nc:
                 raise LabelError(f"{where}: class index {parts[0]} outside 0..{nc - 1} (nc={nc})")
             x1, y1, x2, y2 = cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2
@@ -180,9 +215,15 @@ def records_from_coco(img_dir: str, json_path: str, skips: Skips):
         w, h = int(im["width"]), int(im["height"])
         boxes, cls, crowd, err = [], [], [], None
         for a in anns.get(im["id"], []):
-            x, y, bw, bh = a["bbox"]
-            if a["category_id"] not in cmap:
-                err = f"{json_path}: annotation {a.get('id')} of {path}: unknown category_id {a['category_id']}"
+            bbox = a.get("bbox")
+            if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)):
+                err = (f"{json_path}: annotation {a.get('id')} of {path}: bbox {bbox!r} is not 4 finite numbers "
+                       "[x, y, w, h]")
+                break
+            x, y, bw, bh = bbox
+            if a.get("category_id") not in cmap:
+                err = f"{json_path}: annotation {a.get('id')} of {path}: unknown category_id {a.get('category_id')!r}"
             elif bw <= 0 or bh <= 0 or x < -1 or y < -1 or x + bw > w + 1 or y + bh > h + 1:
                 err = f"{json_path}: annotation {a.get('id')} of {path}: bbox {a['bbox']} outside the {w}x{h} image"
             if err:

@@ -24,13 +24,9 @@ def say(msg: str) -> None:
 
 
 def load_hyp(path: str) -> dict:
-    import yaml
-    if not os.path.exists(path):
-        raise D.DataError(f"--hyp '{path}' not found")
-    with open(path) as f:
-        h = yaml.safe_load(f) or {}
+    h = D.read_yaml(path, "--hyp") or {}
     if not isinstance(h, dict):
-        raise D.DataError(f"{path}: not a YAML mapping")
+        raise D.DataError(f"--hyp {path}: not a YAML mapping")
     return h
 
 

@@ -75,24 +75,33 @@ def main(argv=None) -> int:
 
 def run(a) -> int:
     device = torch.device("cpu" if a.device == "cpu" or not torch.cuda.is_available() else f"cuda:{a.device}")
-    if not os.path.exists(a.weights):
-        raise C.CheckpointError(f"--weights '{a.weights}' not found")
+    C.check_file(a.weights)  # missing, a directory, empty: before any other work
+    is_onnx = a.weights.endswith(".onnx")
+    if is_onnx:  # read the file before the data (the embedded scenes take a while to generate the first time)
+        import onnx
+        try:
+            proto = onnx.load(a.weights, load_external_data=False)
+        except Exception as exc:  # noqa: BLE001 - protobuf DecodeError and friends
+            raise C.CheckpointError(f"--weights '{a.weights}' could not be read as ONNX ({type(exc).__name__}: "
+                                    f"{(str(exc).splitlines() or [''])[0][:200]}): the file is truncated or corrupt; "
+                                    "export it again") from exc
+        if not proto.graph.input:
+            raise C.CheckpointError(f"--weights '{a.weights}': the ONNX graph has no inputs")
+    else:
+        model = C.build_from_weights(a.weights).to(device).eval()
     if a.data:
         cfg = D.load_data_config(a.data)
     else:
         from suites.yolov5.synth import fashion_scenes
         cfg = fashion_scenes(n_train=a.scenes[0], n_val=a.scenes[1])
-    is_onnx = a.weights.endswith(".onnx")
     if is_onnx:
         anchors, strides, size, nc = onnx_meta(a.weights, a.cfg, cfg["nc"])
-        import onnx
-        shp = onnx.load(a.weights, load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+        shp = proto.graph.input[0].type.tensor_type.shape.dim
         size = a.img_size or size or shp[-1].dim_value or 640
         if shp[-1].dim_value and shp[-1].dim_value != size:
             raise ConfigError(f"{a.weights} takes {shp[-1].dim_value}x{shp[-1].dim_value} inputs, not --img-size {size}")
         predict = onnx_predictor(a.weights, threads=torch.get_num_threads())
     else:
-        model = C.build_from_weights(a.weights).to(device).eval()
         anchors, strides, nc = model.detect.anchors, model.detect.stride, model.nc
         size = a.img_size or (128 if not a.data else 640)
         predict = torch_predictor(model, device)

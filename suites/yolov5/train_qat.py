@@ -133,7 +133,7 @@ def float_model(args, cfg, train, hyp, stages):
     path = P.float_cache_path(args.cache_dir or cache_dir(), key)
     if os.path.exists(path) and not args.no_float_cache:
         try:
-            fc, sd = C.load_weights(path)
+            fc, sd = C.load_weights(path, "float cache")
             m.load_compatible_state_dict(sd, path)
             say(f"=> reusing the cached float model {path}")
             stages.metrics.update(float_cached=True)
@@ -181,6 +181,8 @@ def run(args) -> int:
         raise ConfigError("--quantize fine-tunes trained weights: give --weights (or --resume with --export-only)")
     if args.weights:
         C.load_weights(args.weights)  # readable before any long work
+    if args.resume:
+        C.check_resume(args.resume)  # readable, a QAT checkpoint: before data, model and calibration
     stages = Stages(args.metrics, "yolov5", log=P.say, embedded=args.embedded, cfg=args.name,
                       backend=args.backend if args.quantize else None, img_size=args.img_size,
                       world_size=dist.get_world_size() if dist.is_initialized() else 1,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -270,3 +271,126 @@ def test_profiler_rows(tmp_path):
     profiler.write_csv(rows, str(tmp_path / "p.csv"))
     profiler.plot(rows, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_flags_are_range_checked_before_any_work(tmp_path, capsys):
+    """--lr / --float-lr (finite, > 0), -j, --image-size, --opset-version (13..21), -nc: errors from resolve_args,
+    before data, models or the first export."""
+    from suites.imagenet.cli import SuiteError, build_parser, resolve_args
+    for argv, msg in ((["--lr", "nan"], "--lr nan must be a finite number > 0"),
+                      (["--lr", "-0.1"], "--lr -0.1 must be"), (["--lr", "0"], "--lr 0.0 must be"),
+                      (["--float-lr", "inf"], "--float-lr inf must be"),
+                      (["-j", "-1"], "-j/--workers -1 must be >= 0"),
+                      (["--image-size", "0"], "--image-size 0 must be >= 32"),
+                      (["--opset-version", "12"], "--opset-version 12 is outside 13..21"),
+                      (["--opset-version", "22"], "--opset-version 22 is outside 13..21"),
+                      (["--data", "x", "-nc", "0"], "-nc/--num-classes 0 must be >= 1")):
+        with pytest.raises(SuiteError, match=re.escape(msg)):
+            resolve_args(build_parser().parse_args(argv))
+    resolve_args(build_parser().parse_args(["--lr", "1e-3", "-j", "2", "--image-size", "32", "--opset-version", "13"]))
+    # through main: "error: ...", exit code 2, before the (missing) data is even looked at
+    assert suite_main.main(["--data", str(tmp_path / "nope"), "--lr", "nan"]) == 2
+    assert "error: --lr nan must be a finite number > 0" in capsys.readouterr().err
+
+
+def test_num_classes_must_match_the_data(tmp_path, capsys):
+    """-nc larger than the data's class folders is an error naming what the data has (it was a warning)."""
+    import torchvision
+    folder = _image_folder(tmp_path / "if")
+    ck = tmp_path / "r18_5.pth"
+    torch.save(torchvision.models.resnet18(num_classes=5).state_dict(), ck)
+    rc = suite_main.main(["--data", str(folder), "-a", "resnet18", "-nc", "5", "--model-path", str(ck), "--not-qat",
+                          "-e", "-j", "0", "--image-size", "32", "--output-dir", str(tmp_path / "o")])
+    assert rc == 2
+    e = capsys.readouterr().err
+    assert "has 2 classes (class folders in train/) but -nc/--num-classes is 5" in e and "use -nc 2" in e
+
+
+def test_zoo_teacher_with_a_random_head_is_not_used(tmp_path, capsys):
+    """kd with -nc other than the zoo teacher's 1000 classes and no --teacher-path: the fine-tuned float model of
+    --model-path teaches (logged); without one it is an error before any model is built."""
+    import argparse
+    import torchvision
+    from suites.imagenet.models import build_teacher, choose_teacher
+    folder = _image_folder(tmp_path / "if")
+    rc = suite_main.main(["--data", str(folder), "-a", "mobilenet_v2", "--teacher-arch", "mobilenet_v2", "-nc", "2",
+                          "--pretrained", "--distill-method", "kd", "-j", "0", "--image-size", "32", "--epochs", "1",
+                          "-b", "2", "--calib-batches", "1", "--no-export", "--output-dir", str(tmp_path / "o")])
+    assert rc == 2
+    e = capsys.readouterr().err
+    assert "predicts 1000 classes, and a new 2-class head would be random" in e and "--teacher-path" in e
+    args = argparse.Namespace(distill_method="kd", not_qat=False, evaluate=False, teacher_path="", embedded=False,
+                              teacher_arch="resnet101", model_zoo="torchvision", num_classes=2,
+                              model_path=str(tmp_path / "ft.pth"), device=torch.device("cpu"), image_size=32)
+    assert choose_teacher(args) == "float"
+    assert "the float model of --model-path" in capsys.readouterr().err
+    assert choose_teacher(argparse.Namespace(**{**vars(args), "num_classes": 1000})) == "zoo"
+    assert choose_teacher(argparse.Namespace(**{**vars(args), "teacher_path": "t.pth"})) == "path"
+    student = torchvision.models.resnet18(num_classes=2).eval()
+    args.teacher_source = "float"
+    teacher = build_teacher(args, student)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(x), student(x))
+    assert teacher is not student and not any(p.requires_grad for p in teacher.parameters())
+
+
+def _qat_ckpt(path, lr):
+    sd = {"conv.weight": torch.zeros(2, 3, 1, 1), "conv.weight_fake_quant.scale": torch.ones(2)}
+    torch.save({"state_dict": sd, "qat": True, "epoch": 1,
+                "optimizer": {"state": {}, "param_groups": [{"lr": lr / 2, "initial_lr": lr, "params": [0]}]},
+                "scheduler": {"base_lrs": [lr], "last_epoch": 3}}, path)
+
+
+def test_resume_with_another_lr_is_reported(tmp_path, capsys):
+    from suites.common.resume import checkpoint_lr, lr_change_message
+    ck = tmp_path / "q.pth"
+    _qat_ckpt(ck, 1e-3)
+    # early (before the data, which is missing here): the warning names both values and the one used
+    assert suite_main.main(["--data", str(tmp_path / "nope"), "-a", "resnet18", "--resume", str(ck),
+                            "--lr", "0.5"]) == 2
+    e = capsys.readouterr().err
+    assert "--lr 0.5 differs from the learning rate 0.001 of --resume" in e and "the checkpoint's 0.001 is used" in e
+    assert suite_main.main(["--data", str(tmp_path / "nope"), "-a", "resnet18", "--resume", str(ck),
+                            "--lr", "1e-3"]) == 2
+    assert "differs from the learning rate" not in capsys.readouterr().err
+    assert checkpoint_lr({"optimizer": {"param_groups": [{"lr": 0.2}]}}) == 0.2 and checkpoint_lr({}) is None
+    assert "(the default)" in lr_change_message({"scheduler": {"base_lrs": [0.1]}}, 5e-5, "x", given=False)
+    # a float state_dict given to --resume is refused before the data as well
+    import torchvision
+    fl = tmp_path / "float.pth"
+    torch.save(torchvision.models.resnet18(num_classes=2).state_dict(), fl)
+    assert suite_main.main(["--data", str(tmp_path / "nope"), "-a", "resnet18", "--resume", str(fl)]) == 2
+    assert "is not a QAT checkpoint" in capsys.readouterr().err
+
+
+def test_unreadable_image_is_an_error_naming_it_or_a_counted_skip(tmp_path, capsys):
+    import torchvision
+    from suites.imagenet.data import DataError, imagefolder_datasets, skipped_images
+    folder = _image_folder(tmp_path / "if")
+    good = (folder / "val" / "c0" / "0.png").read_bytes()
+    (folder / "val" / "c0" / "bad.png").write_bytes(good[: len(good) // 3])  # truncated
+    (folder / "train" / "c1" / "junk.png").write_bytes(b"not an image at all")
+    train, val, _calib = imagefolder_datasets(str(folder), 32)
+    bad_index = next(i for i, (p, _t) in enumerate(val.samples) if p.endswith("bad.png"))
+    with pytest.raises(DataError, match=r"image '.*bad\.png' cannot be read .*--on-bad-image skip"):
+        val[bad_index]
+    # skip: the next readable image takes its place; counted in DataLoader workers too
+    train, val, _calib = imagefolder_datasets(str(folder), 32, "skip")
+    for ds, n in ((val, 5), (train, 5)):  # 4 readable images + 1 unreadable, whose place the next one takes
+        dl = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2)
+        assert sum(len(x) for x, _y in dl) == n
+        assert skipped_images(ds) == 1
+    assert skipped_images(torch.utils.data.Subset(val, [bad_index])) == 1
+    # main.py: the error names the file (no PIL traceback, no worker traceback); skip reports the count
+    st = tmp_path / "s.pth"
+    torch.save(torchvision.models.resnet18(num_classes=2).state_dict(), st)
+    argv = ["--data", str(folder), "-a", "resnet18", "-nc", "2", "--model-path", str(st), "--not-qat", "-e", "-j", "2",
+            "--image-size", "32", "--output-dir", str(tmp_path / "o"), "--metrics", str(tmp_path / "m.json")]
+    assert suite_main.main(argv) == 2
+    e = capsys.readouterr().err
+    assert "error: image '" in e and "bad.png' cannot be read" in e and "Traceback" not in e
+    assert suite_main.main(argv + ["--on-bad-image", "skip"]) == 0
+    assert "Float: skipped 1 unreadable image(s)" in capsys.readouterr().err
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["skipped_images"] == {"train": 0, "val": 1, "calib": 0}

@@ -221,3 +221,128 @@ def test_exported_int8_model_agrees_with_fake_quant(smoke_run, tiny_bert_dir):
     assert np.abs(ort - ref).max() < 0.05 * (np.abs(ref).max() + 1e-6) + 1e-3, (ort, ref)
     assert (ort.argmax(1) == ref.argmax(1)).mean() >= 0.85
     assert scale["tensors"]
+
+
+def _tiny_data(root):
+    root.mkdir(parents=True, exist_ok=True)
+    rows = [{"text": f"passage number {i} about {'tea' if i % 2 else 'war'}", "label": "ab"[i % 2]} for i in range(8)]
+    for split in ("train", "test"):
+        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(root)
+
+
+def test_resume_is_checked_first_with_clear_errors(tmp_path, capsys, monkeypatch, tiny_bert_dir):
+    """--resume (missing, empty, truncated, not QAT, another model's, another backend) fails before the data, the
+    model and calibration; a --lr other than the checkpoint's is reported with both values."""
+    from ts_qat_pytorch.prepare_by_platform import BackendType, prepare_by_platform
+    from ts_qat_pytorch.utils.utils import save_qat_checkpoint
+    from suites.transformers.data import DataError
+    from suites.transformers.model import ModelError
+    from suites.transformers.pipeline import calibrate
+
+    def no_data(args):
+        raise DataError("the data was read: --resume was not checked first")
+    monkeypatch.setattr(suite_main, "load_data", no_data)
+    base = ["--model", tiny_bert_dir, "--smoke", "--output-dir", str(tmp_path / "o")]
+    blob = tmp_path / "blob.pt"
+    torch.save({"state_dict": {"w": torch.zeros(1000)}}, blob)
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "trunc.pth").write_bytes(blob.read_bytes()[:300])
+    torch.save({"word.weight": torch.zeros(3, 2)}, tmp_path / "float.pth")
+    torch.save({"state_dict": {"model.0.conv.weight": torch.zeros(1), "model.0.conv.weight_fake_quant.scale":
+                               torch.ones(1)}}, tmp_path / "yolo.pth")
+    qsd = {"word.weight": torch.zeros(3, 2), "blocks.0.q.weight": torch.zeros(2, 2),
+           "blocks.0.q.weight_fake_quant.scale": torch.ones(2)}
+    torch.save({"state_dict": qsd, "backend": "TSQAT"}, tmp_path / "tsqat.pth")
+    for name, msg in (("missing.pth", "does not exist"), ("empty.pth", "is empty (0 bytes)"),
+                      ("trunc.pth", "could not be read"), ("float.pth", "is not a QAT checkpoint"),
+                      ("yolo.pth", "not a checkpoint of this suite's encoder split"),
+                      ("tsqat.pth", "was trained with --backend TSQAT, this run uses --backend ONNXRuntime")):
+        _bad([*base, "--resume", str(tmp_path / name)], capsys, msg)
+    # a --lr other than the checkpoint's: one warning line naming both (the checkpoint's is used)
+    torch.save({"state_dict": qsd, "backend": "ONNXRuntime", "epoch": 1,
+                "optimizer": {"state": {}, "param_groups": [{"lr": 1e-5, "initial_lr": 2e-5, "params": [0]}]},
+                "scheduler": {"base_lrs": [2e-5], "last_epoch": 2}}, tmp_path / "q.pth")
+    _bad([*base, "--resume", str(tmp_path / "q.pth"), "--lr", "3e-4"], capsys, "was not checked first")
+    assert suite_main.main([*base, "--resume", str(tmp_path / "q.pth"), "--lr", "3e-4"]) == 2
+    err = capsys.readouterr().err
+    assert "--lr 0.0003 differs from the learning rate 2e-05 of --resume" in err
+    assert "the checkpoint's 2e-05 is used" in err
+    # against the loaded model (before the float stage and calibration): a real checkpoint of the split fits; one
+    # of another model or other labels does not
+    tok, hf = check_and_load(tiny_bert_dir, 6, 32)
+    labels = list("abcdef")
+    q = prepare_by_platform(EncoderClassifier(hf).eval(), BackendType.ONNXRuntime, prepare_config())
+    enc = tok(TEXTS, padding="max_length", max_length=16, truncation=True, return_tensors="pt")
+    calibrate(q, [(enc["input_ids"], enc["attention_mask"], None)], 1)
+    save_qat_checkpoint(str(tmp_path / "real.pth"), q, epoch=1, labels=labels)
+    args = suite_main.resolve(suite_main.build_parser().parse_args(["--resume", str(tmp_path / "real.pth")]))
+    ck = suite_main.check_resume(args)
+    suite_main.check_resume_fits(ck, hf, labels, "real.pth")
+    with pytest.raises(ModelError, match=r"trained on the labels \['a', 'b', .*'f'\], the data has \['x', 'y', 'z'\]"):
+        suite_main.check_resume_fits(ck, hf, ["x", "y", "z"], "real.pth")
+    from transformers import BertConfig, BertForSequenceClassification
+    other = BertForSequenceClassification(BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=32,
+                                                     max_position_embeddings=64, num_labels=6))
+    with pytest.raises(ModelError, match=r"does not fit the model .*word\.weight: \(30522, 32\) in the file, "
+                                         r"\(30522, 16\) in the model"):
+        suite_main.check_resume_fits(ck, other, labels, "real.pth")
+
+
+def test_model_folder_without_weights_or_with_truncated_weights(tmp_path, capsys, tiny_bert_dir):
+    from suites.transformers.model import ModelError
+    d = tmp_path / "model"
+    shutil.copytree(tiny_bert_dir, d)
+    weights = (d / "model.safetensors").read_bytes()
+    data_dir = _tiny_data(tmp_path / "data")
+    out = ["--data", data_dir, "--smoke", "--output-dir", str(tmp_path / "o")]
+    (d / "model.safetensors").unlink()
+    with pytest.raises(ModelError, match=r"the folder has no weights \(none of model\.safetensors"):
+        check_and_load(str(d), 2, 32)
+    _bad(["--model", str(d), *out], capsys, f"--model {d}: the folder has no weights")
+    (d / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    _bad(["--model", str(d), *out], capsys, f"--model {d}: the weights file model.safetensors is truncated or corrupt")
+    (d / "model.safetensors").write_bytes(b"")
+    _bad(["--model", str(d), *out], capsys, "the weights file model.safetensors is empty (0 bytes)")
+    (d / "model.safetensors").write_bytes(weights)
+    assert check_and_load(str(d), 6, 32)[1].num_labels == 6
+
+
+class _RunsCode:
+    """Unpickling this with weights_only=False would create MARKER (builtins.open)."""
+    MARKER = ""
+
+    def __reduce__(self):
+        return (open, (self.MARKER, "w"))
+
+
+@pytest.mark.parametrize("force_no_weights_only", [False, True])
+def test_float_cache_is_loaded_with_weights_only(tmp_path, monkeypatch, force_no_weights_only):
+    """The float fine-tune cache loads with weights_only=True: a pickle that would run code is refused with a
+    clear error (also when TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1, which overrides only an unspecified weights_only)."""
+    import argparse
+    from suites.transformers.model import ModelError
+    if force_no_weights_only:
+        monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    else:
+        monkeypatch.delenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", raising=False)
+    marker = tmp_path / "pwned"
+    _RunsCode.MARKER = str(marker)
+    args = argparse.Namespace(float_epochs=1, smoke=False, max_length=32, float_lr=2e-4, batch_size=8, seed=0,
+                              cache_dir=str(tmp_path / "cache"), evaluate=False, resume="")
+    train = [("some text", 0, 0)]
+    path = suite_main.float_cache_path(args, "model", train)
+    torch.save({"weight": _RunsCode()}, path)
+    with pytest.raises(ModelError, match=r"the cached float fine-tune .* cannot be used .*delete it"):
+        suite_main.float_stage(torch.nn.Linear(1, 1), None, args, None, "model", train)
+    assert not marker.exists()
+    # a genuine cache (a state_dict of tensors) still loads
+    lin = torch.nn.Linear(2, 2)
+    torch.save(lin.state_dict(), path)
+
+    class _Stages:
+        metrics: dict = {}
+    other = torch.nn.Linear(2, 2)
+    suite_main.float_stage(other, None, args, _Stages(), "model", train)
+    assert torch.equal(other.weight, lin.weight)

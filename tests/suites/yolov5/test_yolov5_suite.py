@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import sys
 import types
 
@@ -154,6 +155,82 @@ def test_coco_json_bad_box_is_reported(tmp_path):
     with pytest.raises(D.DataError, match="no usable images"):
         D.records_from_coco(str(tmp_path / "img"), str(tmp_path / "i.json"), sk)
     assert sk.counts == {"missing image": 1, "bad label": 1} and "outside the 30x20 image" in sk.examples[1]
+
+
+def test_non_finite_label_values_are_bad_labels(tmp_path):
+    """NaN / inf in a label line (class id or coordinates) is a bad label: an error naming file:line, or a counted
+    skip; never an invented box (NaN passes every range comparison) nor a crash (int(nan) in the class check)."""
+    cfg = _yolo_set(tmp_path / "a", {"ok": "0 0.5 0.5 0.2 0.2\n", "nancls": "nan 0.5 0.5 0.2 0.2\n",
+                                     "nanbox": "0 0.5 0.5 0.2 0.2\n1 nan 0.5 0.2 0.2\n",
+                                     "infw": "1 0.5 0.5 inf 0.2\n", "infcls": "inf 0.5 0.5 0.2 0.2\n"})
+    with pytest.raises(D.LabelError, match=r"infcls\.txt:1: non-finite number \(NaN or inf\)"):
+        D.load_split(cfg, "val", "stop")
+    for name, line in (("nanbox", 2), ("nancls", 1), ("infw", 1)):
+        with pytest.raises(D.LabelError, match=rf"{name}\.txt:{line}: non-finite"):
+            D._parse_yolo_label(str(tmp_path / "a" / "labels" / f"{name}.txt"), 48, 32, 2)
+    recs, _c, skips = D.load_split(cfg, "val", "skip")
+    assert [os.path.basename(r.file) for r in recs] == ["ok.png"]
+    assert skips.counts == {"bad label": 4} and all("non-finite" in e for e in skips.examples)
+    gt = D.coco_ground_truth(recs, _c)
+    assert all(np.isfinite(a["bbox"]).all() for a in gt["annotations"]) and len(gt["annotations"]) == 1
+    # COCO JSON: a NaN in a bbox (Python's json reads NaN) is a bad label too
+    from PIL import Image
+    (tmp_path / "img").mkdir()
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "img" / "x.png")
+    js = {"images": [{"id": 7, "file_name": "x.png", "width": 30, "height": 20}],
+          "annotations": [{"id": 1, "image_id": 7, "category_id": 5, "bbox": [float("nan"), 5, 10, 5]}],
+          "categories": [{"id": 5, "name": "a"}]}
+    (tmp_path / "i.json").write_text(json.dumps(js))
+    with pytest.raises(D.LabelError, match=r"annotation 1 of .*x\.png: bbox \[nan, 5, 10, 5\] is not 4 finite"):
+        D.records_from_coco(str(tmp_path / "img"), str(tmp_path / "i.json"), D.Skips("stop"))
+
+
+def test_unreadable_weights_and_bad_data_yaml_are_clear_errors(tmp_path, capsys):
+    from suites.yolov5 import test as test_script
+    from suites.yolov5 import train_qat
+    _yolo_set(tmp_path / "d", {"ok": "0 0.5 0.5 0.2 0.2\n"})
+    data = str(tmp_path / "d" / "data.yaml")
+    good = tmp_path / "good.pt"
+    C.save_float(str(good), Model(TINY))
+    blob = good.read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(blob[: len(blob) // 2])
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "garbage.pt").write_bytes(b"these are not the weights you are looking for" * 20)
+    (tmp_path / "adir.pt").mkdir()
+    for name, msg in (("trunc", "could not be read"), ("empty", "is empty (0 bytes)"),
+                      ("garbage", "could not be read"), ("adir", "is a directory")):
+        path = str(tmp_path / f"{name}.pt")
+        with pytest.raises(C.CheckpointError, match=re.escape(f"--weights '{path}' {msg}")):
+            C.load_weights(path)
+        # the scripts: "error: ..." and exit code 2, no traceback
+        assert train_qat.main(["--data", data, "--weights", path, "--output_dir", str(tmp_path / "o")]) == 2
+        assert f"error: --weights '{path}' {msg}" in capsys.readouterr().err
+        assert test_script.main(["--weights", path, "--data", data]) == 2
+        assert f"error: --weights '{path}' {msg}" in capsys.readouterr().err
+    onnx_trunc = tmp_path / "net.onnx"
+    onnx_trunc.write_bytes(b"\x08\x07\x12\x04trunc\x3a\xff\xff")
+    assert test_script.main(["--weights", str(onnx_trunc), "--data", data]) == 2
+    assert f"--weights '{onnx_trunc}' could not be read as ONNX" in capsys.readouterr().err
+    assert train_qat.main(["--data", data, "--quantize", "--export-only", "--resume", str(tmp_path / "garbage.pt"),
+                           "--output_dir", str(tmp_path / "o")]) == 2
+    assert "error: --resume: checkpoint" in capsys.readouterr().err
+    assert C.load_weights(str(good))[0]["nc"] == 3  # the good file still loads
+    # data YAML: a syntax error names the file and line; 'nc' missing or not an integer names the key
+    bad = tmp_path / "bad.yaml"
+    for text, msg in (("val: images\nnc: [1, 2\n", r"bad\.yaml:\d+: not valid YAML"),
+                      ("val: images\n", r"bad\.yaml: .*missing 'nc'"),
+                      ("val: images\nnc: two\n", r"bad\.yaml: 'nc' \(the number of classes\) must be a positive "
+                                                  r"integer, got 'two'"),
+                      ("val: images\nnc: 2.5\n", r"'nc' .* got 2\.5"),
+                      ("val: images\nnc: true\n", r"'nc' .* got True")):
+        bad.write_text(text)
+        with pytest.raises(D.DataError, match="--data .*" + msg):
+            D.load_data_config(str(bad))
+    bad.write_text("val: images\nnc: [1, 2\n")
+    assert train_qat.main(["--data", str(bad), "--output_dir", str(tmp_path / "o")]) == 2
+    assert "error: --data " in capsys.readouterr().err
+    assert test_script.main(["--weights", str(good), "--data", str(bad)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
 
 
 def _fake_ultralytics_modules():

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from suites.common.meters import AverageMeter, ProgressMeter
-from suites.common.stages import is_main
+from suites.common.distributed import is_main
 from suites.transformers.data import trim_batch
 from suites.transformers.model import attention_bias
 

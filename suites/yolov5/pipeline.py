@@ -10,7 +10,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from suites.common.stages import is_main
+from suites.common.distributed import is_main
 
 from . import datasets as D
 from . import evaluate as E

@@ -157,14 +157,6 @@ class CheckedImageFolder(Dataset):
         raise DataError(f"'{self.root}': none of its {n} images can be read")
 
 
-def skipped_images(ds) -> int | None:
-    """Unreadable images skipped so far by ``ds`` (through Subset wrappers); None for data sets that never skip."""
-    while isinstance(ds, torch.utils.data.Subset):
-        ds = ds.dataset
-    counter = getattr(ds, "skipped", None)
-    return None if counter is None else int(counter.value)
-
-
 def imagefolder_datasets(root: str, image_size: int = 224, on_bad: str = "error"):
     import torchvision.transforms as T
     check_imagefolder(root)

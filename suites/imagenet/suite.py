@@ -93,9 +93,10 @@ class ImageNetSuite(Suite):
 
     def datasets(self, args) -> Data:
         """Train, calibration (training images, no augmentation) and validation sets."""
+        from suites.common.assets import load_fashion_mnist
         from suites.imagenet import data
         if args.embedded:
-            fm = data.load_fashion_mnist()
+            fm = load_fashion_mnist()
             (xtr, ytr), (xte, yte) = fm["train"], fm["test"]
             train = data.FashionMNISTImageNet(xtr, ytr, args.image_size, train=True)
             calib = data.FashionMNISTImageNet(xtr, ytr, args.image_size, train=False)

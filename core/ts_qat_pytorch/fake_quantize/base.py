@@ -39,6 +39,7 @@ class QuantizeBase(nn.Module):
         self.is_weight = False  # weight quantizers can calibrate themselves from the weight
         self.non_float = False  # has been given integer tensors (ids, masks): it stays a no-op
         self.nonfinite_batches = 0  # calibration batches ignored because they held NaN / inf
+        self.observed_shape: tuple[int, ...] | None = None  # the last calibration tensor's shape (export errors)
 
     # -- switches -----------------------------------------------------------------------------
     def enable_observer(self, enabled: bool = True):
@@ -58,7 +59,7 @@ class QuantizeBase(nn.Module):
     def get_extra_state(self):
         return {"observer_enabled": self.observer_enabled, "fake_quant_enabled": self.fake_quant_enabled,
                 "initialized": self.initialized, "non_float": self.non_float,
-                "nonfinite_batches": self.nonfinite_batches}
+                "nonfinite_batches": self.nonfinite_batches, "observed_shape": self.observed_shape}
 
     def set_extra_state(self, state):
         self.observer_enabled = bool(state["observer_enabled"])
@@ -66,11 +67,14 @@ class QuantizeBase(nn.Module):
         self.initialized = bool(state["initialized"])
         self.non_float = bool(state.get("non_float", False))
         self.nonfinite_batches = int(state.get("nonfinite_batches", 0))
+        shape = state.get("observed_shape")
+        self.observed_shape = tuple(int(d) for d in shape) if shape is not None else None
 
     # -- numerics -----------------------------------------------------------------------------
     def observe(self, x: torch.Tensor) -> None:
         """Feed the observer and adopt its qparams. A tensor holding NaN or inf is ignored (with a warning):
         one diverged batch must not wipe the statistics of the others."""
+        self.observed_shape = tuple(x.shape)
         if not bool(torch.isfinite(x).all()):
             self.nonfinite_batches += 1
             n = self.nonfinite_batches

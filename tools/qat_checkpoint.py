@@ -5,10 +5,12 @@
         what a checkpoint holds: kind (QAT / float), epoch and other extras, parameter and quantizer counts
     python tools/qat_checkpoint.py strip CKPT OUT
         drop the 'module.' prefix that DataParallel / DistributedDataParallel add (also inside 'state_dict')
-    python tools/qat_checkpoint.py to-float CKPT --arch torchvision:resnet18 [--num-classes N] [--backend TSQAT]
+    python tools/qat_checkpoint.py to-float CKPT --arch torchvision:resnet18 [--num-classes N] [--backend NAME]
                                          --out float.pth [--json qparams.json]
         a QAT checkpoint -> the float state_dict (loads into the original architecture) + the parameter JSON,
-        without the training script: the model is rebuilt and prepared the same way, then loaded
+        without the training script: the model is rebuilt and prepared the way the checkpoint records (backend and
+        quantizer configuration; --backend, default TSQAT, for checkpoints without that record), then loaded,
+        which checks every quantizer's bits and range against the checkpoint
 """
 from __future__ import annotations
 
@@ -40,6 +42,14 @@ def info(path: str) -> dict:
                    and isinstance(v, (int, float, str, bool, type(None)))} if isinstance(ckpt, dict) else {},
         "has_optimizer": isinstance(ckpt, dict) and "optimizer" in ckpt,
     }
+    record = ckpt.get("quant_scheme") if isinstance(ckpt, dict) else None
+    if record:
+        kinds = {}
+        for q in record["quantizers"].values():
+            kinds.setdefault(q["kind"], set()).add(q["bit"])
+        out["scheme"] = (f"backend {record.get('backend')}, "
+                         + ", ".join(f"{k} bits {sorted(v)}" for k, v in sorted(kinds.items()))
+                         + f" (ts_qat_pytorch {record.get('ts_qat_pytorch')})")
     return out
 
 
@@ -64,10 +74,14 @@ def build_model(arch: str, num_classes: int | None):
     raise SystemExit(f"--arch must be 'torchvision:NAME' or 'timm:NAME', got {arch!r}")
 
 
-def to_float(path: str, arch: str, num_classes: int | None, backend: str, out: str, json_path: str | None):
+def to_float(path: str, arch: str, num_classes: int | None, backend: str | None, out: str, json_path: str | None):
     from ts_qat_pytorch.prepare_by_platform import prepare_by_platform
-    model = prepare_by_platform(build_model(arch, num_classes), backend)
-    load_qat_checkpoint(path, model)
+    ckpt = load_checkpoint(path)
+    record = (ckpt.get("quant_scheme") if isinstance(ckpt, dict) else None) or {}
+    del ckpt
+    backend = backend or record.get("backend") or "TSQAT"
+    model = prepare_by_platform(build_model(arch, num_classes), backend, record.get("prepare_config"))
+    load_qat_checkpoint(path, model)  # refuses a model whose quantizers differ from the checkpoint's
     save_checkpoint(model, out, json_path)
 
 
@@ -83,7 +97,7 @@ def main(argv=None) -> int:
     p.add_argument("ckpt")
     p.add_argument("--arch", required=True, help="torchvision:NAME or timm:NAME")
     p.add_argument("--num-classes", type=int)
-    p.add_argument("--backend", default="TSQAT")
+    p.add_argument("--backend", help="the backend to prepare with (default: the checkpoint's, else TSQAT)")
     p.add_argument("--out", required=True)
     p.add_argument("--json")
     a = ap.parse_args(argv)

@@ -3,7 +3,13 @@
 The documented entry points:
     from ts_qat_pytorch.prepare_by_platform import prepare_by_platform, BackendType
     from ts_qat_pytorch.utils.state import enable_calibration, enable_quantization, ...
+    from ts_qat_pytorch.utils.calibrate import calibrate
     from ts_qat_pytorch.utils.utils import save_checkpoint
     from ts_qat_pytorch.convert_export import convert_export
 """
-__version__ = "0.1.0"
+import importlib.metadata as _metadata
+
+try:  # one source of truth: the installed distribution's version (pyproject.toml)
+    __version__ = _metadata.version("ts-qat-pytorch")
+except _metadata.PackageNotFoundError:  # a source tree on sys.path, not installed
+    __version__ = "0+unknown"

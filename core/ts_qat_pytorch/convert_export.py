@@ -78,12 +78,12 @@ def _names(given: Sequence[str] | None, default: list[str], what: str) -> list[s
     return names
 
 
-def _reference_outputs(frozen: fx.GraphModule, args: tuple, input_names: list[str]):
+def _reference_outputs(frozen: fx.GraphModule, args: tuple, input_names: list[str], prepared: fx.GraphModule):
     try:
         with torch.no_grad():
             return frozen(*args)
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:
-        raise signature.bad_input_error(frozen, args, input_names, exc) from exc
+        raise signature.bad_input_error(prepared, args, input_names, exc) from exc
 
 
 def _output_scales(frozen: fx.GraphModule, paths: list[tuple]) -> list[float | None]:
@@ -112,7 +112,7 @@ def convert_export(model: torch.nn.Module, dummy_input=None, onnx_path: str = "m
     inputs = signature.leaves(args)
     parameters = [p.target for p in signature.forward_parameters(frozen)]
     input_names = _names(input_names, signature.input_names(parameters, [p for p, _ in inputs]), "input_names")
-    ref = signature.leaves(_reference_outputs(frozen, args, input_names))
+    ref = signature.leaves(_reference_outputs(frozen, args, input_names, gm))
     output_names = _names(output_names, signature.output_names([p for p, _ in ref]), "output_names")
 
     onnx_path = os.fspath(onnx_path)

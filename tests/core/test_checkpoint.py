@@ -82,7 +82,7 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
     def crash(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(U.os, "replace", crash)
+    monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
         U.atomic_torch_save({"a": torch.zeros(3)}, path)
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(3))

@@ -152,8 +152,10 @@ def test_dict_dummy_input_with_unknown_name_lists_the_parameters(tmp_path):
 
 def test_wrong_dummy_input_shape_is_a_value_error_naming_it(tmp_path):
     q = prepare_and_calibrate(TwoConvs().eval(), _image())
-    with pytest.raises(ValueError, match=r"dummy_input \(x: \(1, 4, 16, 16\)\)"):
+    calibrated = tuple(_image().shape)
+    with pytest.raises(ValueError, match=r"dummy_input \(x: \(1, 4, 16, 16\)\)") as err:
         convert_export(q, (1, 4, 16, 16), str(tmp_path / "x.onnx"))
+    assert f"calibrated or traced with x: {calibrated}" in str(err.value)  # the shape it was calibrated with
     assert not list(tmp_path.iterdir())
 
 

@@ -1,7 +1,8 @@
 """ModelQuantizer: turns a traced float GraphModule into a QAT GraphModule.
 
 Passes, in order, each a method a backend may override:
-  1. ``fuse``: conv/linear + BatchNorm (+ReLU) -> fused QAT layers (fuser_method_mappings).
+  1. ``fuse``: conv/linear + BatchNorm (+ReLU) -> fused QAT layers (fuser_method_mappings, plus the patterns
+     of ``extra_fuse_dict``).
   2. ``swap``: remaining conv/linear/embedding layers -> QAT layers with weight fake quantization.
   3. ``insert_act_quantizers``: activation fake quantizers where the operator table says the deployed
      graph needs integers (quantization/op_table.py), one quantizer per tensor.
@@ -17,12 +18,12 @@ import torch
 from torch import fx, nn
 
 from ..fake_quantize import QuantizeBase
-from ..fuser_method_mappings import FUSABLE_ACTIVATION_MODULES, FUSION_PATTERNS
+from ..fuser_method_mappings import FUSABLE_ACTIVATION_MODULES, FUSION_PATTERNS, build_fused, fusion_table
 from ..nn.qat import QAT_MODULE_MAPPING
 from ..quantization.op_table import (BOUNDED_ACT_MAX, FLOAT, FLOAT_WARN, FUSABLE_ACT_FUNCTIONS,
                                      FUSABLE_ACT_METHODS, INDEX, OP_INDEX, PASSTHROUGH, QUANTIZED,
                                      SHAPE_FUNCTIONS, SHAPE_METHODS, OpRow)
-from ..quantization.qconfig import QConfig
+from ..quantization.qconfig import QConfig, resolve_dotted
 
 logger = logging.getLogger(__name__)
 
@@ -34,14 +35,6 @@ _FLOAT_OUTPUT_ROWS = ("Linear", "matmul")
 _TUPLE_PRODUCERS = {"split", "chunk", "min", "max", "unbind", "topk", "sort"}
 
 
-def _resolve_dotted(obj):
-    if not isinstance(obj, str):
-        return obj
-    import importlib
-    mod, _, attr = obj.rpartition(".")
-    return getattr(importlib.import_module(mod), attr)
-
-
 class ModelQuantizer:
     """Backend-neutral QAT graph rewriting. Backends subclass and register (see ``custom_quantizer``)."""
 
@@ -51,16 +44,19 @@ class ModelQuantizer:
     # (extra_quantizer_dict "float_outputs" overrides). Off for integer accelerators, whose kernels write
     # integers; on for onnxruntime, whose QGemm / MatMulIntegerToFloat write float at no cost.
     float_outputs = False
+    # (layer type, norm type or None, has activation) -> fused QAT class; a backend may set its own table
+    fusion_patterns = FUSION_PATTERNS
 
-    def __init__(self, extra_quantizer_dict: dict | None = None):
+    def __init__(self, extra_quantizer_dict: dict | None = None, extra_fuse_dict: dict | None = None):
+        self.fusion_patterns = fusion_table(extra_fuse_dict, self.fusion_patterns)
         extra = dict(extra_quantizer_dict or {})
         unknown = sorted(set(extra) - set(EXTRA_QUANTIZER_KEYS))
         if unknown:
             raise ValueError(f"unknown extra_quantizer_dict keys {unknown}; valid keys: {list(EXTRA_QUANTIZER_KEYS)}")
         self.exclude_module_name = list(extra.get("exclude_module_name", []))
         self.exclude_node_name = set(extra.get("exclude_node_name", []))
-        self.additional_function_type = tuple(_resolve_dotted(f) for f in extra.get("additional_function_type", []))
-        self.additional_module_type = tuple(_resolve_dotted(m) for m in extra.get("additional_module_type", []))
+        self.additional_function_type = tuple(resolve_dotted(f) for f in extra.get("additional_function_type", []))
+        self.additional_module_type = tuple(resolve_dotted(m) for m in extra.get("additional_module_type", []))
         if extra.get("float_outputs") is not None:
             if not isinstance(extra["float_outputs"], bool):
                 raise ValueError(f"extra_quantizer_dict['float_outputs'] must be True or False, got "
@@ -147,7 +143,8 @@ class ModelQuantizer:
 
     # -- pass 1: fusion ----------------------------------------------------------------------------
     def fuse(self, gm: fx.GraphModule, qconfig: QConfig) -> None:
-        layer_types = {k[0] for k in FUSION_PATTERNS}
+        patterns = self.fusion_patterns
+        layer_types = {k[0] for k in patterns}
         for node in list(gm.graph.nodes):
             if node.op != "call_module" or self.is_excluded(node):
                 continue
@@ -158,8 +155,7 @@ class ModelQuantizer:
             users = list(last.users)
             if len(users) == 1 and users[0].op == "call_module" and not self.is_excluded(users[0]):
                 cand = self._module(gm, users[0])
-                if isinstance(cand, nn.modules.batchnorm._BatchNorm) and \
-                        (type(layer), type(cand), False) in FUSION_PATTERNS:
+                if any((type(layer), type(cand), a) in patterns for a in (False, True)):
                     bn, bn_name, last = cand, users[0].target, users[0]
             users = list(last.users)
             if len(users) == 1 and self._is_fusable_act(gm, users[0]) and users[0].args[0] is last:
@@ -167,9 +163,9 @@ class ModelQuantizer:
                 act = self._act_module(gm, act_node)
                 last = act_node
             key = (type(layer), type(bn) if bn is not None else None, act is not None)
-            if key not in FUSION_PATTERNS or (bn is None and act is None):
+            if key not in patterns or (bn is None and act is None):
                 continue
-            fused = FUSION_PATTERNS[key].from_modules(layer, bn, act, qconfig.weight, bn_name)
+            fused = build_fused(patterns[key], layer, bn, act, qconfig.weight, bn_name)
             _set_module(gm, node.target, fused)
             if last is not node:
                 last.replace_all_uses_with(node)

@@ -7,6 +7,7 @@ exactly the mode it was saved in.
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import torch
@@ -14,6 +15,8 @@ from torch import nn
 
 from ..observer import MinMaxObserver, ObserverBase
 from ..scheme import QuantScheme
+
+logger = logging.getLogger(__name__)
 
 
 class QuantizeBase(nn.Module):
@@ -35,6 +38,8 @@ class QuantizeBase(nn.Module):
         self.qualname = ""  # set by prepare_by_platform, for error messages
         self.is_weight = False  # weight quantizers can calibrate themselves from the weight
         self.non_float = False  # has been given integer tensors (ids, masks): it stays a no-op
+        self.nonfinite_batches = 0  # calibration batches ignored because they held NaN / inf
+        self.observed_shape: tuple[int, ...] | None = None  # the last calibration tensor's shape (export errors)
 
     # -- switches -----------------------------------------------------------------------------
     def enable_observer(self, enabled: bool = True):
@@ -53,17 +58,31 @@ class QuantizeBase(nn.Module):
 
     def get_extra_state(self):
         return {"observer_enabled": self.observer_enabled, "fake_quant_enabled": self.fake_quant_enabled,
-                "initialized": self.initialized, "non_float": self.non_float}
+                "initialized": self.initialized, "non_float": self.non_float,
+                "nonfinite_batches": self.nonfinite_batches, "observed_shape": self.observed_shape}
 
     def set_extra_state(self, state):
         self.observer_enabled = bool(state["observer_enabled"])
         self.fake_quant_enabled = bool(state["fake_quant_enabled"])
         self.initialized = bool(state["initialized"])
         self.non_float = bool(state.get("non_float", False))
+        self.nonfinite_batches = int(state.get("nonfinite_batches", 0))
+        shape = state.get("observed_shape")
+        self.observed_shape = tuple(int(d) for d in shape) if shape is not None else None
 
     # -- numerics -----------------------------------------------------------------------------
     def observe(self, x: torch.Tensor) -> None:
-        """Feed the observer and adopt its qparams."""
+        """Feed the observer and adopt its qparams. A tensor holding NaN or inf is ignored (with a warning):
+        one diverged batch must not wipe the statistics of the others."""
+        self.observed_shape = tuple(x.shape)
+        if not bool(torch.isfinite(x).all()):
+            self.nonfinite_batches += 1
+            n = self.nonfinite_batches
+            if n & (n - 1) == 0:  # 1st, 2nd, 4th, 8th ...: a diverged run would otherwise flood the log
+                logger.warning("fake quantizer '%s': ignored a calibration batch holding NaN/inf (%d so far); its "
+                               "statistics are kept. Look for a diverged layer or corrupt input data.",
+                               self.qualname or type(self).__name__, n)
+            return
         self.activation_post_process(x)
         if self.activation_post_process.initialized:
             scale, zero_point = self.activation_post_process.calculate_qparams()
@@ -86,13 +105,20 @@ class QuantizeBase(nn.Module):
         """Deployed (scale, integer zero_point), 1-D, detached."""
         raise NotImplementedError
 
+    def calibration_problem(self) -> str:
+        """Why this quantizer has no scale, in words for an error message."""
+        if self.nonfinite_batches:
+            return (f"every calibration batch it saw was non-finite (NaN/inf): {self.nonfinite_batches} batch(es) "
+                    "ignored. Find where NaN/inf come from (a diverged layer, corrupt input data, an fp16 "
+                    "overflow) and calibrate again")
+        return ("it was never calibrated. Run calibration first (model.eval(); utils.state.enable_calibration(model); "
+                "forward a few batches, or utils.calibrate.calibrate(model, batches)), then "
+                "utils.state.enable_quantization(model)")
+
     def check_initialized(self, name: str = "") -> None:
         if not self.initialized:
             where = f" '{name}'" if name else ""
-            raise RuntimeError(
-                f"fake quantizer{where} has no scale yet: it was never calibrated. Run calibration "
-                "first (model.eval(); utils.state.enable_calibration(model); forward a few batches), "
-                "then utils.state.enable_quantization(model).")
+            raise RuntimeError(f"fake quantizer{where} has no scale yet: {self.calibration_problem()}.")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not x.is_floating_point():  # ids, masks, indices: never quantized

@@ -3,6 +3,7 @@ from __future__ import annotations
 import torch
 
 from ..observer.base import adopt_saved_shapes
+from . import cpu_kernels
 from .base import QuantizeBase
 
 
@@ -25,6 +26,9 @@ class FixedFakeQuantize(QuantizeBase):
         self.zero_point.copy_(zero_point)
 
     def fake_quant(self, x):
+        if cpu_kernels.usable_for(x, self.ch_axis >= 0):
+            return cpu_kernels.fake_quant_fixed(x, self.scale, self.zero_point, self.ch_axis, self.quant_min,
+                                                self.quant_max)
         if self.ch_axis >= 0:
             return torch.fake_quantize_per_channel_affine(
                 x, self.scale, self.zero_point, self.ch_axis, self.quant_min, self.quant_max)

@@ -8,14 +8,15 @@ from torch import nn
 
 from ..observer import EPS, LSQObserver
 from ..observer.base import adopt_saved_shapes
+from . import cpu_kernels
 from .base import QuantizeBase
 
 
 class LearnableFakeQuantize(QuantizeBase):
     """LSQ: the scale is a parameter trained by backprop; the zero point is a fixed integer.
 
-    Gradients come from torch's native learnable fake-quant kernels, with LSQ's gradient scale
-    1 / sqrt(numel_per_scale * quant_max).
+    Gradients are those of torch's learnable fake-quant kernels, with LSQ's gradient scale
+    1 / sqrt(numel_per_scale * quant_max); on the CPU a fused kernel computes them (``cpu_kernels``).
     """
 
     learn_zero_point = False
@@ -59,6 +60,9 @@ class LearnableFakeQuantize(QuantizeBase):
             grad_factor = 1.0 / math.sqrt(x.numel() / self.scale.numel() * self.quant_max)
         else:
             grad_factor = 1.0
+        if cpu_kernels.usable_for(x, self.ch_axis >= 0):
+            return cpu_kernels.fake_quant_learnable(x, scale, zero_point, self.ch_axis, self.quant_min,
+                                                    self.quant_max, grad_factor)
         if self.ch_axis >= 0:
             return torch._fake_quantize_learnable_per_channel_affine(
                 x, scale, zero_point, self.ch_axis, self.quant_min, self.quant_max, grad_factor)

@@ -1,5 +1,8 @@
-"""Observers: MinMax, EMA-MinMax, percentile, MSE, EMA-MSE and the LSQ initialiser."""
+"""Observers: MinMax, EMA-MinMax, percentile, MSE, EMA-MSE, clip-std and the LSQ initialiser.
+
+``OBSERVERS`` is where ``w_observer`` / ``a_observer`` names are looked up."""
 from .base import EPS, ObserverBase, qparams_from_minmax
+from .clip_std import ClipStdObserver
 from .lsq import LSQObserver
 from .minmax import EMAMinMaxObserver, MinMaxObserver
 from .mse import EMAMSEObserver, MSEObserver
@@ -12,6 +15,7 @@ OBSERVERS = {
     "MSEObserver": MSEObserver,
     "EMAMSEObserver": EMAMSEObserver,
     "LSQObserver": LSQObserver,
+    "ClipStdObserver": ClipStdObserver,
 }
 
 __all__ = ["EPS", "ObserverBase", "qparams_from_minmax", "OBSERVERS", *OBSERVERS]

@@ -55,7 +55,8 @@ class ObserverBase(nn.Module):
     """Tracks ``min_val`` / ``max_val`` (per tensor or per channel) and returns qparams.
 
     Subclasses override :meth:`_batch_range` (what one batch contributes) and/or
-    :meth:`_merge` (how batches combine). Empty inputs are ignored.
+    :meth:`_merge` (how batches combine). Empty inputs are ignored, and so are inputs holding NaN or inf
+    (they would reset the statistics; the fake quantizer says which one saw them).
     """
 
     def __init__(self, scheme: QuantScheme):
@@ -79,9 +80,14 @@ class ObserverBase(nn.Module):
             self.min_val = torch.minimum(self.min_val, bmin)
             self.max_val = torch.maximum(self.max_val, bmax)
 
+    @staticmethod
+    def usable(x: torch.Tensor) -> bool:
+        """Whether a batch may update the statistics: not empty, every value finite."""
+        return x.numel() > 0 and bool(torch.isfinite(x).all())
+
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == 0:
+        if not self.usable(x):
             return x
         x2d = _reduce_dims(x.detach().float(), self.scheme)
         if x2d.shape[1] == 0:

@@ -21,7 +21,7 @@ class LSQObserver(EMAMinMaxObserver):
 
     @torch.no_grad()
     def forward(self, x):
-        if x.numel() == 0:
+        if not self.usable(x):
             return x
         super().forward(x)
         xf = x.detach().float()

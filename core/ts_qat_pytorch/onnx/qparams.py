@@ -81,7 +81,7 @@ def collect_qparams(gm: fx.GraphModule) -> dict[str, Any]:
             if fq.is_weight and node.args[0].op == "get_attr":
                 fq.init_from_weight(gm.get_parameter(node.args[0].target))
             else:
-                missing.append(fq.qualname or node.target)
+                missing.append(fq)
                 continue
         used[fq.qualname or str(node.target)] = fq
         tensors[tensor] = entry(fq, "weight" if fq.is_weight else "activation")
@@ -92,9 +92,15 @@ def collect_qparams(gm: fx.GraphModule) -> dict[str, Any]:
         used[fq.qualname or f"{name}.weight_fake_quant"] = fq
         tensors[f"{name}.weight"] = entry(fq, "weight")
     if missing:
-        shown = ", ".join(sorted(set(missing))[:8]) + (" ..." if len(set(missing)) > 8 else "")
+        nonfinite = {fq.qualname for fq in missing if fq.nonfinite_batches}
+        names = sorted({fq.qualname for fq in missing} - nonfinite)
+        if nonfinite:  # calibration ran, but every batch these quantizers saw was NaN/inf
+            raise RuntimeError(
+                f"{len(nonfinite)} activation quantizer(s) have no scale ({', '.join(sorted(nonfinite)[:8])}"
+                f"{' ...' if len(nonfinite) > 8 else ''}): {next(fq for fq in missing if fq.nonfinite_batches).calibration_problem()}.")
+        shown = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
         raise RuntimeError(
-            f"{len(set(missing))} activation quantizer(s) were never calibrated ({shown}): the model would be "
+            f"{len(names)} activation quantizer(s) were never calibrated ({shown}): the model would be "
             "exported with meaningless scales. Calibrate first: model.eval(); enable_calibration(model); "
             "run a few batches; then enable_quantization(model).")
     _check_finite(used)

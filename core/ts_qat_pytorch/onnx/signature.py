@@ -114,8 +114,14 @@ def _shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
-def _traced_shape(node: fx.Node) -> tuple[int, ...] | None:
-    """The input shape the model was traced or calibrated with, where the graph recorded one."""
+def _traced_shape(gm: fx.GraphModule, node: fx.Node) -> tuple[int, ...] | None:
+    """The input shape the model was calibrated with (its input quantizer's last calibration batch) or traced
+    with, where known."""
+    from ..fake_quantize import QuantizeBase
+    for user in node.users:
+        mod = gm.get_submodule(user.target) if user.op == "call_module" else None
+        if isinstance(mod, QuantizeBase) and not mod.is_weight and mod.observed_shape is not None:
+            return mod.observed_shape
     for key in ("tensor_meta", "val", "example_value"):
         shape = getattr(node.meta.get(key), "shape", None)
         if shape is not None:
@@ -127,12 +133,12 @@ def bad_input_error(gm: fx.GraphModule, args: tuple, names: list[str], exc: Exce
     """A ValueError for a dummy input the model cannot run: what was given, what the model expects."""
     given = ", ".join(f"{n}: {_shape(t)}" for n, (_, t) in zip(names, leaves(args))) or "no tensors"
     params = forward_parameters(gm)
-    known = {p.target: _traced_shape(p) for p in params}
+    known = {p.target: _traced_shape(gm, p) for p in params}
     expected = ", ".join(f"{k}: {v}" for k, v in known.items() if v is not None)
     first = (str(exc).strip().splitlines() or [""])[0]
     return ValueError(
         f"the model's forward fails on dummy_input ({given}) with {type(exc).__name__}: {first}. "
-        + (f"The model was traced with {expected}. " if expected else "")
+        + (f"The model was calibrated or traced with {expected}. " if expected else "")
         + f"Its forward takes {[p.target for p in params]}. Pass a dummy_input shaped like a calibration batch "
         "(a tensor, a tuple with one entry per forward argument, or a dict of parameter name -> tensor); "
         "batch_size sets the batch dimension of the file")

@@ -1,7 +1,8 @@
 """QConfig: which fake quantizer, observer and scheme weights and activations get.
 
 Built from the ancestor's ``extra_qconfig_dict`` keys laid over a backend's defaults:
-``w_observer``, ``a_observer``, ``w_fakequantize``, ``a_fakequantize`` (names or classes),
+``w_observer``, ``a_observer``, ``w_fakequantize``, ``a_fakequantize`` (registered names, classes, or dotted
+import paths such as ``"my_pkg.quant.MyFakeQuantize"``),
 ``w_qscheme``, ``a_qscheme`` (dicts of bit, symmetry, per_channel, pot_scale), and
 ``w_fakeq_params``, ``a_fakeq_params``, ``w_observer_params``, ``a_observer_params`` (keyword args).
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import importlib
 import inspect
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
@@ -21,11 +23,34 @@ QCONFIG_KEYS = ("w_observer", "a_observer", "w_fakequantize", "a_fakequantize", 
                 "w_fakeq_params", "a_fakeq_params", "w_observer_params", "a_observer_params")
 
 
+def resolve_dotted(obj):
+    """``"package.module.Name"`` -> the object it names; anything else is returned as it is."""
+    if not isinstance(obj, str) or "." not in obj:
+        return obj
+    mod, _, attr = obj.rpartition(".")
+    try:
+        return getattr(importlib.import_module(mod), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"cannot import {obj!r} ({type(exc).__name__}: {exc}): give a class, or its full "
+                         "import path 'package.module.Name'") from None
+
+
+def dotted_name(obj) -> str | None:
+    """The import path that :func:`resolve_dotted` turns back into ``obj``, or None (a local class, a lambda)."""
+    name = f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}"
+    try:
+        return name if resolve_dotted(name) is obj else None
+    except ValueError:
+        return None
+
+
 def _resolve(value, table: Mapping[str, type], what: str) -> type:
     if isinstance(value, type):
         return value
     if value in table:
         return table[value]
+    if isinstance(value, str) and "." in value:
+        return resolve_dotted(value)
     close = difflib.get_close_matches(str(value), list(table), n=3)
     raise ValueError(f"unknown {what} {value!r}; valid: {sorted(table)}" + (f" (did you mean {close}?)" if close else ""))
 

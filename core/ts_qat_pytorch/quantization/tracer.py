@@ -1,6 +1,7 @@
 """torch.fx tracing with leaf modules, concrete args, preserved attributes, and errors users can act on."""
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import traceback
@@ -25,6 +26,25 @@ except Exception:  # torchvision is optional
 
 class TraceFailure(RuntimeError):
     """torch.fx could not trace the model; the message says where and what to do."""
+
+
+def check_leaf_modules(model: nn.Module, leaf_module: Iterable[Any]) -> None:
+    """``leaf_module`` entries must be module classes or qualified names of submodules of ``model``: a misspelt
+    name would otherwise be ignored and the module traced (or fail to trace) after all."""
+    names = [n for n, _ in model.named_modules() if n]
+    for entry in leaf_module or ():
+        if isinstance(entry, type) and issubclass(entry, nn.Module):
+            continue
+        if isinstance(entry, str):
+            if entry in names:
+                continue
+            close = difflib.get_close_matches(entry, names, n=3)
+            raise ValueError(f"leaf_module: no module named '{entry}' in {type(model).__name__}"
+                             + (f"; did you mean {close}?" if close else
+                                f"; its modules: {names[:8]}{' ...' if len(names) > 8 else ''}")
+                             + " (entries are qualified module names or nn.Module classes)")
+        raise ValueError(f"leaf_module entries are nn.Module classes or qualified module names (str), got "
+                         f"{entry!r} ({type(entry).__name__})")
 
 
 class QuantTracer(fx.Tracer):

@@ -3,12 +3,14 @@
     enable_calibration(model)                  observers on, fake quant off (collect ranges)
     enable_quantization(model)                 observers off, fake quant on (QAT / evaluation)
     enable_calibration_woquantization(model, quantizer_type="fake_quant")
-                                               observers on for that kind only, fake quant off
+                                               that kind: observers on, fake quant off; the others: both off
     enable_calibration_quantization(model, quantizer_type="fake_quant")
-                                               observers and fake quant on for that kind
+                                               that kind: observers and fake quant on; the others: both off
     disable_all(model)                         both off: the float model
 
-``quantizer_type``: "fake_quant" (all), "weight_fake_quant" or "act_fake_quant".
+``quantizer_type``: "fake_quant" (all), "weight_fake_quant" or "act_fake_quant". As in MQBench, the two
+``enable_calibration_*`` switches turn the quantizers of the other kind off entirely (float).
+``utils.calibrate.calibrate(model, batches)`` runs a whole calibration with these switches.
 """
 from __future__ import annotations
 
@@ -36,15 +38,14 @@ def _quantizers(model: nn.Module, quantizer_type: str = "fake_quant"):
         raise ValueError("the model has no fake quantizers: call prepare_by_platform(model, backend) first")
 
 
-def _set(model, quantizer_type, observe: bool, quant: bool, others_observe=False, others_quant=None):
+def _set(model, quantizer_type, observe: bool, quant: bool) -> None:
+    """The selected kind gets (observe, quant); the other kind is turned off (the ancestor's behaviour)."""
     selected = {name for name, _ in _quantizers(model, quantizer_type)}
     for name, m in _quantizers(model):
         if name in selected:
             m.enable_observer(observe).enable_fake_quant(quant)
         else:
-            m.enable_observer(others_observe)
-            if others_quant is not None:
-                m.enable_fake_quant(others_quant)
+            m.enable_observer(False).enable_fake_quant(False)
 
 
 def enable_calibration(model: nn.Module) -> None:
@@ -58,12 +59,12 @@ def enable_quantization(model: nn.Module) -> None:
 
 
 def enable_calibration_woquantization(model: nn.Module, quantizer_type: str = "fake_quant") -> None:
-    logger.info("calibration of %s: observers on, fake quantization off", quantizer_type)
-    _set(model, quantizer_type, observe=True, quant=False, others_quant=False)
+    logger.info("calibration of %s: observers on, fake quantization off; other quantizers off", quantizer_type)
+    _set(model, quantizer_type, observe=True, quant=False)
 
 
 def enable_calibration_quantization(model: nn.Module, quantizer_type: str = "fake_quant") -> None:
-    logger.info("calibration of %s with fake quantization on", quantizer_type)
+    logger.info("calibration of %s with fake quantization on; other quantizers off", quantizer_type)
     _set(model, quantizer_type, observe=True, quant=True)
 
 

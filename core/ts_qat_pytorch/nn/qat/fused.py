@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...fake_quantize.cpu_kernels import divide_channels
 from .modules import Conv1d, Conv2d, ConvTranspose1d, ConvTranspose2d, Linear, deployed_bias
 
 
@@ -61,7 +62,7 @@ class _FusedMixin:
         else:
             s = self._bn_scale()
             y = self._raw(x, self.weight_fake_quant(self.weight * self._weight_view(s)), None)
-            y = y / self._out_view(s, y)
+            y = divide_channels(y, s)  # one pass backward on the CPU (fake_quantize/cpu_kernels.py)
             if self.bias is not None:
                 y = y + self._out_view(self.bias, y)
             y = self.bn(y)

@@ -1,0 +1,468 @@
+"""Fused CPU kernels for the default fake quantizers (fixed and LSQ / LSQ+, per tensor and per channel).
+
+torch's CPU fake-quant kernels are scalar loops: forward and backward of one 3.2 M-element activation cost
+4-5x a ReLU (shared/FACTS.md), and that, not the convolutions, made a QAT step cost twice a float one.
+These kernels compute exactly torch's numbers with the fewest passes the maths allows:
+
+    forward    read x, write y                                   (one pass, vectorised, all threads)
+    backward   read x and dy, write dx, and sum the scale and zero-point gradients in the same pass
+
+Nothing else is kept for the backward: x itself, which torch's learnable kernels keep too (no mask, no
+intermediate tensors). The sums are per-thread partials in float64 added in thread order, so a step is
+deterministic for a given thread count.
+
+The C source below is compiled once per machine with the system C compiler (about a second) into the cache
+folder ($TS_QAT_CACHE, else ~/.cache/ts_qat_pytorch) and called through ctypes, which releases the GIL. Where
+no compiler is found, or for CUDA, half precision, non-dense tensors, or under torch.compile, the quantizers use
+torch's own kernels (the reference the tests compare against). ``TS_QAT_FAST_FQ=0`` turns the kernels off.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["available", "divide_channels", "fake_quant_fixed", "fake_quant_learnable", "usable_for"]
+
+# Semantics follow torch's CPU kernels exactly (quantized/cpu/kernels/QuantizedOpKernels.cpp):
+#   forward   q = z + rint(x * (1/s)), y = (clamp(q, qmin, qmax) - z) * s          (float arithmetic)
+#   backward  q = rint(z + x * (1/s)); dx = dy * [qmin <= q <= qmax];
+#             ds += dy * ((clamp(q) - z) * s - x) * (1/s) inside, dy * (qmin - z | qmax - z) outside;
+#             dz += -dy * s outside.
+_SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+#include <omp.h>
+
+#define MAXT 1024
+#define PAR_MIN 32768
+#define BLK 4096
+
+/* clamp(q, qmin, qmax) with NaN -> qmin (torch casts NaN to the lowest integer); selects, so it vectorises. */
+static inline float clampq(float q, float qmin, float qmax) {
+    q = (q >= qmin) ? q : qmin;
+    return (q <= qmax) ? q : qmax;
+}
+
+/* One block of the learnable backward: dx, and float sums of the scale / outside-gradient terms, vectorised
+   (omp simd lets the sums be reordered in a fixed way); blocks are added in float64 by the callers. */
+static inline void learn_block(const float* x, const float* g, float* dx, int64_t n, float sc, float zp, float inv,
+                               float qmin, float qmax, float* s_out, float* z_out) {
+    const float dsmall = qmin - zp, dbig = qmax - zp;
+    float fs = 0.0f, fz = 0.0f;
+    #pragma omp simd reduction(+:fs, fz)
+    for (int64_t i = 0; i < n; i++) {
+        float xi = x[i], gi = g[i];
+        float q = rintf(zp + xi * inv);
+        int inside = (q >= qmin && q <= qmax);
+        float tin = ((q - zp) * sc - xi) * inv;
+        float tout = (q < qmin) ? dsmall : dbig;
+        dx[i] = gi * (inside ? 1.0f : 0.0f);
+        fs += gi * (inside ? tin : tout);
+        fz += inside ? 0.0f : gi;
+    }
+    *s_out = fs;
+    *z_out = fz;
+}
+
+/* Rows of `inner` contiguous elements; row r belongs to channel (r % C). Per tensor: C = 1. */
+
+void tsq_forward(const float* x, float* y, int64_t outer, int64_t C, int64_t inner,
+                 const float* s, const float* z, float qmin, float qmax, int nt) {
+    int64_t rows = outer * C;
+    int64_t n = rows * inner;
+    #pragma omp parallel for num_threads(nt) schedule(static) if(n >= PAR_MIN)
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t c = r % C;
+        const float sc = s[c], zp = z[c], inv = 1.0f / sc;
+        const float* xr = x + r * inner;
+        float* yr = y + r * inner;
+        #pragma omp simd
+        for (int64_t k = 0; k < inner; k++) {
+            yr[k] = (clampq(zp + rintf(xr[k] * inv), qmin, qmax) - zp) * sc;
+        }
+    }
+}
+
+/* Flat per-tensor forward over any dense layout (channels_last included). */
+void tsq_forward_flat(const float* x, float* y, int64_t n, float sc, float zp, float qmin, float qmax, int nt) {
+    const float inv = 1.0f / sc;
+    #pragma omp parallel for simd num_threads(nt) schedule(static) if(n >= PAR_MIN)
+    for (int64_t i = 0; i < n; i++) {
+        y[i] = (clampq(zp + rintf(x[i] * inv), qmin, qmax) - zp) * sc;
+    }
+}
+
+/* Fixed quantizer: dx = dy inside the range, 0 outside (the straight-through estimator), with the range test
+   of torch's forward (its cached mask). */
+void tsq_backward_input(const float* x, const float* g, float* dx, int64_t n, float sc, float zp,
+                        float qmin, float qmax, int nt) {
+    const float inv = 1.0f / sc;
+    #pragma omp parallel for simd num_threads(nt) schedule(static) if(n >= PAR_MIN)
+    for (int64_t i = 0; i < n; i++) {
+        float q = zp + rintf(x[i] * inv);
+        dx[i] = g[i] * ((q >= qmin && q <= qmax) ? 1.0f : 0.0f);
+    }
+}
+
+/* Per tensor, learnable: dx, and the scale / zero-point gradient sums, in one pass (flat, any layout). */
+void tsq_backward_learnable_flat(const float* x, const float* g, float* dx, int64_t n, float sc, float zp,
+                                 float qmin, float qmax, int nt, double* ds_out, double* dz_out) {
+    const float inv = 1.0f / sc;
+    double ds_part[MAXT], dz_part[MAXT];
+    int used = 1;
+    #pragma omp parallel num_threads(nt) if(n >= PAR_MIN)
+    {
+        int t = omp_get_thread_num(), T = omp_get_num_threads();
+        #pragma omp single
+        used = T;
+        int64_t lo = n * t / T, hi = n * (t + 1) / T;
+        double ds = 0.0, dz = 0.0;
+        for (int64_t b = lo; b < hi; b += BLK) {
+            int64_t m = (hi - b < BLK) ? hi - b : BLK;
+            float fs, fz;
+            learn_block(x + b, g + b, dx + b, m, sc, zp, inv, qmin, qmax, &fs, &fz);
+            ds += fs;
+            dz += fz;
+        }
+        ds_part[t] = ds;
+        dz_part[t] = dz;
+    }
+    double ds = 0.0, dz = 0.0;
+    for (int t = 0; t < used; t++) { ds += ds_part[t]; dz += dz_part[t]; }
+    *ds_out = ds;
+    *dz_out = -dz * sc;
+}
+
+/* Per channel (rows of `inner` elements, channel r % C), learnable: each thread owns whole channels. */
+void tsq_backward_learnable_rows(const float* x, const float* g, float* dx, int64_t outer, int64_t C,
+                                 int64_t inner, const float* s, const float* z, float qmin, float qmax,
+                                 int nt, double* ds_out, double* dz_out) {
+    int64_t n = outer * C * inner;
+    #pragma omp parallel for num_threads(nt) schedule(static) if(n >= PAR_MIN)
+    for (int64_t c = 0; c < C; c++) {
+        const float sc = s[c], zp = z[c], inv = 1.0f / sc;
+        double ds = 0.0, dz = 0.0;
+        for (int64_t o = 0; o < outer; o++) {
+            int64_t base = (o * C + c) * inner;
+            for (int64_t b = 0; b < inner; b += BLK) {
+                int64_t m = (inner - b < BLK) ? inner - b : BLK;
+                float fs, fz;
+                learn_block(x + base + b, g + base + b, dx + base + b, m, sc, zp, inv, qmin, qmax, &fs, &fz);
+                ds += fs;
+                dz += fz;
+            }
+        }
+        ds_out[c] = ds;
+        dz_out[c] = -dz * sc;
+    }
+}
+
+/* Backward of out = y / s[c] (the BN-folding rescale of a fused QAT layer): gy = g / s[c] and
+   ds[c] = -sum(g * out) / s[c], in one pass over g and out (out is what the BatchNorm after it keeps anyway). */
+void tsq_div_channels_backward(const float* g, const float* out, float* gy, int64_t outer, int64_t C,
+                               int64_t inner, const float* s, int nt, double* ds_out) {
+    int64_t n = outer * C * inner;
+    #pragma omp parallel for num_threads(nt) schedule(static) if(n >= PAR_MIN)
+    for (int64_t c = 0; c < C; c++) {
+        const float sc = s[c];
+        double ds = 0.0;
+        for (int64_t o = 0; o < outer; o++) {
+            int64_t base = (o * C + c) * inner;
+            for (int64_t b = 0; b < inner; b += BLK) {
+                int64_t m = (inner - b < BLK) ? inner - b : BLK;
+                const float* gb = g + base + b;
+                const float* ob = out + base + b;
+                float* yb = gy + base + b;
+                float fs = 0.0f;
+                #pragma omp simd reduction(+:fs)
+                for (int64_t k = 0; k < m; k++) {
+                    yb[k] = gb[k] / sc;
+                    fs += gb[k] * ob[k];
+                }
+                ds += fs;
+            }
+        }
+        ds_out[c] = -ds / sc;
+    }
+}
+
+/* Per channel, fixed quantizer: dx only. */
+void tsq_backward_input_rows(const float* x, const float* g, float* dx, int64_t outer, int64_t C, int64_t inner,
+                             const float* s, const float* z, float qmin, float qmax, int nt) {
+    int64_t rows = outer * C;
+    int64_t n = rows * inner;
+    #pragma omp parallel for num_threads(nt) schedule(static) if(n >= PAR_MIN)
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t c = r % C;
+        const float zp = z[c], inv = 1.0f / s[c];
+        const float* xr = x + r * inner;
+        const float* gr = g + r * inner;
+        float* dr = dx + r * inner;
+        #pragma omp simd
+        for (int64_t k = 0; k < inner; k++) {
+            float q = zp + rintf(xr[k] * inv);
+            dr[k] = gr[k] * ((q >= qmin && q <= qmax) ? 1.0f : 0.0f);
+        }
+    }
+}
+"""
+
+# -ffp-contract=off: no fused multiply-adds, so every product and sum rounds as in torch's kernels.
+_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp",
+          "-shared", "-fPIC"]
+
+_lib = None
+_lib_error: str | None = None
+_lock = threading.Lock()
+
+
+def _cache_dir() -> str:
+    base = os.environ.get("TS_QAT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ts_qat_pytorch")
+    return os.path.join(base, "kernels")
+
+
+def _cpu_id() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor()
+
+
+def _build() -> ctypes.CDLL:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler (cc / gcc) on PATH")
+    key = hashlib.sha256("\0".join([_SOURCE, *_FLAGS, platform.machine(), _cpu_id(), cc]).encode()).hexdigest()[:16]
+    folder = _cache_dir()
+    so = os.path.join(folder, f"fake_quant_{key}.so")
+    if not os.path.exists(so):
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            src = os.path.join(tmp, "fake_quant.c")
+            with open(src, "w") as f:
+                f.write(_SOURCE)
+            out = os.path.join(tmp, "fake_quant.so")
+            r = subprocess.run([cc, *_FLAGS, src, "-o", out], capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"{cc} failed: {r.stderr.strip()[:500]}")
+            os.replace(out, so)  # atomic: concurrent builders (pytest workers, DDP ranks) never see a torn file
+    lib = ctypes.CDLL(so)
+    f, i64, fp, dp, i32 = ctypes.c_float, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int
+    lib.tsq_forward.argtypes = [fp, fp, i64, i64, i64, fp, fp, f, f, i32]
+    lib.tsq_forward_flat.argtypes = [fp, fp, i64, f, f, f, f, i32]
+    lib.tsq_backward_input.argtypes = [fp, fp, fp, i64, f, f, f, f, i32]
+    lib.tsq_backward_learnable_flat.argtypes = [fp, fp, fp, i64, f, f, f, f, i32, dp, dp]
+    lib.tsq_backward_learnable_rows.argtypes = [fp, fp, fp, i64, i64, i64, fp, fp, f, f, i32, dp, dp]
+    lib.tsq_backward_input_rows.argtypes = [fp, fp, fp, i64, i64, i64, fp, fp, f, f, i32]
+    lib.tsq_div_channels_backward.argtypes = [fp, fp, fp, i64, i64, i64, fp, i32, dp]
+    for fn in (lib.tsq_div_channels_backward, lib.tsq_forward, lib.tsq_forward_flat, lib.tsq_backward_input, lib.tsq_backward_learnable_flat,
+               lib.tsq_backward_learnable_rows, lib.tsq_backward_input_rows):
+        fn.restype = None
+    return lib
+
+
+def _library() -> ctypes.CDLL | None:
+    global _lib, _lib_error
+    if _lib is not None or _lib_error is not None:
+        return _lib
+    with _lock:
+        if _lib is None and _lib_error is None:
+            try:
+                _lib = _build()
+            except Exception as exc:  # no compiler, read-only cache, exotic platform: torch's kernels still work
+                _lib_error = str(exc)
+                logger.warning("fused fake-quant CPU kernels unavailable (%s); using torch's kernels, which make a "
+                               "QAT step about twice as slow on the CPU. Install a C compiler (gcc) to enable "
+                               "them.", _lib_error)
+    return _lib
+
+
+def available() -> bool:
+    """True when the fused kernels can run here (compiled, or compilable, and not turned off)."""
+    if os.environ.get("TS_QAT_FAST_FQ", "1") == "0":
+        return False
+    return _library() is not None
+
+
+def _dense(x: torch.Tensor) -> bool:
+    return x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+
+
+def usable_for(x: torch.Tensor, per_channel: bool) -> bool:
+    """Whether the fused path handles this input (otherwise the caller uses torch's kernels)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.numel() == 0:
+        return False
+    if torch.compiler.is_compiling():
+        return False  # an opaque ctypes call would break the compiled graph
+    if not (x.is_contiguous() if per_channel else _dense(x)):
+        return False
+    return available()
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _rows(x: torch.Tensor, axis: int) -> tuple[int, int, int]:
+    c = x.shape[axis]
+    inner = 1
+    for d in x.shape[axis + 1:]:
+        inner *= d
+    return x.numel() // (c * inner), c, inner
+
+
+def _qparams(scale: torch.Tensor, zero_point: torch.Tensor, axis: int, qmin: int, qmax: int):
+    """Forward and backward zero points as torch's learnable kernels round them, float32 and contiguous: rounded
+    half to even, except the per-tensor backward, which rounds half up (a learned LSQ+ zero point can sit on .5)."""
+    s = scale.detach().reshape(-1).float().contiguous()
+    zp = zero_point.detach().reshape(-1).float()
+    z_fwd = torch.clamp(torch.round(zp), qmin, qmax).contiguous()
+    z_bwd = z_fwd if axis >= 0 else torch.trunc(torch.clamp(zp + 0.5, qmin, qmax)).contiguous()
+    return s, z_fwd, z_bwd
+
+
+def _forward(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, axis: int, qmin: int, qmax: int) -> torch.Tensor:
+    lib = _library()
+    y = torch.empty_like(x)  # keeps channels_last
+    if axis < 0:
+        lib.tsq_forward_flat(_ptr(x), _ptr(y), x.numel(), float(s[0]), float(z[0]), float(qmin), float(qmax),
+                             _threads())
+    else:
+        outer, c, inner = _rows(x, axis)
+        lib.tsq_forward(_ptr(x), _ptr(y), outer, c, inner, _ptr(s), _ptr(z), float(qmin), float(qmax), _threads())
+    return y
+
+
+class _FixedFakeQuant(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, axis, qmin, qmax):
+        s = scale.detach().reshape(-1).float().contiguous()
+        z = zero_point.detach().reshape(-1).float().contiguous()
+        ctx.save_for_backward(x)
+        ctx.qp = (s, z, axis, qmin, qmax)
+        return _forward(x, s, z, axis, qmin, qmax)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        s, z, axis, qmin, qmax = ctx.qp
+        g = g.contiguous() if axis >= 0 else _match_layout(g, x)
+        dx = torch.empty_like(x)
+        lib = _library()
+        if axis < 0:
+            lib.tsq_backward_input(_ptr(x), _ptr(g), _ptr(dx), x.numel(), float(s[0]), float(z[0]), float(qmin),
+                                   float(qmax), _threads())
+        else:
+            outer, c, inner = _rows(x, axis)
+            lib.tsq_backward_input_rows(_ptr(x), _ptr(g), _ptr(dx), outer, c, inner, _ptr(s), _ptr(z),
+                                        float(qmin), float(qmax), _threads())
+        return dx, None, None, None, None, None
+
+
+class _LearnableFakeQuant(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, axis, qmin, qmax, grad_factor):
+        ctx.save_for_backward(x)
+        ctx.shapes = (scale.shape, zero_point.shape)
+        lib = _library()
+        y = torch.empty_like(x)  # keeps channels_last
+        if axis < 0:  # plain floats: no small-tensor ops on the per-step path
+            s, zp = float(scale), float(zero_point)
+            z_fwd = float(min(max(round(zp), qmin), qmax))  # round(): half to even, like torch.round
+            ctx.qp = (axis, qmin, qmax, grad_factor, s, float(int(min(max(zp + 0.5, qmin), qmax))))
+            lib.tsq_forward_flat(_ptr(x), _ptr(y), x.numel(), s, z_fwd, float(qmin), float(qmax), _threads())
+        else:
+            s, z_fwd, z_bwd = _qparams(scale, zero_point, axis, qmin, qmax)
+            ctx.qp = (axis, qmin, qmax, grad_factor, s, z_bwd)
+            outer, c, inner = _rows(x, axis)
+            lib.tsq_forward(_ptr(x), _ptr(y), outer, c, inner, _ptr(s), _ptr(z_fwd), float(qmin), float(qmax),
+                            _threads())
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        axis, qmin, qmax, grad_factor, s, z = ctx.qp
+        s_shape, z_shape = ctx.shapes
+        g = g.contiguous() if axis >= 0 else _match_layout(g, x)
+        dx = torch.empty_like(x)
+        lib = _library()
+        if axis < 0:
+            ds, dz = ctypes.c_double(), ctypes.c_double()
+            lib.tsq_backward_learnable_flat(_ptr(x), _ptr(g), _ptr(dx), x.numel(), s, z, float(qmin), float(qmax),
+                                            _threads(), ctypes.addressof(ds), ctypes.addressof(dz))
+            dscale = torch.full(s_shape, ds.value * grad_factor, dtype=torch.float32)
+            dzero = torch.full(z_shape, dz.value * grad_factor, dtype=torch.float32)
+        else:
+            outer, c, inner = _rows(x, axis)
+            ds = torch.empty(c, dtype=torch.float64)
+            dz = torch.empty(c, dtype=torch.float64)
+            lib.tsq_backward_learnable_rows(_ptr(x), _ptr(g), _ptr(dx), outer, c, inner, _ptr(s), _ptr(z),
+                                            float(qmin), float(qmax), _threads(), _ptr(ds), _ptr(dz))
+            dscale = (ds * grad_factor).float().reshape(s_shape)
+            dzero = (dz * grad_factor).float().reshape(z_shape)
+        return dx, dscale, dzero, None, None, None, None
+
+
+class _DivChannels(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, s):
+        out = y / s.reshape([1, -1] + [1] * (y.dim() - 2))
+        ctx.save_for_backward(out, s)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        out, s = ctx.saved_tensors
+        g = g.contiguous()
+        gy = torch.empty_like(out)
+        outer, c, inner = _rows(out, 1)
+        sf = s.detach().float().contiguous()
+        ds = torch.empty(c, dtype=torch.float64)
+        _library().tsq_div_channels_backward(_ptr(g), _ptr(out), _ptr(gy), outer, c, inner, _ptr(sf), _threads(),
+                                             _ptr(ds))
+        return gy, ds.to(s.dtype)
+
+
+def divide_channels(y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``y / s`` with ``s`` one value per channel (dim 1), as the BN-folding QAT layers rescale their output.
+
+    The forward is torch's division; the backward reads the gradient and the output once (eager autograd makes
+    five passes and keeps y as well)."""
+    if (y.dim() >= 2 and y.is_contiguous() and s.dim() == 1 and s.dtype == torch.float32 and s.device == y.device
+            and usable_for(y, per_channel=True)):
+        return _DivChannels.apply(y, s)
+    return y / s.reshape([1, -1] + [1] * (y.dim() - 2))
+
+
+def _match_layout(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The gradient in x's memory layout, so that flat kernels pair element i of both."""
+    if x.is_contiguous():
+        return g.contiguous()
+    return g.contiguous(memory_format=torch.channels_last)
+
+
+def fake_quant_fixed(x, scale, zero_point, axis: int, qmin: int, qmax: int) -> torch.Tensor:
+    """``torch.fake_quantize_per_{tensor,channel}_affine`` (axis < 0: per tensor), fused."""
+    return _FixedFakeQuant.apply(x, scale, zero_point, axis, qmin, qmax)
+
+
+def fake_quant_learnable(x, scale, zero_point, axis: int, qmin: int, qmax: int, grad_factor: float) -> torch.Tensor:
+    """``torch._fake_quantize_learnable_per_{tensor,channel}_affine`` (axis < 0: per tensor), fused."""
+    return _LearnableFakeQuant.apply(x, scale, zero_point, axis, qmin, qmax, grad_factor)

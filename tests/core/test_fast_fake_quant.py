@@ -1,0 +1,197 @@
+"""The fused CPU fake-quant kernels (fake_quantize/cpu_kernels.py) against torch's own kernels, the eager
+reference: forward outputs and input gradients identical, scale / zero-point gradients within 1e-6 relative."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from ts_qat_pytorch.fake_quantize import cpu_kernels as K
+from ts_qat_pytorch.prepare_by_platform import BackendType, prepare_by_platform
+from ts_qat_pytorch.utils.state import enable_calibration, enable_quantization
+
+pytestmark = pytest.mark.skipif(not K.available(), reason="no C compiler: the fused kernels are not built here")
+
+
+def _sum_bound(g: torch.Tensor, x: torch.Tensor, s: torch.Tensor, qmin: int, qmax: int, axis: int) -> torch.Tensor:
+    """1e-6 of the sum of |per-element terms| of each scale-gradient sum: the scale against which two correct
+    float32 summations in different orders are compared (the sums cancel heavily)."""
+    shape = [1] * x.dim()
+    if axis >= 0:
+        shape[axis] = -1
+    sv = s.reshape(shape)
+    term = torch.maximum((x / sv).abs(), torch.tensor(float(max(abs(qmin), abs(qmax)))))
+    t = (g * term).abs().double()
+    dims = [d for d in range(x.dim()) if d != axis] if axis >= 0 else list(range(x.dim()))
+    return 1e-6 * t.sum(dims) + 1e-12
+
+
+CASES = [((4, 16, 9, 9), -1), ((2, 8, 130, 130), -1), ((32, 16, 3, 3), 0), ((4, 16, 9, 9), 1), ((64, 300), 0)]
+RANGES = [(-128, 127, 0.0), (0, 255, 3.0), (0, 255, 2.5), (-8, 7, 0.0)]
+
+
+@pytest.mark.parametrize("shape,axis", CASES)
+@pytest.mark.parametrize("qmin,qmax,zp", RANGES)
+def test_learnable_matches_torch_kernels(shape, axis, qmin, qmax, zp):
+    torch.manual_seed(0)
+    x = torch.randn(shape) * 2
+    c = shape[axis] if axis >= 0 else 1
+    s = torch.rand(c) * 0.02 + 0.01 if qmax > 100 else torch.rand(c) * 0.2 + 0.2
+    z = torch.full((c,), zp)
+    g = torch.randn(shape)
+    leaves = [(x.clone().requires_grad_(), s.clone().requires_grad_(), z.clone().requires_grad_()) for _ in range(2)]
+    (xr, sr, zr), (xf, sf, zf) = leaves
+    if axis < 0:
+        ref = torch._fake_quantize_learnable_per_tensor_affine(xr, sr, zr, qmin, qmax, 0.3)
+    else:
+        ref = torch._fake_quantize_learnable_per_channel_affine(xr, sr, zr, axis, qmin, qmax, 0.3)
+    out = K.fake_quant_learnable(xf, sf, zf, axis, qmin, qmax, 0.3)
+    ref.backward(g)
+    out.backward(g)
+    assert torch.equal(out, ref)
+    assert torch.equal(xf.grad, xr.grad)
+    bound = _sum_bound(g, x, s, qmin, qmax, axis) * 0.3
+    assert ((sf.grad - sr.grad).abs().double() <= bound).all(), (sf.grad - sr.grad).abs().max()
+    assert ((zf.grad - zr.grad).abs().double() <= bound).all(), (zf.grad - zr.grad).abs().max()
+
+
+@pytest.mark.parametrize("shape,axis", CASES)
+@pytest.mark.parametrize("qmin,qmax,zp", [r for r in RANGES if r[2] == int(r[2])])
+def test_fixed_matches_torch_kernels(shape, axis, qmin, qmax, zp):
+    torch.manual_seed(1)
+    x = torch.randn(shape) * 2
+    c = shape[axis] if axis >= 0 else 1
+    s = torch.rand(c) * 0.02 + 0.01
+    z = torch.full((c,), int(zp), dtype=torch.int32)
+    g = torch.randn(shape)
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    if axis < 0:
+        ref = torch.fake_quantize_per_tensor_affine(xr, s, z, qmin, qmax)
+    else:
+        ref = torch.fake_quantize_per_channel_affine(xr, s, z, axis, qmin, qmax)
+    out = K.fake_quant_fixed(xf, s, z, axis, qmin, qmax)
+    ref.backward(g)
+    out.backward(g)
+    assert torch.equal(out, ref)
+    assert torch.equal(xf.grad, xr.grad)
+
+
+def test_channels_last_and_determinism():
+    torch.manual_seed(2)
+    x = torch.randn(4, 16, 20, 20).contiguous(memory_format=torch.channels_last)
+    g = torch.randn(4, 16, 20, 20)
+    grads = []
+    for _ in range(2):
+        xl, sl = x.clone().requires_grad_(), torch.tensor([0.02], requires_grad=True)
+        y = K.fake_quant_learnable(xl, sl, torch.zeros(1), -1, 0, 255, 0.1)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        y.backward(g)
+        grads.append((y, xl.grad, sl.grad))
+    xr, sr = x.contiguous().requires_grad_(), torch.tensor([0.02], requires_grad=True)
+    ref = torch._fake_quantize_learnable_per_tensor_affine(xr, sr, torch.zeros(1), 0, 255, 0.1)
+    ref.backward(g)
+    assert torch.equal(grads[0][0], ref) and torch.equal(grads[0][1], xr.grad)
+    # a step is deterministic: the same sums in the same order
+    assert all(torch.equal(a, b) for a, b in zip(grads[0], grads[1]))
+
+
+def test_divide_channels_matches_eager_division():
+    torch.manual_seed(3)
+    for shape in [(8, 32, 14, 14), (16, 64), (4, 16, 100)]:
+        y, s, g = torch.randn(shape), torch.rand(shape[1]) + 0.5, torch.randn(shape)
+        (yr, sr), (yf, sf) = [(y.clone().requires_grad_(), s.clone().requires_grad_()) for _ in range(2)]
+        ref = yr / sr.reshape([1, -1] + [1] * (len(shape) - 2))
+        out = K.divide_channels(yf, sf)
+        ref.backward(g)
+        out.backward(g)
+        assert torch.equal(out, ref) and torch.equal(yf.grad, yr.grad)
+        torch.testing.assert_close(sf.grad, sr.grad, rtol=1e-6, atol=1e-6 * sr.grad.abs().max().item())
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 8, 3)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        x = self.conv2(x)
+        return self.fc(x.mean((2, 3)))
+
+
+def _prepared(backend_cfg=None):
+    torch.manual_seed(4)
+    q = prepare_by_platform(_Net(), BackendType.TSQAT, backend_cfg)
+    q.eval()
+    enable_calibration(q)
+    with torch.no_grad():
+        q(torch.randn(8, 3, 16, 16))
+    enable_quantization(q)
+    q.train()
+    return q
+
+
+@pytest.mark.parametrize("fq", ["LearnableFakeQuantize", "LSQPlusFakeQuantize", "FixedFakeQuantize"])
+def test_prepared_model_step_same_with_and_without_the_kernels(monkeypatch, fq):
+    """A whole QAT training step (fused Conv-BN-ReLU, LSQ / LSQ+ / fixed quantizers): the same outputs and input
+    gradients, and the same parameter gradients up to summation order (a per-channel scale gradient sums few,
+    cancelling terms: 1e-5 of the tensor's largest gradient), with the kernels and with torch's."""
+    cfg = {"extra_qconfig_dict": {"w_fakequantize": fq, "a_fakequantize": fq}}
+    x = torch.randn(8, 3, 16, 16)
+    results = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("TS_QAT_FAST_FQ", flag)
+        q = _prepared(cfg)
+        xi = x.clone().requires_grad_()
+        out = q(xi)
+        if flag == "1":  # the fused path really ran
+            names = {type(fn).__name__ for fn in _grad_fns(out)}
+            assert names & {"_LearnableFakeQuantBackward", "_FixedFakeQuantBackward"}, names
+            assert "_DivChannelsBackward" in names, names  # the BN-folding rescale
+        out.square().sum().backward()
+        results.append((out.detach(), xi.grad, {n: p.grad.clone() for n, p in q.named_parameters()
+                                                 if p.grad is not None}))
+    (o1, g1, p1), (o0, g0, p0) = results
+    assert torch.equal(o1, o0)
+    torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-7)
+    assert p1.keys() == p0.keys()
+    for n in p1:
+        torch.testing.assert_close(p1[n], p0[n], rtol=1e-5, atol=1e-5 * p0[n].abs().max().item() + 1e-9, msg=n)
+
+
+def _grad_fns(t: torch.Tensor):
+    seen, stack = set(), [t.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        yield fn
+        stack.extend(f for f, _ in fn.next_functions)
+
+
+def test_bf16_autocast_input_goes_through_float32():
+    q = _prepared()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = q(torch.randn(2, 3, 16, 16))
+    out.float().sum().backward()
+    assert torch.isfinite(out.float()).all()
+
+
+def test_no_compiler_falls_back_to_torch_kernels_with_a_warning(monkeypatch, caplog, tmp_path):
+    monkeypatch.setattr(K, "_lib", None)
+    monkeypatch.setattr(K, "_lib_error", None)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("TS_QAT_CACHE", str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING, logger=K.__name__):
+        assert not K.available()
+    assert "C compiler" in caplog.text
+    x = torch.randn(4, 16, 9, 9)
+    assert not K.usable_for(x, per_channel=False)
+    q = _prepared()  # the quantizers still train, on torch's kernels
+    q(torch.randn(2, 3, 16, 16)).sum().backward()

@@ -27,13 +27,13 @@ from torch import nn
 from suites.common import checkpoints as C
 from suites.common import distributed as D
 from suites.common import stages as S
-from suites.common.calibrate_shim import calibrate  # TODO: ts_qat_pytorch.utils.calibrate once on main
 from suites.common.cli import build_parser, resolve, set_log_level, threads
 from suites.common.devices import describe, parse_devices
 from suites.common.metrics import RunMetrics
 from suites.common.suite import Suite, SuiteError
 from suites.common.training import (EpochSubsetSampler, cosine_schedule, loader, make_optimizer, report_skips,
                                     seed_everything, set_rng_state, skipped_images, train_epoch)
+from ts_qat_pytorch.utils.calibrate import calibrate
 
 logger = logging.getLogger("suites")
 say = D.say

@@ -11,8 +11,8 @@
 
 Top level, in this order: schema, suite, arch, backend, metric, direction, float, qat, ort, qat_minus_float,
 ort_minus_qat, times_s, integer_kernels, integer_kernels_total, integer_matmul_kernels, quantized_layers, scores,
-files, export, run, extras. ``run`` holds what the runner knows of the run (world size, steps, the command line),
-``extras`` what the suite adds; nothing else is at the top level.
+files, export, run, extras. ``run`` holds what the runner knows of the run (world size, steps, the script and its
+command line: ``entry``, ``argv``), ``extras`` what the suite adds; nothing else is at the top level.
 """
 from __future__ import annotations
 
@@ -35,12 +35,13 @@ STAGES = ("float", "qat", "ort")
 
 class RunMetrics:
     def __init__(self, path: str, suite: str, arch: str, backend: str | None, metric: Metric,
-                 log: Callable[[str], None] = say, digits: int = 3):
+                 log: Callable[[str], None] = say, digits: int = 3, entry: str | None = None, argv=None):
         self.path, self.log, self.t0, self.metric, self.digits = path, log, time.time(), metric, digits
         self.data: dict = {k: None for k in KEYS}
         self.data.update(schema=SCHEMA, suite=suite, arch=arch, backend=backend, metric=metric.name,
                          direction=metric.direction, times_s={}, integer_kernels={}, scores={}, files={}, export={},
-                         run={"entry": _entry(), "argv": sys.argv[1:]}, extras={})
+                         run={"entry": entry or _entry(suite), "argv": list(sys.argv[1:] if argv is None else argv)},
+                         extras={})
 
     @property
     def run(self) -> dict:
@@ -93,7 +94,8 @@ class RunMetrics:
         self.files.update(onnx=r.onnx_path, qparams=r.qparams_path)
         self.data["export"].update(exporter=r.exporter, opset_version=r.opset_version, onnx_batch=onnx_batch,
                                    input_names=list(r.input_names),
-                                   max_abs_diff=max(r.max_abs_diff) if r.max_abs_diff else None)
+                                   max_abs_diff=max(r.max_abs_diff) if r.max_abs_diff else None,
+                                   output_scale=list(getattr(r, "output_scale", []) or []))
 
     def write(self) -> None:
         self.data["times_s"]["total"] = round(time.time() - self.t0, 2)
@@ -105,15 +107,10 @@ class RunMetrics:
         atomic_write_bytes(self.path, (json.dumps(self.data, indent=2, default=str) + "\n").encode())
 
 
-def _entry() -> str | None:
-    """The script that runs this suite, relative to the repository (tools rerun it: tools/analyze_suite.py)."""
-    main = sys.modules.get("__main__")
-    path = getattr(main, "__file__", None)
-    if not path:
-        return None
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    path = os.path.abspath(path)
-    return os.path.relpath(path, root) if path.startswith(root + os.sep) else path
+def _entry(suite: str) -> str:
+    """The script that runs the suite, relative to the repository: suites/<suite>/main.py by convention (tools
+    rerun it with analysis flags: tools/analyze_suite.py)."""
+    return f"suites/{suite}/main.py"
 
 
 def validate(data) -> list[str]:

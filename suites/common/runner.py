@@ -41,6 +41,7 @@ say = D.say
 
 def main(suite: Suite, argv=None) -> int:
     args = build_parser(suite).parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     set_log_level(args.log_level, suite.name)
     if threads(args) > 0:
         torch.set_num_threads(threads(args))
@@ -120,7 +121,7 @@ def error_message(exc: BaseException) -> str:
 def run(suite: Suite, args) -> int:
     qat = not args.not_qat
     m = RunMetrics(args.metrics, suite.name, args.arch, args.backend if qat else None, suite.metric,
-                   digits=suite.digits)
+                   digits=suite.digits, argv=args.argv)
     if args.seed is not None:
         seed_everything(args.seed)
         torch.backends.cudnn.deterministic = True

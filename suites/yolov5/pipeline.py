@@ -92,19 +92,16 @@ def calibrate(q, loader, batches: int) -> int:
     return n
 
 
-def export(q, img_size: int, out_dir: str, name: str, meta: dict, opset: int = 18) -> dict:
-    """QDQ ONNX of the network part + qparams JSON + the post-processing metadata (anchors, strides, names)."""
+def export(q, img_size: int, out_dir: str, name: str, meta: dict, opset: int = 18):
+    """QDQ ONNX of the network part + qparams JSON + the post-processing metadata (anchors, strides, names); the
+    core's ExportResult."""
     from ts_qat_pytorch.convert_export import convert_export
     onnx_path = os.path.join(out_dir, f"{name}_qat_int8.onnx")
     qp = os.path.join(out_dir, f"{name}_qat_qparams.json")
     dummy = torch.rand(1, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
     r = convert_export(getattr(q, "module", q), dummy, onnx_path, opset_version=opset, qparams_path=qp)
     write_meta(onnx_path, meta)
-    return {"onnx_path": r.onnx_path, "qparams_path": r.qparams_path, "quantized_layers": r.quantized_layers,
-            "integer_kernels": r.integer_kernels, "integer_matmul_kernels": r.integer_matmul_kernels,
-            "integer_kernels_total": sum(r.integer_kernels.values()),
-            "export_max_abs_diff": max(r.max_abs_diff) if r.max_abs_diff else None,
-            "export_output_scale": r.output_scale}
+    return r
 
 
 def meta_path(onnx_path: str) -> str:

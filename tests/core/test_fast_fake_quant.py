@@ -227,3 +227,26 @@ def test_each_tensor_is_fake_quantized_once(arch):
             assert src not in seen, f"{src.name} is fake-quantized twice"
             seen.add(src)
             assert not (src.op == "call_module" and isinstance(q.get_submodule(src.target), QuantizeBase))
+
+
+def _hvp(q, x):
+    w = q.conv2.weight
+    (g,) = torch.autograd.grad(q(x).square().sum(), w, create_graph=True)
+    (hv,) = torch.autograd.grad((g * torch.ones_like(w)).sum(), w)
+    return hv
+
+
+def test_second_order_gradients_through_the_kernels_match_torch(monkeypatch):
+    """Hessian-vector products (create_graph=True, as Hutchinson's trace estimator needs) through the fused
+    kernels equal those through torch's kernels (fixed quantizers: torch's learnable kernels have no second
+    derivative at all), and work with LSQ."""
+    x = torch.randn(8, 3, 16, 16)
+    fixed = {"extra_qconfig_dict": {"w_fakequantize": "FixedFakeQuantize", "a_fakequantize": "FixedFakeQuantize"}}
+    hvps = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("TS_QAT_FAST_FQ", flag)
+        hvps.append(_hvp(_prepared(fixed), x))
+    torch.testing.assert_close(hvps[0], hvps[1], rtol=1e-5, atol=1e-6 * hvps[1].abs().max().item())
+    monkeypatch.setenv("TS_QAT_FAST_FQ", "1")
+    hv = _hvp(_prepared(), x)  # LSQ (the default)
+    assert torch.isfinite(hv).all() and hv.abs().sum() > 0

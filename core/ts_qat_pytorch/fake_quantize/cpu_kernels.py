@@ -373,6 +373,9 @@ class _FixedFakeQuant(torch.autograd.Function):
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
         s, z, axis, qmin, qmax = ctx.qp
+        if torch.is_grad_enabled():  # create_graph (Hessian-vector products): the same maths in differentiable ops
+            q = _view(z, x, axis) + torch.round(x.detach() * (1.0 / _view(s, x, axis)))
+            return g * ((q >= qmin) & (q <= qmax)), None, None, None, None, None
         g = g.contiguous() if axis >= 0 else _match_layout(g, x)
         dx = torch.empty_like(x)
         lib = _library()
@@ -384,6 +387,30 @@ class _FixedFakeQuant(torch.autograd.Function):
             lib.tsq_backward_input_rows(_ptr(x), _ptr(g), _ptr(dx), outer, c, inner, _ptr(s), _ptr(z),
                                         float(qmin), float(qmax), _threads())
         return dx, None, None, None, None, None
+
+
+def _view(v, x: torch.Tensor, axis: int) -> torch.Tensor | float:
+    """A per-channel value shaped to broadcast against x (a plain float per tensor)."""
+    if axis < 0:
+        return float(v) if isinstance(v, torch.Tensor) else v
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return v.reshape(shape)
+
+
+def _learnable_backward_eager(x, g, s, z, axis, qmin, qmax, grad_factor, s_shape, z_shape):
+    """The kernels' backward in torch ops, differentiable in g (and so in everything before it): the path for
+    ``backward(create_graph=True)``, which second-order methods (Hessian traces) use."""
+    sv, zv = _view(s, x, axis), _view(z, x, axis)
+    inv = 1.0 / sv
+    q = torch.round(zv + x * inv)
+    inside = (q >= qmin) & (q <= qmax)
+    term = torch.where(inside, ((q.clamp(qmin, qmax) - zv) * sv - x) * inv,
+                       torch.where(q < qmin, qmin - zv, qmax - zv))
+    dims = [d for d in range(x.dim()) if d != axis] if axis >= 0 else list(range(x.dim()))
+    dscale = (g * term).sum(dims) * grad_factor
+    dzero = -(g * ~inside).sum(dims) * sv * grad_factor if axis < 0 else -(g * ~inside).sum(dims) * s * grad_factor
+    return g * inside, dscale.reshape(s_shape), dzero.reshape(z_shape)
 
 
 class _LearnableFakeQuant(torch.autograd.Function):
@@ -411,6 +438,9 @@ class _LearnableFakeQuant(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         axis, qmin, qmax, grad_factor, s, z = ctx.qp
         s_shape, z_shape = ctx.shapes
+        if torch.is_grad_enabled():  # create_graph (Hessian-vector products): the same maths in differentiable ops
+            return (*_learnable_backward_eager(x.detach(), g, s, z, axis, qmin, qmax, grad_factor, s_shape, z_shape),
+                    None, None, None, None)
         g = g.contiguous() if axis >= 0 else _match_layout(g, x)
         dx = torch.empty_like(x)
         lib = _library()
@@ -451,6 +481,12 @@ class _ChannelScale(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         t, s = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: differentiable ops on the saved tensors
+            sv = _channel_view(s, t.dim(), ctx.axis)
+            dims = [d for d in range(t.dim()) if d != ctx.axis]
+            if ctx.divide:
+                return g / sv, -(g * t).sum(dims) / s, None, None
+            return g * sv, (g * t).sum(dims), None, None
         g = g.contiguous()
         gy = torch.empty_like(t)
         outer, c, inner = _rows(t, ctx.axis)

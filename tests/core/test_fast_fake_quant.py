@@ -97,6 +97,22 @@ def test_channels_last_and_determinism():
     assert all(torch.equal(a, b) for a, b in zip(grads[0], grads[1]))
 
 
+@pytest.mark.parametrize("shape,axis", [((64, 32, 3, 3), 0), ((32, 1, 3, 3), 0), ((16, 24, 4, 4), 1), ((10, 7), 0)])
+def test_multiply_channels_matches_eager_product(shape, axis):
+    """The BN-folding weight scale w * s: the same product, gradients of w identical, of s within 1e-6."""
+    torch.manual_seed(5)
+    w, s, g = torch.randn(shape), torch.rand(shape[axis]) + 0.5, torch.randn(shape)
+    view = [1] * len(shape)
+    view[axis] = -1
+    (wr, sr), (wf, sf) = [(w.clone().requires_grad_(), s.clone().requires_grad_()) for _ in range(2)]
+    ref = wr * sr.reshape(view)
+    out = K.multiply_channels(wf, sf, axis)
+    ref.backward(g)
+    out.backward(g)
+    assert torch.equal(out, ref) and torch.equal(wf.grad, wr.grad)
+    torch.testing.assert_close(sf.grad, sr.grad, rtol=1e-6, atol=1e-6 * sr.grad.abs().max().item())
+
+
 def test_divide_channels_matches_eager_division():
     torch.manual_seed(3)
     for shape in [(8, 32, 14, 14), (16, 64), (4, 16, 100)]:
@@ -152,7 +168,7 @@ def test_prepared_model_step_same_with_and_without_the_kernels(monkeypatch, fq):
         if flag == "1":  # the fused path really ran
             names = {type(fn).__name__ for fn in _grad_fns(out)}
             assert names & {"_LearnableFakeQuantBackward", "_FixedFakeQuantBackward"}, names
-            assert "_DivChannelsBackward" in names, names  # the BN-folding rescale
+            assert "_ChannelScaleBackward" in names, names  # the BN-folding weight scale and rescale
         out.square().sum().backward()
         results.append((out.detach(), xi.grad, {n: p.grad.clone() for n, p in q.named_parameters()
                                                  if p.grad is not None}))
@@ -195,3 +211,42 @@ def test_no_compiler_falls_back_to_torch_kernels_with_a_warning(monkeypatch, cap
     assert not K.usable_for(x, per_channel=False)
     q = _prepared()  # the quantizers still train, on torch's kernels
     q(torch.randn(2, 3, 16, 16)).sum().backward()
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_each_tensor_is_fake_quantized_once(arch):
+    """No work done twice: a layer's output quantizer is also the next layer's input quantizer (no tensor gets
+    two quantizers, and no quantizer feeds another)."""
+    import torchvision
+    from ts_qat_pytorch.fake_quantize import QuantizeBase
+    q = prepare_by_platform(getattr(torchvision.models, arch)(), BackendType.TSQAT)
+    seen = set()
+    for node in q.graph.nodes:
+        if node.op == "call_module" and isinstance(q.get_submodule(node.target), QuantizeBase):
+            src = node.args[0]
+            assert src not in seen, f"{src.name} is fake-quantized twice"
+            seen.add(src)
+            assert not (src.op == "call_module" and isinstance(q.get_submodule(src.target), QuantizeBase))
+
+
+def _hvp(q, x):
+    w = q.conv2.weight
+    (g,) = torch.autograd.grad(q(x).square().sum(), w, create_graph=True)
+    (hv,) = torch.autograd.grad((g * torch.ones_like(w)).sum(), w)
+    return hv
+
+
+def test_second_order_gradients_through_the_kernels_match_torch(monkeypatch):
+    """Hessian-vector products (create_graph=True, as Hutchinson's trace estimator needs) through the fused
+    kernels equal those through torch's kernels (fixed quantizers: torch's learnable kernels have no second
+    derivative at all), and work with LSQ."""
+    x = torch.randn(8, 3, 16, 16)
+    fixed = {"extra_qconfig_dict": {"w_fakequantize": "FixedFakeQuantize", "a_fakequantize": "FixedFakeQuantize"}}
+    hvps = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("TS_QAT_FAST_FQ", flag)
+        hvps.append(_hvp(_prepared(fixed), x))
+    torch.testing.assert_close(hvps[0], hvps[1], rtol=1e-5, atol=1e-6 * hvps[1].abs().max().item())
+    monkeypatch.setenv("TS_QAT_FAST_FQ", "1")
+    hv = _hvp(_prepared(), x)  # LSQ (the default)
+    assert torch.isfinite(hv).all() and hv.abs().sum() > 0

@@ -32,7 +32,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["available", "divide_channels", "fake_quant_fixed", "fake_quant_learnable", "usable_for"]
+__all__ = ["available", "divide_channels", "fake_quant_fixed", "fake_quant_learnable", "multiply_channels",
+           "usable_for"]
 
 # Semantics follow torch's CPU kernels exactly (quantized/cpu/kernels/QuantizedOpKernels.cpp):
 #   forward   q = z + rint(x * (1/s)), y = (clamp(q, qmin, qmax) - z) * s          (float arithmetic)
@@ -168,10 +169,12 @@ void tsq_backward_learnable_rows(const float* x, const float* g, float* dx, int6
     }
 }
 
-/* Backward of out = y / s[c] (the BN-folding rescale of a fused QAT layer): gy = g / s[c] and
-   ds[c] = -sum(g * out) / s[c], in one pass over g and out (out is what the BatchNorm after it keeps anyway). */
-void tsq_div_channels_backward(const float* g, const float* out, float* gy, int64_t outer, int64_t C,
-                               int64_t inner, const float* s, int nt, double* ds_out) {
+/* Backward of a per-channel rescale in the BN-folding QAT layers, in one pass over g and t:
+     divide = 1: out = y / s[c]  (the output rescale)   gy = g / s[c], ds[c] = -sum(g * out) / s[c], t = out
+     divide = 0: out = w * s[c]  (the weight fold)      gy = g * s[c], ds[c] =  sum(g * w),          t = w
+   t is what autograd keeps anyway (the BatchNorm's input; the weight itself). */
+void tsq_channel_scale_backward(const float* g, const float* t, float* gy, int64_t outer, int64_t C,
+                                int64_t inner, const float* s, int divide, int nt, double* ds_out) {
     int64_t n = outer * C * inner;
     #pragma omp parallel for num_threads(nt) schedule(static) if(n >= PAR_MIN)
     for (int64_t c = 0; c < C; c++) {
@@ -182,18 +185,26 @@ void tsq_div_channels_backward(const float* g, const float* out, float* gy, int6
             for (int64_t b = 0; b < inner; b += BLK) {
                 int64_t m = (inner - b < BLK) ? inner - b : BLK;
                 const float* gb = g + base + b;
-                const float* ob = out + base + b;
+                const float* tb = t + base + b;
                 float* yb = gy + base + b;
                 float fs = 0.0f;
-                #pragma omp simd reduction(+:fs)
-                for (int64_t k = 0; k < m; k++) {
-                    yb[k] = gb[k] / sc;
-                    fs += gb[k] * ob[k];
+                if (divide) {
+                    #pragma omp simd reduction(+:fs)
+                    for (int64_t k = 0; k < m; k++) {
+                        yb[k] = gb[k] / sc;
+                        fs += gb[k] * tb[k];
+                    }
+                } else {
+                    #pragma omp simd reduction(+:fs)
+                    for (int64_t k = 0; k < m; k++) {
+                        yb[k] = gb[k] * sc;
+                        fs += gb[k] * tb[k];
+                    }
                 }
                 ds += fs;
             }
         }
-        ds_out[c] = -ds / sc;
+        ds_out[c] = divide ? -ds / sc : ds;
     }
 }
 
@@ -266,8 +277,8 @@ def _build() -> ctypes.CDLL:
     lib.tsq_backward_learnable_flat.argtypes = [fp, fp, fp, i64, f, f, f, f, i32, dp, dp]
     lib.tsq_backward_learnable_rows.argtypes = [fp, fp, fp, i64, i64, i64, fp, fp, f, f, i32, dp, dp]
     lib.tsq_backward_input_rows.argtypes = [fp, fp, fp, i64, i64, i64, fp, fp, f, f, i32]
-    lib.tsq_div_channels_backward.argtypes = [fp, fp, fp, i64, i64, i64, fp, i32, dp]
-    for fn in (lib.tsq_div_channels_backward, lib.tsq_forward, lib.tsq_forward_flat, lib.tsq_backward_input, lib.tsq_backward_learnable_flat,
+    lib.tsq_channel_scale_backward.argtypes = [fp, fp, fp, i64, i64, i64, fp, i32, i32, dp]
+    for fn in (lib.tsq_channel_scale_backward, lib.tsq_forward, lib.tsq_forward_flat, lib.tsq_backward_input, lib.tsq_backward_learnable_flat,
                lib.tsq_backward_learnable_rows, lib.tsq_backward_input_rows):
         fn.restype = None
     return lib
@@ -362,6 +373,9 @@ class _FixedFakeQuant(torch.autograd.Function):
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
         s, z, axis, qmin, qmax = ctx.qp
+        if torch.is_grad_enabled():  # create_graph (Hessian-vector products): the same maths in differentiable ops
+            q = _view(z, x, axis) + torch.round(x.detach() * (1.0 / _view(s, x, axis)))
+            return g * ((q >= qmin) & (q <= qmax)), None, None, None, None, None
         g = g.contiguous() if axis >= 0 else _match_layout(g, x)
         dx = torch.empty_like(x)
         lib = _library()
@@ -373,6 +387,30 @@ class _FixedFakeQuant(torch.autograd.Function):
             lib.tsq_backward_input_rows(_ptr(x), _ptr(g), _ptr(dx), outer, c, inner, _ptr(s), _ptr(z),
                                         float(qmin), float(qmax), _threads())
         return dx, None, None, None, None, None
+
+
+def _view(v, x: torch.Tensor, axis: int) -> torch.Tensor | float:
+    """A per-channel value shaped to broadcast against x (a plain float per tensor)."""
+    if axis < 0:
+        return float(v) if isinstance(v, torch.Tensor) else v
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return v.reshape(shape)
+
+
+def _learnable_backward_eager(x, g, s, z, axis, qmin, qmax, grad_factor, s_shape, z_shape):
+    """The kernels' backward in torch ops, differentiable in g (and so in everything before it): the path for
+    ``backward(create_graph=True)``, which second-order methods (Hessian traces) use."""
+    sv, zv = _view(s, x, axis), _view(z, x, axis)
+    inv = 1.0 / sv
+    q = torch.round(zv + x * inv)
+    inside = (q >= qmin) & (q <= qmax)
+    term = torch.where(inside, ((q.clamp(qmin, qmax) - zv) * sv - x) * inv,
+                       torch.where(q < qmin, qmin - zv, qmax - zv))
+    dims = [d for d in range(x.dim()) if d != axis] if axis >= 0 else list(range(x.dim()))
+    dscale = (g * term).sum(dims) * grad_factor
+    dzero = -(g * ~inside).sum(dims) * sv * grad_factor if axis < 0 else -(g * ~inside).sum(dims) * s * grad_factor
+    return g * inside, dscale.reshape(s_shape), dzero.reshape(z_shape)
 
 
 class _LearnableFakeQuant(torch.autograd.Function):
@@ -400,6 +438,9 @@ class _LearnableFakeQuant(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         axis, qmin, qmax, grad_factor, s, z = ctx.qp
         s_shape, z_shape = ctx.shapes
+        if torch.is_grad_enabled():  # create_graph (Hessian-vector products): the same maths in differentiable ops
+            return (*_learnable_backward_eager(x.detach(), g, s, z, axis, qmin, qmax, grad_factor, s_shape, z_shape),
+                    None, None, None, None)
         g = g.contiguous() if axis >= 0 else _match_layout(g, x)
         dx = torch.empty_like(x)
         lib = _library()
@@ -420,24 +461,48 @@ class _LearnableFakeQuant(torch.autograd.Function):
         return dx, dscale, dzero, None, None, None, None
 
 
-class _DivChannels(torch.autograd.Function):
+def _channel_view(s: torch.Tensor, dim: int, axis: int) -> torch.Tensor:
+    shape = [1] * dim
+    shape[axis] = -1
+    return s.reshape(shape)
+
+
+class _ChannelScale(torch.autograd.Function):
+    """out = y / s or y * s along one axis; forward is torch's, backward one fused pass."""
+
     @staticmethod
-    def forward(ctx, y, s):
-        out = y / s.reshape([1, -1] + [1] * (y.dim() - 2))
-        ctx.save_for_backward(out, s)
+    def forward(ctx, y, s, axis, divide):
+        sv = _channel_view(s, y.dim(), axis)
+        out = y / sv if divide else y * sv
+        ctx.save_for_backward(out if divide else y, s)
+        ctx.axis, ctx.divide = axis, divide
         return out
 
     @staticmethod
     def backward(ctx, g):
-        out, s = ctx.saved_tensors
+        t, s = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: differentiable ops on the saved tensors
+            sv = _channel_view(s, t.dim(), ctx.axis)
+            dims = [d for d in range(t.dim()) if d != ctx.axis]
+            if ctx.divide:
+                return g / sv, -(g * t).sum(dims) / s, None, None
+            return g * sv, (g * t).sum(dims), None, None
         g = g.contiguous()
-        gy = torch.empty_like(out)
-        outer, c, inner = _rows(out, 1)
+        gy = torch.empty_like(t)
+        outer, c, inner = _rows(t, ctx.axis)
         sf = s.detach().float().contiguous()
         ds = torch.empty(c, dtype=torch.float64)
-        _library().tsq_div_channels_backward(_ptr(g), _ptr(out), _ptr(gy), outer, c, inner, _ptr(sf), _threads(),
-                                             _ptr(ds))
-        return gy, ds.to(s.dtype)
+        _library().tsq_channel_scale_backward(_ptr(g), _ptr(t), _ptr(gy), outer, c, inner, _ptr(sf), int(ctx.divide),
+                                              _threads(), _ptr(ds))
+        return gy, ds.to(s.dtype), None, None
+
+
+def _channel_scale(y: torch.Tensor, s: torch.Tensor, axis: int, divide: bool) -> torch.Tensor:
+    if (y.dim() > axis and y.is_contiguous() and s.dim() == 1 and s.dtype == torch.float32 and s.device == y.device
+            and s.numel() == y.shape[axis] and usable_for(y, per_channel=True)):
+        return _ChannelScale.apply(y, s, axis, divide)
+    sv = _channel_view(s, y.dim(), axis)
+    return y / sv if divide else y * sv
 
 
 def divide_channels(y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -445,10 +510,14 @@ def divide_channels(y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
     The forward is torch's division; the backward reads the gradient and the output once (eager autograd makes
     five passes and keeps y as well)."""
-    if (y.dim() >= 2 and y.is_contiguous() and s.dim() == 1 and s.dtype == torch.float32 and s.device == y.device
-            and usable_for(y, per_channel=True)):
-        return _DivChannels.apply(y, s)
-    return y / s.reshape([1, -1] + [1] * (y.dim() - 2))
+    return _channel_scale(y, s, 1, divide=True)
+
+
+def multiply_channels(w: torch.Tensor, s: torch.Tensor, axis: int) -> torch.Tensor:
+    """``w * s`` with ``s`` one value per slice along ``axis``, as the BN-folding QAT layers scale their weight.
+
+    The forward is torch's product; the backward is one pass (eager: a product, another product, a sum)."""
+    return _channel_scale(w, s, axis, divide=False)
 
 
 def _match_layout(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...fake_quantize.cpu_kernels import divide_channels
+from ...fake_quantize.cpu_kernels import divide_channels, multiply_channels
 from .modules import Conv1d, Conv2d, ConvTranspose1d, ConvTranspose2d, Linear, deployed_bias
 
 
@@ -40,11 +40,6 @@ class _FusedMixin:
         std = torch.sqrt(self.bn.running_var + self.bn.eps)
         return self.bn.weight / std if self.bn.affine else 1.0 / std
 
-    def _weight_view(self, s: torch.Tensor) -> torch.Tensor:
-        shape = [1] * self.weight.dim()
-        shape[self.weight_ch_axis] = -1
-        return s.reshape(shape)
-
     def _out_view(self, s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return s.reshape([1, -1] + [1] * (y.dim() - 2))
 
@@ -61,7 +56,7 @@ class _FusedMixin:
             y = self._raw(x, w, self._deployed_bias(b))
         else:
             s = self._bn_scale()
-            y = self._raw(x, self.weight_fake_quant(self.weight * self._weight_view(s)), None)
+            y = self._raw(x, self.weight_fake_quant(multiply_channels(self.weight, s, self.weight_ch_axis)), None)
             y = divide_channels(y, s)  # one pass backward on the CPU (fake_quantize/cpu_kernels.py)
             if self.bias is not None:
                 y = y + self._out_view(self.bias, y)
@@ -76,7 +71,7 @@ class _FusedMixin:
         s = self._bn_scale()
         bias = self.bias if self.bias is not None else torch.zeros_like(self.bn.running_mean)
         beta = self.bn.bias if self.bn.affine else torch.zeros_like(bias)
-        return self.weight * self._weight_view(s), (bias - self.bn.running_mean) * s + beta
+        return multiply_channels(self.weight, s, self.weight_ch_axis), (bias - self.bn.running_mean) * s + beta
 
     @torch.no_grad()
     def quantized_weight_source(self):

@@ -56,7 +56,7 @@ def float_twin(int8_path: str, out_path: str) -> str:
     def const(name):
         return numpy_helper.to_array(inits[name]) if name in inits else None
 
-    keep, rename = [], {}
+    keep = []
     for n in g.node:
         if n.op_type == "DequantizeLinear":
             x = const(n.input[0])

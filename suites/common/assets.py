@@ -27,6 +27,15 @@ def cache_dir() -> str:
     return d
 
 
+def cache_file(folder: str, stem: str, key, ext: str = ".pth", digits: int = 12) -> str:
+    """``<folder>/<stem>_<hash>.<ext>``: a cached result (a float fine-tune) named by a hash of what it depends on
+    (``key``, JSON), so a changed recipe never reuses a stale file."""
+    import json
+    h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:digits]
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, f"{stem}_{h}{ext}")
+
+
 def sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -215,7 +224,7 @@ def _read_idx(path: str):
     return arr.reshape(dims)
 
 
-def load_fashion_mnist() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def load_fashion_mnist() -> dict:
     """{'train': (uint8 N x 28 x 28, int64 N), 'test': ...}; fetched (apt) and cached on first use."""
     import numpy as np
     import torch

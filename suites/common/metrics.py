@@ -97,6 +97,26 @@ class RunMetrics:
                                    max_abs_diff=max(r.max_abs_diff) if r.max_abs_diff else None,
                                    output_scale=list(getattr(r, "output_scale", []) or []))
 
+    def finish(self, baselines: str | None = None) -> int:
+        """Write the file, log the summary and compare with ``baselines`` (a baselines.json): the exit code, 1 when
+        a metric regressed. Every suite's last step."""
+        self.write()
+        if not is_main():
+            return 0
+        d, fmt = self.data, self.metric.format
+        summary = ", ".join(f"{k} {fmt(d[k])}" for k in STAGES if d[k] is not None)
+        kernels = f", integer kernels {d['integer_kernels_total']} ({d['integer_matmul_kernels']} conv/gemm/matmul)" \
+            if d["integer_kernels_total"] is not None else ""
+        self.log(f"=> metrics: {self.metric.name} {summary or '-'}{kernels}; times (s) {d['times_s']}")
+        self.log(f"=> metrics written to {self.path}")
+        if not baselines:
+            return 0
+        from suites.common.regression import compare_metrics, format_table
+        rows, ok = compare_metrics(d, baselines)
+        self.log(format_table(rows))
+        self.log("regression: " + ("PASS" if ok else "FAIL"))
+        return 0 if ok else 1
+
     def write(self) -> None:
         self.data["times_s"]["total"] = round(time.time() - self.t0, 2)
         if not is_main():

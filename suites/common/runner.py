@@ -265,18 +265,4 @@ def finish(suite: Suite, args, m: RunMetrics, data) -> int:
     counts = {k: v for k, v in counts.items() if v is not None}
     if counts:
         m.run["skipped_images"] = counts
-    m.write()
-    if not D.is_main():
-        return 0
-    summary = ", ".join(f"{k} {suite.metric.format(m[k])}" for k in ("float", "qat", "ort") if m[k] is not None)
-    kernels = f", integer kernels {m['integer_kernels_total']} ({m['integer_matmul_kernels']} conv/gemm/matmul)" \
-        if m["integer_kernels_total"] is not None else ""
-    say(f"=> metrics: {suite.metric.name} {summary or '-'}{kernels}; times (s) {m['times_s']}")
-    say(f"=> metrics written to {args.metrics}")
-    if args.baselines:
-        from suites.common.regression import compare_metrics, format_table
-        rows, ok = compare_metrics(m.data, args.baselines)
-        say(format_table(rows))
-        say("regression: " + ("PASS" if ok else "FAIL"))
-        return 0 if ok else 1
-    return 0
+    return m.finish(args.baselines)

@@ -4,7 +4,6 @@ Each stage records its result and wall time in the run's metrics (suites/common/
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -95,12 +94,11 @@ def first_last_layers(model: nn.Module) -> list[str]:
 
 # ---- float model
 def float_cache_path(suite: Suite, args) -> tuple[str, dict]:
+    from suites.common.assets import cache_dir, cache_file
     key = dict(arch=args.arch, float_epochs=args.float_epochs, float_images=args.float_images,
                float_lr=args.float_lr, batch_size=args.batch_size, seed=args.seed, recipe=1, **suite.cache_key(args))
-    h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    from suites.common.assets import cache_dir
     folder = args.cache_dir or os.path.join(cache_dir(), suite.name)
-    return os.path.join(folder, f"{args.arch}_{suite.cache_tag}_float_{h}.pth"), key
+    return cache_file(folder, f"{args.arch}_{suite.cache_tag}_float", key), key
 
 
 def float_finetune(suite: Suite, model: nn.Module, train_ds, args, m) -> None:

@@ -109,27 +109,29 @@ def kd_loss(student_logits, teacher_logits, target, alpha: float, temperature: f
     return alpha * kd + (1.0 - alpha) * ce
 
 
-def make_optimizer(params, optim: str, lr: float, momentum: float = 0.9, wd: float = 0.0):
-    """``sgd`` (with momentum) or ``adam`` / ``adamw`` (both AdamW); parameters without gradients are left out."""
+def make_optimizer(params, optim: str, lr: float, momentum: float = 0.9, wd: float = 0.0, nesterov: bool = False,
+                   betas: tuple[float, float] = (0.9, 0.999)):
+    """``sgd`` (with momentum) or ``adam`` / ``adamw`` (both AdamW); parameters without gradients are left out;
+    ``params`` may be parameter groups (their own settings win over ``wd``)."""
     params = [p for p in params if p.requires_grad] if not _is_groups(params) else params
-    if optim in ("adam", "adamw"):
-        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=wd)
+    if optim.lower() in ("adam", "adamw"):
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=wd)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=wd, nesterov=nesterov)
 
 
 def _is_groups(params) -> bool:
     return isinstance(params, list) and bool(params) and isinstance(params[0], dict)
 
 
-def cosine_schedule(optimizer, total_steps: int, warmup_steps: int = 0):
-    """Per-step schedule: linear warm-up then cosine to 0."""
+def cosine_schedule(optimizer, total_steps: int, warmup_steps: int = 0, final: float = 0.0):
+    """Per-step schedule: linear warm-up, then cosine from the base LR to ``final`` x the base LR."""
     total_steps = max(1, total_steps)
 
     def f(step):
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         prog = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return 0.5 * (1 + math.cos(math.pi * prog))
+        return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * prog))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
 
 

@@ -12,8 +12,6 @@ and the attention mask run outside the traced part (model.py says why). One metr
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
 import os
 import random
@@ -191,16 +189,15 @@ def loaders(train, test, tok, args):
 
 
 def float_cache_path(args, model_dir: str, train) -> str:
-    h = hashlib.sha256(json.dumps([model_dir, args.max_length, args.float_epochs, args.float_lr, args.batch_size,
-                                   args.seed, [t[:2] for t in train]]).encode()).hexdigest()[:16]
-    d = args.cache_dir or os.path.join(os.environ.get("TS_QAT_CACHE") or
-                                       os.path.join(os.path.expanduser("~"), ".cache", "ts_qat_pytorch"), "transformers")
-    os.makedirs(d, exist_ok=True)
-    return os.path.join(d, f"float_{h}.pt")
+    from suites.common.assets import cache_dir, cache_file
+    key = [model_dir, args.max_length, args.float_epochs, args.float_lr, args.batch_size, args.seed,
+           [t[:2] for t in train]]
+    return cache_file(args.cache_dir or os.path.join(cache_dir(), "transformers"), "float", key, ext=".pt", digits=16)
 
 
 def float_stage(hf, tl, args, stages, model_dir, train):
-    from suites.transformers.train import hf_forward, linear_warmup_decay, make_optimizer, train_epoch
+    from suites.common.training import cosine_schedule, make_optimizer
+    from suites.transformers.train import hf_forward, train_epoch
     if args.float_epochs <= 0:
         return
     path = float_cache_path(args, model_dir, train)
@@ -219,9 +216,9 @@ def float_stage(hf, tl, args, stages, model_dir, train):
         say("=> no cached float fine-tune: float numbers are of the un-fine-tuned model (-e --resume)")
         return
     with stages.timed("float_train"):
-        opt = make_optimizer(hf.parameters(), args.optim, args.float_lr, args.weight_decay)
+        opt = make_optimizer(hf.parameters(), args.optim, args.float_lr, wd=args.weight_decay)
         steps = len(tl) * args.float_epochs
-        sched = linear_warmup_decay(opt, steps, max(1, steps // 10))
+        sched = cosine_schedule(opt, steps, max(1, steps // 10))
         model = hf
         if dist.is_initialized():
             model = torch.nn.parallel.DistributedDataParallel(hf)

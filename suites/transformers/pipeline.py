@@ -8,24 +8,22 @@ import os
 import torch
 import torch.distributed as dist
 
+from suites.common.training import cosine_schedule, make_optimizer
 from suites.transformers.model import EncoderClassifier, attention_bias, count_targets, prepare_config
-from suites.transformers.train import (evaluate, hf_forward, is_main, linear_warmup_decay, make_optimizer, ort_latency,
-                                       qat_param_groups,
-                                       say, split_forward, train_epoch)
+from suites.transformers.train import (evaluate, hf_forward, is_main, ort_latency, qat_param_groups, say,
+                                       split_forward, train_epoch)
 
 
-def calibrate(q, tl, batches: int) -> None:
-    from ts_qat_pytorch.utils.state import enable_calibration, enable_quantization
+def calibrate(q, batches, num_batches: int) -> None:
+    """The core's calibrate with this suite's forward: (ids, mask, label) batches trimmed to their longest row,
+    the mask turned into the attention bias outside the traced part."""
+    from ts_qat_pytorch.utils.calibrate import calibrate as core_calibrate
     from suites.transformers.data import trim_batch
-    q.eval()
-    enable_calibration(q)
-    with torch.no_grad():
-        for i, (ids, mask, _) in enumerate(tl):
-            if i >= batches:
-                break
-            ids, mask = trim_batch(ids, mask)
-            q(ids, attention_bias(mask))
-    enable_quantization(q)
+
+    def forward(model, batch):
+        ids, mask = trim_batch(batch[0], batch[1])
+        return model(ids, attention_bias(mask))
+    core_calibrate(q, batches, num_batches=num_batches, forward=forward)
 
 
 def export_dummy(args):
@@ -39,7 +37,7 @@ def after_float(hf, tok, tl, vl, test, names, args, stages) -> int:
     with stages.timed("float_eval"):
         m.score("float", evaluate(vl, hf_forward(hf), hf, n, "Float"))
     if args.not_qat:
-        return finish(args, stages)
+        return stages.finish(args.baselines)
     split = EncoderClassifier(hf).eval()
     teacher = copy.deepcopy(split).eval() if args.distill_method == "kd" else None
     float_split = copy.deepcopy(split).eval()
@@ -47,9 +45,9 @@ def after_float(hf, tok, tl, vl, test, names, args, stages) -> int:
     linears, matmuls = count_targets(float_split)
     m.extras["split"] = {"linear": linears, "attention_matmuls": matmuls}
     start_epoch = 0
-    opt = make_optimizer(qat_param_groups(q, args.lr, args.qparam_lr), args.optim, args.lr, args.weight_decay)
+    opt = make_optimizer(qat_param_groups(q, args.lr, args.qparam_lr), args.optim, args.lr, wd=args.weight_decay)
     steps = min(len(tl), args.qat_steps or len(tl)) * args.epochs
-    sched = linear_warmup_decay(opt, steps, max(1, steps // 10))
+    sched = cosine_schedule(opt, steps, max(1, steps // 10))
     ckpt = os.path.join(args.output_dir, "minilm_qat_checkpoint.pth" if args.model is None else "encoder_qat_checkpoint.pth")
     if args.resume:
         from ts_qat_pytorch.utils.utils import load_qat_checkpoint
@@ -83,7 +81,7 @@ def after_float(hf, tok, tl, vl, test, names, args, stages) -> int:
         profile_stage(q, vl, args, stages)
     if not args.no_export and is_main():
         export_stage(q, float_split, tok, test, names, args, stages)
-    return finish(args, stages)
+    return stages.finish(args.baselines)
 
 
 def profile_stage(q, vl, args, stages) -> None:
@@ -130,13 +128,3 @@ def export_stage(q, float_split, tok, test, names, args, stages) -> None:
     say(f"=> ORT latency b{args.onnx_batch} len{args.onnx_length}: fp32 {lat['fp32_ms']} ms, int8 {lat['int8_ms']} ms "
         f"({lat['int8_over_fp32']}x)")
 
-
-def finish(args, stages) -> int:
-    stages.write()
-    say(f"=> metrics written to {args.metrics}")
-    if args.baselines and is_main():
-        from suites.common.regression import compare_metrics, format_table
-        rows, ok = compare_metrics(stages.data, args.baselines)
-        say("=> regression check against " + args.baselines + "\n" + format_table(rows))
-        return 0 if ok else 1
-    return 0

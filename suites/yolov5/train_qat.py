@@ -212,29 +212,10 @@ def run(args) -> int:
         if not args.embedded and not args.export_only:
             from suites.yolov5.train_float import train_float_epochs
             train_float_epochs(model, train, ev, hyp, args, stages)
-        stages.write()
-        return finish(args, stages)
+        return stages.finish(args.baselines)
     from suites.yolov5.qat import run_qat
     run_qat(model, train, ev, hyp, meta, args, stages)
-    stages.write()
-    return finish(args, stages)
-
-
-def finish(args, stages) -> int:
-    if not P.is_main():
-        return 0
-    m = stages.data
-    keys = ["float", "qat", "ort", "qat_minus_float", "ort_minus_qat", "integer_matmul_kernels"]
-    say(f"=> metrics ({m['metric']}): " + ", ".join(f"{k} {m[k]}" for k in keys if m[k] is not None)
-        + f", conv_layers {m['extras'].get('conv_layers')}; times (s) {m['times_s']}")
-    say(f"=> metrics written to {args.metrics}")
-    if args.baselines:
-        from suites.common.regression import compare_metrics, format_table
-        rows, ok = compare_metrics(m, args.baselines)
-        say(format_table(rows))
-        say("regression: " + ("PASS" if ok else "FAIL"))
-        return 0 if ok else 1
-    return 0
+    return stages.finish(args.baselines)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,15 @@ def test_the_whole_pipeline_of_a_tiny_suite(tmp_path, capsys):
     assert ck["epoch"] == 2 and ck["metric"] == "top1" and ck["best_metric"] == m["run"]["best"]
     log = capsys.readouterr().out
     assert "Epoch: [1][3/4]" in log and "=> ORT int8 top1" in log and "=> metrics written to" in log
+    # -e --resume with the runner's analysis stages: per-layer profile, one-layer-at-a-time sensitivity
+    assert runner.main(TinySuite(), ["--output-dir", str(out), "--device", "cpu", "-e", "--no-export", "--profile",
+                                     "--sensitivity", "--resume", str(out / "tiny" / "tiny_checkpoint.pth"),
+                                     "--metrics", str(out / "analysis.json")]) == 0
+    a = load_metrics(out / "analysis.json")
+    assert a["qat"] == m["qat"] and a["run"]["profile"]["layers"] > 0
+    assert isinstance(a["run"]["sensitivity"]["exclude_module_name"], list)
+    for k in ("profile_csv", "profile_png", "sensitivity", "exclude"):
+        assert (out / "tiny" / a["files"][k].split("/")[-1]).is_file(), k
     # a suite metric missing from the evaluation is named
     class Broken(TinySuite):
         def evaluate(self, model, loader, args, prefix):

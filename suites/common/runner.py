@@ -34,6 +34,7 @@ from suites.common.suite import Suite, SuiteError
 from suites.common.training import (EpochSubsetSampler, cosine_schedule, loader, make_optimizer, report_skips,
                                     seed_everything, set_rng_state, skipped_images, train_epoch)
 from ts_qat_pytorch.utils.calibrate import calibrate
+from ts_qat_pytorch.utils.state import freeze_bn_stats
 
 logger = logging.getLogger("suites")
 say = D.say
@@ -165,7 +166,7 @@ def run(suite: Suite, args) -> int:
     if not qat:
         if not args.embedded and not args.evaluate:
             S.train_float(suite, model, data.train, val_loader, args, m, paths)
-        return finish(suite, args, m, data)
+        return finish(args, m, data)
 
     # ---- QAT: teacher (checked before long work), prepare, calibrate (unless resuming)
     model.to(memory_format=torch.contiguous_format)  # the traced QAT model gains nothing from channels_last
@@ -211,7 +212,7 @@ def run(suite: Suite, args) -> int:
             with m.timed("export"):
                 S.export_stage(suite, q, args, m)
             S.ort_stage(suite, val_loader, args, m)
-        return finish(suite, args, m, data)
+        return finish(args, m, data)
 
     # ---- QAT epochs: train, evaluate (rank 0), checkpoint + export (rank 0)
     value = None
@@ -221,7 +222,6 @@ def run(suite: Suite, args) -> int:
     for epoch in range(start_epoch, last_epoch):
         train_sampler.set_epoch(epoch)
         if args.freeze_bn_epoch is not None and epoch >= args.freeze_bn_epoch:
-            from ts_qat_pytorch.utils.state import freeze_bn_stats
             freeze_bn_stats(q)
         with m.timed("qat_train"):
             train_scores, train_loss = train_epoch(suite, train_loader, qm, optimizer, scheduler, epoch, args,
@@ -248,7 +248,7 @@ def run(suite: Suite, args) -> int:
     if D.is_main() and m.files.get("onnx"):
         S.ort_stage(suite, val_loader, args, m)
     m.run["best"] = best
-    return finish(suite, args, m, data)
+    return finish(args, m, data)
 
 
 def analyse(suite: Suite, q, calib_loader, val_loader, args, m: RunMetrics) -> None:
@@ -259,7 +259,7 @@ def analyse(suite: Suite, q, calib_loader, val_loader, args, m: RunMetrics) -> N
         S.sensitivity_stage(suite, q, val_loader, args, m)
 
 
-def finish(suite: Suite, args, m: RunMetrics, data) -> int:
+def finish(args, m: RunMetrics, data) -> int:
     """Skipped images, the metrics JSON, the summary line and the comparison with --baselines (exit 1 on failure)."""
     counts = {k: skipped_images(d) for k, d in (("train", data.train), ("val", data.val), ("calib", data.calib))}
     counts = {k: v for k, v in counts.items() if v is not None}

@@ -1,29 +1,67 @@
 #!/usr/bin/env python3
-"""Where does a suite's accuracy go? Per-layer profile and sensitivity analysis on its trained QAT model.
+"""Where does a suite's accuracy go? Per-layer profile and sensitivity analysis of its trained QAT model.
 
     python tools/analyze_suite.py profile --suite imagenet [--output-dir checkpoint]
         each quantized layer's output, float vs fake-quant: cosine, SQNR (dB), max abs error, scale and
-        clipping ratio, worst first: a table, <out>/<suite>_profile.csv and .png
-    python tools/analyze_suite.py sensitivity --suite imagenet [--val-images 2000] [--recover 0.8]
+        clipping ratio, worst first: a table, <arch>_profile.csv and .png next to the checkpoint
+    python tools/analyze_suite.py sensitivity --suite imagenet [--val-images 2000]
         one layer at a time left float, the suite's metric on a held-out slice: the ranking, a plot, and
-        <out>/<suite>_exclude.json: the extra_quantizer_dict that recovers most of the loss with the fewest
-        float layers, ready for prepare_by_platform
+        <arch>_exclude.json: the extra_quantizer_dict that recovers most of the loss with the fewest float layers,
+        ready for prepare_by_platform
 
-A suite takes part by providing suites/<suite>/analysis.py with load(output_dir, val_images) ->
-(prepared model loaded from its QAT checkpoint, input batches, evaluate(model) -> metric).
+The analysis is the runner's (``--profile`` / ``--sensitivity`` of every suite on suites/common/runner.py). This
+tool finds the suite's last run through its metrics file (``<output-dir>/<suite>/*_metrics.json``, the suites' one
+schema) and reruns the script recorded there (``run.entry``) with the run's own flags (``run.argv``) plus
+``-e --resume <files.checkpoint> --profile|--sensitivity``. No suite is imported.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
-import logging
 import os
+import subprocess
 import sys
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "core"))
+
+# flags of the recorded run that an analysis rerun must not repeat (flag -> takes a value)
+DROP = {"--baselines": True, "--metrics": True, "--resume": True, "--profile": False, "--sensitivity": False,
+        "--stop-after-epochs": True, "--multiprocessing-distributed": False}
+
+
+def last_run(output_dir: str, suite: str, metrics: str | None) -> dict:
+    from suites.common.metrics import load_metrics
+    if metrics:
+        return load_metrics(metrics)
+    found = sorted((ROOT / output_dir / suite if not os.path.isabs(output_dir) else Path(output_dir) / suite)
+                   .glob("*_metrics.json"), key=lambda p: p.stat().st_mtime)
+    for p in reversed(found):
+        m = load_metrics(p)
+        if m["files"].get("checkpoint"):
+            return m
+    raise SystemExit(f"no metrics file with a QAT checkpoint under {output_dir}/{suite}/: run the suite's QAT first "
+                     f"(python3 -m nox -s {suite}_qat), or name one with --metrics")
+
+
+def rerun_command(m: dict, command: str, val_images: int, output_dir: str) -> list[str]:
+    entry = m["run"].get("entry")
+    if not entry or not (ROOT / entry).is_file():
+        raise SystemExit(f"the metrics of suite {m['suite']} name no script to rerun (run.entry {entry!r})")
+    argv, skip = [], False
+    for a in m["run"].get("argv", []):
+        if skip:
+            skip = False
+            continue
+        flag = a.split("=", 1)[0]
+        if flag in DROP:
+            skip = DROP[flag] and "=" not in a
+            continue
+        argv.append(a)
+    return [sys.executable, str(ROOT / entry), *argv, "--output-dir", output_dir, "-e", "--resume",
+            m["files"]["checkpoint"], f"--{command}", "--val-images", str(val_images), "--no-export",
+            "--metrics", os.path.join(os.path.dirname(m["files"]["checkpoint"]), f"{m['arch']}_{command}_metrics.json")]
 
 
 def main(argv=None) -> int:
@@ -31,42 +69,22 @@ def main(argv=None) -> int:
     ap.add_argument("command", choices=["profile", "sensitivity"])
     ap.add_argument("--suite", default="imagenet")
     ap.add_argument("--output-dir", default="checkpoint")
+    ap.add_argument("--metrics", default=None, help="the run's metrics file (default: the suite's newest)")
     ap.add_argument("--val-images", type=int, default=2000)
-    ap.add_argument("--batches", type=int, default=4, help="batches for the profile")
-    ap.add_argument("--recover", type=float, default=0.8, help="fraction of the float-vs-int8 gap to win back")
-    ap.add_argument("--max-layers", type=int, default=8)
     a = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        hook = importlib.import_module(f"suites.{a.suite}.analysis")
-    except ModuleNotFoundError:
-        print(f"suite '{a.suite}' has no analysis hook (suites/{a.suite}/analysis.py)", file=sys.stderr)
+        m = last_run(a.output_dir, a.suite, a.metrics)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
-    t = time.time()
-    q, batches, evaluate = hook.load(a.output_dir, a.val_images)
-    base = os.path.join(a.output_dir, a.suite)
-    if a.command == "profile":
-        from suites.common import profiler
-        rows = profiler.profile_layers(q, batches, max_batches=a.batches)
-        print(profiler.format_table(rows, limit=25))
-        profiler.write_csv(rows, base + "_profile.csv")
-        profiler.plot(rows, base + "_profile.png", title=f"{a.suite}: float vs fake-quant per layer")
-        print(f"wrote {base}_profile.csv and {base}_profile.png ({time.time() - t:.0f} s)")
-        return 0
-    from suites.common import sensitivity as S
-    res = S.layer_sensitivity(q, evaluate)
-    print(S.format_ranking(res))
-    excl = S.recovery_exclude_list(q, evaluate, res, recover=a.recover, max_layers=a.max_layers)
-    cfg = S.write_exclude_config(excl, base + "_exclude.json")
-    S.plot_ranking(res, base + "_sensitivity.png")
-    with open(base + "_sensitivity.json", "w") as f:
-        json.dump({**res, "exclude": excl}, f, indent=1)
-    print(f"\nleave float {excl['exclude_module_name']}: metric {excl['metric']:.3f} "
-          f"(quantized {res['quantized']:.3f}, float {res['float']:.3f}; recovers "
-          f"{100 * excl['recovered_fraction']:.0f}% of the gap)")
-    print(f"wrote {base}_exclude.json ({json.dumps(cfg)}), {base}_sensitivity.png, {base}_sensitivity.json "
-          f"({time.time() - t:.0f} s)")
-    return 0
+    cmd = rerun_command(m, a.command, a.val_images, a.output_dir)
+    helptext = subprocess.run([cmd[0], cmd[1], "--help"], capture_output=True, text=True, cwd=str(ROOT)).stdout
+    if f"--{a.command}" not in helptext:
+        print(f"error: {m['run']['entry']} (suite {m['suite']}) has no --{a.command} flag: suites on the runner "
+              "(suites/common/runner.py) have it", file=sys.stderr)
+        return 2
+    print("[analyze] " + " ".join(cmd), flush=True)
+    return subprocess.run(cmd, cwd=str(ROOT)).returncode
 
 
 if __name__ == "__main__":

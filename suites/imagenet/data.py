@@ -1,14 +1,12 @@
 """Data for the ImageNet suite: an ImageFolder root (train/ and val/) or the embedded default,
-Fashion-MNIST (real data, fetched by suites.common.assets) shaped like ImageNet input:
+Fashion-MNIST (real data, read by suites.common.assets.load_fashion_mnist) shaped like ImageNet input:
 grey -> 3 channels, resized to ``image_size``, ImageNet mean/std normalisation."""
 from __future__ import annotations
 
-import gzip
 import logging
 import multiprocessing
 import os
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
@@ -23,32 +21,6 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 
 class DataError(ValueError):
     pass
-
-
-def _read_idx(path: str) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise DataError(f"{path} is not an idx file")
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if arr.size != int(np.prod(dims)):
-        raise DataError(f"{path} is truncated ({arr.size} values, expected {int(np.prod(dims))})")
-    return arr.reshape(dims)
-
-
-def load_fashion_mnist() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{'train': (uint8 N x 28 x 28, int64 N), 'test': ...}; fetched (apt) and cached on first use."""
-    from suites.common.assets import FASHION_MNIST
-    files = FASHION_MNIST.fetch()
-    pick = lambda name: next(v for k, v in files.items() if k.endswith(name))  # noqa: E731
-    out = {}
-    for split, prefix in (("train", "train"), ("test", "t10k")):
-        x = torch.from_numpy(_read_idx(pick(f"{prefix}-images-idx3-ubyte.gz")).copy())
-        y = torch.from_numpy(_read_idx(pick(f"{prefix}-labels-idx1-ubyte.gz")).astype(np.int64))
-        out[split] = (x, y)
-    return out
 
 
 class FashionMNISTImageNet(Dataset):
@@ -155,14 +127,6 @@ class CheckedImageFolder(Dataset):
                 continue
             return (self.transform(sample) if self.transform is not None else sample), target
         raise DataError(f"'{self.root}': none of its {n} images can be read")
-
-
-def skipped_images(ds) -> int | None:
-    """Unreadable images skipped so far by ``ds`` (through Subset wrappers); None for data sets that never skip."""
-    while isinstance(ds, torch.utils.data.Subset):
-        ds = ds.dataset
-    counter = getattr(ds, "skipped", None)
-    return None if counter is None else int(counter.value)
 
 
 def imagefolder_datasets(root: str, image_size: int = 224, on_bad: str = "error"):

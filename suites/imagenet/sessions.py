@@ -18,7 +18,7 @@ def _main():
 
 
 def _out():
-    return ["--output-dir", str(ROOT / "checkpoint")]  # posargs may override (argparse: last one wins)
+    return ["--output-dir", str(ROOT / "checkpoint")]  # outputs in checkpoint/imagenet/; posargs may override
 
 
 @nox.session
@@ -29,15 +29,15 @@ def imagenet_float_eval(session: nox.Session) -> None:
 
 @nox.session
 def imagenet_qat(session: nox.Session) -> None:
-    """The embedded default end to end; metrics in checkpoint/mobilenet_v2_metrics.json."""
+    """The embedded default end to end; metrics in checkpoint/imagenet/mobilenet_v2_metrics.json."""
     run_py(session, _main(), *_out(), *session.posargs)
 
 
 @nox.session
 def imagenet_export(session: nox.Session) -> None:
-    """Export the last QAT checkpoint (checkpoint/mobilenet_v2_checkpoint.pth, from imagenet_qat) to int8
+    """Export the last QAT checkpoint (checkpoint/imagenet/mobilenet_v2_checkpoint.pth, from imagenet_qat) to int8
     ONNX and evaluate it in onnxruntime; without that checkpoint, PTQ-calibrate the float model instead."""
-    ckpt = ROOT / "checkpoint" / "mobilenet_v2_checkpoint.pth"
+    ckpt = ROOT / "checkpoint" / "imagenet" / "mobilenet_v2_checkpoint.pth"
     args = ["--evaluate"]
     if ckpt.exists() and "--resume" not in session.posargs:
         args += ["--resume", str(ckpt)]
@@ -48,4 +48,4 @@ def imagenet_export(session: nox.Session) -> None:
 def imagenet_regression(session: nox.Session) -> None:
     """The default run (float fine-tune reused from the cache) checked against baselines.json."""
     run_py(session, _main(), *_out(), "--baselines", str(ROOT / "suites" / "imagenet" / "baselines.json"),
-           "--metrics", str(ROOT / "checkpoint" / "imagenet_regression_metrics.json"), *session.posargs)
+           "--metrics", str(ROOT / "checkpoint" / "imagenet" / "regression_metrics.json"), *session.posargs)

@@ -12,8 +12,6 @@ and the attention mask run outside the traced part (model.py says why). One metr
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
 import os
 import random
@@ -30,7 +28,8 @@ import torch.distributed as dist  # noqa: E402
 
 from suites.transformers.data import DataError  # noqa: E402
 from suites.transformers.model import ModelError  # noqa: E402
-from suites.common.stages import Stages  # noqa: E402
+from suites.common.metrics import RunMetrics  # noqa: E402
+from suites.common.suite import Metric  # noqa: E402
 from suites.transformers.train import is_main, say  # noqa: E402
 
 logger = logging.getLogger("transformers_suite")
@@ -42,6 +41,7 @@ GENERAL = dict(passage_lines=None, max_length=128, train_per_class=None, test_pe
                float_epochs=0, float_lr=2e-5, epochs=1, qat_steps=None, batch_size=32, lr=2e-5, optim="adamw",
                backend="ONNXRuntime", calib_batches=16, distill_method="kd", print_freq=50)
 BAD_INPUT = (DataError, ModelError)
+METRIC = Metric("accuracy", "higher", ".2f")  # test-set accuracy (%); scores add macro-F1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,16 +189,15 @@ def loaders(train, test, tok, args):
 
 
 def float_cache_path(args, model_dir: str, train) -> str:
-    h = hashlib.sha256(json.dumps([model_dir, args.max_length, args.float_epochs, args.float_lr, args.batch_size,
-                                   args.seed, [t[:2] for t in train]]).encode()).hexdigest()[:16]
-    d = args.cache_dir or os.path.join(os.environ.get("TS_QAT_CACHE") or
-                                       os.path.join(os.path.expanduser("~"), ".cache", "ts_qat_pytorch"), "transformers")
-    os.makedirs(d, exist_ok=True)
-    return os.path.join(d, f"float_{h}.pt")
+    from suites.common.assets import cache_dir, cache_file
+    key = [model_dir, args.max_length, args.float_epochs, args.float_lr, args.batch_size, args.seed,
+           [t[:2] for t in train]]
+    return cache_file(args.cache_dir or os.path.join(cache_dir(), "transformers"), "float", key, ext=".pt", digits=16)
 
 
 def float_stage(hf, tl, args, stages, model_dir, train):
-    from suites.transformers.train import hf_forward, linear_warmup_decay, make_optimizer, train_epoch
+    from suites.common.training import cosine_schedule, make_optimizer
+    from suites.transformers.train import hf_forward, train_epoch
     if args.float_epochs <= 0:
         return
     path = float_cache_path(args, model_dir, train)
@@ -211,15 +210,15 @@ def float_stage(hf, tl, args, stages, model_dir, train):
                              f"({(str(e).splitlines() or [''])[0][:300]}); delete it and run again (the float "
                              "fine-tune runs and re-creates it)") from e
         say(f"=> float fine-tune reused from the cache {path}")
-        stages.metrics["float_cached"] = True
+        stages.run["float_cached"] = True
         return
     if args.evaluate and args.resume:  # the QAT checkpoint carries the weights; no fine-tune for an export
         say("=> no cached float fine-tune: float numbers are of the un-fine-tuned model (-e --resume)")
         return
     with stages.timed("float_train"):
-        opt = make_optimizer(hf.parameters(), args.optim, args.float_lr, args.weight_decay)
+        opt = make_optimizer(hf.parameters(), args.optim, args.float_lr, wd=args.weight_decay)
         steps = len(tl) * args.float_epochs
-        sched = linear_warmup_decay(opt, steps, max(1, steps // 10))
+        sched = cosine_schedule(opt, steps, max(1, steps // 10))
         model = hf
         if dist.is_initialized():
             model = torch.nn.parallel.DistributedDataParallel(hf)
@@ -228,7 +227,7 @@ def float_stage(hf, tl, args, stages, model_dir, train):
                 tl.sampler.set_epoch(ep)
             train_epoch(tl, hf_forward(model), model, opt, sched, ep, args, max_steps=2 if args.smoke else None,
                         prefix="Float")
-    stages.metrics["float_cached"] = False
+    stages.run["float_cached"] = False
     if is_main() and not args.smoke:
         from ts_qat_pytorch.utils.utils import atomic_torch_save
         atomic_torch_save(hf.state_dict(), path)
@@ -236,6 +235,7 @@ def float_stage(hf, tl, args, stages, model_dir, train):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     for noisy in ("torch.onnx", "onnxscript", "onnx_ir", "torch._dynamo", "torch.export", "torch.fx", "transformers",
                   "httpx"):
@@ -260,8 +260,10 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
     os.makedirs(args.output_dir, exist_ok=True)
-    stages = Stages(args.metrics, "transformers", log=say, embedded=args.embedded, backend=None if args.not_qat else args.backend,
-                    max_length=args.max_length, threads=torch.get_num_threads())
+    stages = RunMetrics(args.metrics, "transformers", "minilm" if args.model is None else "encoder",
+                        None if args.not_qat else args.backend, METRIC, log=say, argv=args.argv)
+    stages.run.update(embedded=args.embedded, threads=torch.get_num_threads())
+    stages.extras.update(max_length=args.max_length)
     ck = check_resume(args) if args.resume else None  # before the data, the model and calibration
     with stages.timed("setup"):
         train, test, names = load_data(args)  # bad data fails before the model loads
@@ -277,8 +279,9 @@ def run(args) -> int:
         if args.onnx_length < args.max_length:
             raise ModelError(f"--onnx-length {args.onnx_length} is shorter than --max-length {args.max_length}")
         tl, vl = loaders(train, test, tok, args)
-    stages.metrics.update(model=args.model or "all-MiniLM-L6-v2 (embedded)", labels=names,
-                          train_examples=len(train), test_examples=len(test))
+    stages.run.update(dataset="Jane Austen's novels" if args.embedded else args.data, train_examples=len(train),
+                      test_examples=len(test))
+    stages.extras.update(model=args.model or "all-MiniLM-L6-v2 (embedded)", labels=names)
     say(f"=> {len(train)} training / {len(test)} test examples, {len(names)} labels, max length {args.max_length}")
     float_stage(hf, tl, args, stages, model_dir, train)
     return pipeline.after_float(hf, tok, tl, vl, test, names, args, stages)

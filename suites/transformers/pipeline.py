@@ -8,24 +8,22 @@ import os
 import torch
 import torch.distributed as dist
 
+from suites.common.training import cosine_schedule, make_optimizer
 from suites.transformers.model import EncoderClassifier, attention_bias, count_targets, prepare_config
-from suites.transformers.train import (evaluate, hf_forward, is_main, linear_warmup_decay, make_optimizer, ort_latency,
-                                       qat_param_groups,
-                                       say, split_forward, train_epoch)
+from suites.transformers.train import (evaluate, hf_forward, is_main, ort_latency, qat_param_groups, say,
+                                       split_forward, train_epoch)
 
 
-def calibrate(q, tl, batches: int) -> None:
-    from ts_qat_pytorch.utils.state import enable_calibration, enable_quantization
+def calibrate(q, batches, num_batches: int) -> None:
+    """The core's calibrate with this suite's forward: (ids, mask, label) batches trimmed to their longest row,
+    the mask turned into the attention bias outside the traced part."""
+    from ts_qat_pytorch.utils.calibrate import calibrate as core_calibrate
     from suites.transformers.data import trim_batch
-    q.eval()
-    enable_calibration(q)
-    with torch.no_grad():
-        for i, (ids, mask, _) in enumerate(tl):
-            if i >= batches:
-                break
-            ids, mask = trim_batch(ids, mask)
-            q(ids, attention_bias(mask))
-    enable_quantization(q)
+
+    def forward(model, batch):
+        ids, mask = trim_batch(batch[0], batch[1])
+        return model(ids, attention_bias(mask))
+    core_calibrate(q, batches, num_batches=num_batches, forward=forward)
 
 
 def export_dummy(args):
@@ -35,21 +33,21 @@ def export_dummy(args):
 
 def after_float(hf, tok, tl, vl, test, names, args, stages) -> int:
     from ts_qat_pytorch.prepare_by_platform import BackendType, prepare_by_platform
-    m, n = stages.metrics, len(names)
+    m, n = stages, len(names)
     with stages.timed("float_eval"):
-        m["float"] = evaluate(vl, hf_forward(hf), hf, n, "Float")
+        m.score("float", evaluate(vl, hf_forward(hf), hf, n, "Float"))
     if args.not_qat:
-        return finish(args, stages)
+        return stages.finish(args.baselines)
     split = EncoderClassifier(hf).eval()
     teacher = copy.deepcopy(split).eval() if args.distill_method == "kd" else None
     float_split = copy.deepcopy(split).eval()
     q = prepare_by_platform(split, BackendType(args.backend), prepare_config())
     linears, matmuls = count_targets(float_split)
-    m["split"] = {"linear": linears, "attention_matmuls": matmuls}
+    m.extras["split"] = {"linear": linears, "attention_matmuls": matmuls}
     start_epoch = 0
-    opt = make_optimizer(qat_param_groups(q, args.lr, args.qparam_lr), args.optim, args.lr, args.weight_decay)
+    opt = make_optimizer(qat_param_groups(q, args.lr, args.qparam_lr), args.optim, args.lr, wd=args.weight_decay)
     steps = min(len(tl), args.qat_steps or len(tl)) * args.epochs
-    sched = linear_warmup_decay(opt, steps, max(1, steps // 10))
+    sched = cosine_schedule(opt, steps, max(1, steps // 10))
     ckpt = os.path.join(args.output_dir, "minilm_qat_checkpoint.pth" if args.model is None else "encoder_qat_checkpoint.pth")
     if args.resume:
         from ts_qat_pytorch.utils.utils import load_qat_checkpoint
@@ -76,15 +74,14 @@ def after_float(hf, tok, tl, vl, test, names, args, stages) -> int:
                             max_steps=args.qat_steps, prefix="QAT")
                 if is_main():
                     save_qat_checkpoint(ckpt, q, opt, sched, epoch=ep + 1, labels=names)
-        m["checkpoint"] = ckpt
+        m.files["checkpoint"] = ckpt
     with stages.timed("qat_eval"):
-        m["qat"] = evaluate(vl, split_forward(q), q, n, "QAT fake-quant")
-    m["qat_minus_float"] = round(m["qat"]["accuracy"] - m["float"]["accuracy"], 3)
+        m.score("qat", evaluate(vl, split_forward(q), q, n, "QAT fake-quant"))
     if args.profile and is_main():
         profile_stage(q, vl, args, stages)
     if not args.no_export and is_main():
         export_stage(q, float_split, tok, test, names, args, stages)
-    return finish(args, stages)
+    return stages.finish(args.baselines)
 
 
 def profile_stage(q, vl, args, stages) -> None:
@@ -95,14 +92,14 @@ def profile_stage(q, vl, args, stages) -> None:
     profiler.write_csv(rows, csv_path)
     profiler.plot(rows, png_path, title=f"{args.backend}: float vs fake-quant per layer")
     say("=> per-layer float vs fake-quant (worst first)\n" + profiler.format_table(rows, limit=20))
-    stages.metrics["profile"] = {"csv": csv_path, "png": png_path, "layers": len(rows),
-                                 "worst_layer": rows[0]["layer"] if rows else None,
-                                 "worst_sqnr_db": rows[0]["sqnr_db"] if rows else None}
+    stages.files.update(profile_csv=csv_path, profile_png=png_path)
+    stages.run["profile"] = {"layers": len(rows), "worst_layer": rows[0]["layer"] if rows else None,
+                             "worst_sqnr_db": rows[0]["sqnr_db"] if rows else None}
 
 
 def export_stage(q, float_split, tok, test, names, args, stages) -> None:
     from ts_qat_pytorch.convert_export import convert_export
-    m = stages.metrics
+    m = stages
     base = os.path.join(args.output_dir, "minilm" if args.model is None else "encoder")
     dummy = export_dummy(args)
     with stages.timed("export"):
@@ -114,31 +111,20 @@ def export_stage(q, float_split, tok, test, names, args, stages) -> None:
                               output_names=["logits"], opset_version=args.opset_version, dynamo=True,
                               external_data=False)
     kernels = dict(r.integer_kernels)
-    m.update(onnx_path=r.onnx_path, qparams_path=base + "_qparams.json", fp32_onnx_path=base + "_fp32.onnx",
-             quantized_layers=r.quantized_layers, integer_kernels=kernels,
-             integer_matmul_kernels=r.integer_matmul_kernels, export_max_abs_diff=r.max_abs_diff)
+    m.record_export(r, args.onnx_batch)
+    m.files["fp32_onnx"] = base + "_fp32.onnx"
     say(f"=> exported {r.onnx_path}: integer kernels {kernels}, max |ORT - PyTorch| {r.max_abs_diff}")
     with stages.timed("ort_eval"):  # the test texts through the real tokenizer, then the int8 file
         from suites.transformers.evaluate import score_onnx
-        m["ort"] = score_onnx(r.onnx_path, tok, test, len(names), args.max_length, args.threads)
-    m["ort_minus_qat"] = round(m["ort"]["accuracy"] - m["qat"]["accuracy"], 3)
-    say(f" * ORT int8 accuracy {m['ort']['accuracy']:.2f} macro-F1 {m['ort']['macro_f1']:.2f}")
+        m.score("ort", score_onnx(r.onnx_path, tok, test, len(names), args.max_length, args.threads))
+    ort = m["scores"]["ort"]
+    say(f" * ORT int8 accuracy {ort['accuracy']:.2f} macro-F1 {ort['macro_f1']:.2f}")
     with stages.timed("latency"):
         lat = ort_latency({"fp32_ms": base + "_fp32.onnx", "int8_ms": r.onnx_path}, args.onnx_batch,
                           args.onnx_length, args.threads, args.latency_repeats)
     lat.update(batch=args.onnx_batch, length=args.onnx_length, threads=args.threads or torch.get_num_threads(),
                int8_over_fp32=round(lat["int8_ms"] / lat["fp32_ms"], 3))
-    m["ort_latency"] = lat
+    m.extras["ort_latency"] = lat
     say(f"=> ORT latency b{args.onnx_batch} len{args.onnx_length}: fp32 {lat['fp32_ms']} ms, int8 {lat['int8_ms']} ms "
         f"({lat['int8_over_fp32']}x)")
 
-
-def finish(args, stages) -> int:
-    stages.write()
-    say(f"=> metrics written to {args.metrics}")
-    if args.baselines and is_main():
-        from suites.common.regression import compare_metrics, format_table
-        rows, ok = compare_metrics(stages.metrics, args.baselines)
-        say("=> regression check against " + args.baselines + "\n" + format_table(rows))
-        return 0 if ok else 1
-    return 0

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 
 import numpy as np
@@ -10,31 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from suites.common.meters import AverageMeter, ProgressMeter
-from suites.common.stages import is_main
+from suites.common.distributed import is_main, say  # noqa: F401 - the suite's modules log through say
+from suites.common.training import kd_loss
 from suites.transformers.data import trim_batch
 from suites.transformers.model import attention_bias
 
 logger = logging.getLogger("transformers_suite")
-
-
-def say(msg: str) -> None:
-    if is_main():
-        logger.info(msg)
-
-
-def kd_loss(student_logits, teacher_logits, target, alpha: float, temperature: float):
-    t = temperature
-    kd = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.softmax(teacher_logits / t, dim=1),
-                  reduction="batchmean") * (t * t)
-    return alpha * kd + (1.0 - alpha) * F.cross_entropy(student_logits, target)
-
-
-def linear_warmup_decay(optimizer, total_steps: int, warmup_steps: int):
-    def f(step):
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return max(0.0, 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps))))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
 
 
 def qat_param_groups(model, lr: float, qparam_lr: float | None):
@@ -49,12 +29,6 @@ def qat_param_groups(model, lr: float, qparam_lr: float | None):
     rest = [p for p in model.parameters() if id(p) not in qparams]
     quant = [p for p in model.parameters() if id(p) in qparams]
     return [{"params": rest, "lr": lr}, {"params": quant, "lr": qparam_lr, "weight_decay": 0.0}]
-
-
-def make_optimizer(params, optim: str, lr: float, wd: float = 0.0):
-    if optim == "sgd":
-        return torch.optim.SGD(params, lr, momentum=0.9, weight_decay=wd)
-    return torch.optim.AdamW(params, lr, weight_decay=wd)
 
 
 def hf_forward(model):

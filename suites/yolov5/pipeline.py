@@ -2,7 +2,6 @@
 data loaders, the float cache of the embedded default, calibration, export and evaluation."""
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -10,17 +9,12 @@ import os
 import torch
 import torch.distributed as dist
 
-from suites.common.stages import is_main
+from suites.common.distributed import is_main, say  # noqa: F401 - the suite's modules log through P.say
 
 from . import datasets as D
 from . import evaluate as E
 
 logger = logging.getLogger("suites")
-
-
-def say(msg: str) -> None:
-    if is_main():
-        print(msg, flush=True)
 
 
 def load_hyp(path: str) -> dict:
@@ -57,8 +51,8 @@ def val_loader(records, img_size, batch_size, workers):
 
 
 def float_cache_path(cache_root: str, key: dict) -> str:
-    h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    return os.path.join(cache_root, "yolov5", f"{key['cfg']}_fashion_scenes_float_{h}.pt")
+    from suites.common.assets import cache_file
+    return cache_file(os.path.join(cache_root, "yolov5"), f"{key['cfg']}_fashion_scenes_float", key, ext=".pt")
 
 
 class Evaluator:
@@ -78,33 +72,23 @@ class Evaluator:
 
 
 def calibrate(q, loader, batches: int) -> int:
-    from ts_qat_pytorch.utils.state import enable_calibration, enable_quantization
-    q.eval()
-    enable_calibration(q)
-    n = 0
-    with torch.no_grad():
-        for i, (x, *_r) in enumerate(loader):
-            if i >= batches:
-                break
-            q(x)
-            n += len(x)
-    enable_quantization(q)
-    return n
+    """The core's calibrate on the network part; the number of images it saw."""
+    from ts_qat_pytorch.utils.calibrate import calibrate as core_calibrate
+    seen = []
+    core_calibrate(q, loader, num_batches=batches, forward=lambda m, b: (seen.append(len(b[0])), m(b[0])))
+    return sum(seen)
 
 
-def export(q, img_size: int, out_dir: str, name: str, meta: dict, opset: int = 18) -> dict:
-    """QDQ ONNX of the network part + qparams JSON + the post-processing metadata (anchors, strides, names)."""
+def export(q, img_size: int, out_dir: str, name: str, meta: dict, opset: int = 18):
+    """QDQ ONNX of the network part + qparams JSON + the post-processing metadata (anchors, strides, names); the
+    core's ExportResult."""
     from ts_qat_pytorch.convert_export import convert_export
     onnx_path = os.path.join(out_dir, f"{name}_qat_int8.onnx")
     qp = os.path.join(out_dir, f"{name}_qat_qparams.json")
     dummy = torch.rand(1, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
     r = convert_export(getattr(q, "module", q), dummy, onnx_path, opset_version=opset, qparams_path=qp)
     write_meta(onnx_path, meta)
-    return {"onnx_path": r.onnx_path, "qparams_path": r.qparams_path, "quantized_layers": r.quantized_layers,
-            "integer_kernels": r.integer_kernels, "integer_matmul_kernels": r.integer_matmul_kernels,
-            "integer_kernels_total": sum(r.integer_kernels.values()),
-            "export_max_abs_diff": max(r.max_abs_diff) if r.max_abs_diff else None,
-            "export_output_scale": r.output_scale}
+    return r
 
 
 def meta_path(onnx_path: str) -> str:

@@ -39,11 +39,11 @@ def run_qat(model, train, ev: P.Evaluator, hyp: dict, meta: dict, args, stages) 
             dl = P.val_loader(train if train else ev.records, args.img_size, max(1, args.batch_size), 0)
             n = P.calibrate(q, dl, calib_batches)
         say(f"=> calibrated on {n} images ({calib_batches} batches)")
-        stages.metrics["calib_images"] = n
+        stages.run["calib_images"] = n
         rng = hyp.get("out_range")
         if rng:
-            stages.metrics["out_ranges"] = clip_output_ranges(q, float(rng[0]), float(rng[1]))
-            say(f"=> output quantizer ranges clipped to [{rng[0]}, {rng[1]}]: {stages.metrics['out_ranges']}")
+            stages.extras["out_ranges"] = clip_output_ranges(q, float(rng[0]), float(rng[1]))
+            say(f"=> output quantizer ranges clipped to [{rng[0]}, {rng[1]}]: {stages.extras['out_ranges']}")
     if not args.export_only:
         torch.manual_seed(args.seed + 1 + (dist.get_rank() if dist.is_initialized() else 0))
         dl, sampler = P.train_loader(train, args.img_size, args.batch_size, args.workers, args.seed + 1)
@@ -67,7 +67,7 @@ def run_qat(model, train, ev: P.Evaluator, hyp: dict, meta: dict, args, stages) 
             r = train_steps(qm, dl, steps, hyp, float(hyp.get("lr0", 5e-4)), meta_anchors(meta), ev_nc(meta),
                             args.img_size, say, prefix="QAT", teacher=teacher, sampler=sampler, device=args.device,
                             on_step=on_step)
-        stages.metrics.update(qat_steps=steps, qat_train_loss=r["loss"], qat_step_s=r["step_s"])
+        stages.run.update(qat_steps=steps, qat_train_loss=r["loss"], qat_step_s=r["step_s"])
         if P.is_main():
             save_qat_checkpoint(ckpt_path, q, step=steps, cfg=name)
     if not P.is_main():
@@ -75,27 +75,21 @@ def run_qat(model, train, ev: P.Evaluator, hyp: dict, meta: dict, args, stages) 
     q.eval()
     with stages.timed("qat_eval"):
         r = ev.run(torch_predictor(q, args.device), "QAT")
-    stages.metrics.update(qat_map50=r["map50"], qat_map50_95=r["map50_95"], qat_eval=r)
-    if "float_map50_95" in stages.metrics:
-        stages.metrics["qat_minus_float"] = round(r["map50_95"] - stages.metrics["float_map50_95"], 4)
+    stages.score("qat", r)
     save_checkpoint(q.cpu(), os.path.join(args.output_dir, f"{name}_qat_float.pth"),
                     os.path.join(args.output_dir, f"{name}_qat_qparams_full.json"))
     q.to(args.device)
-    stages.metrics["qat_checkpoint"] = ckpt_path
+    stages.files["checkpoint"] = ckpt_path
     if args.no_export:
         return
     with stages.timed("export"):
         info = P.export(q.cpu(), args.img_size, args.output_dir, name, meta)
-    stages.metrics.update(info)
-    say(f"=> exported {info['onnx_path']}: {info['quantized_layers']} quantized layers, integer kernels "
-        f"{info['integer_kernels']} ({stages.metrics.get('conv_layers')} convolutions in the network)")
+    stages.record_export(info, onnx_batch=1)
+    say(f"=> exported {info.onnx_path}: {info.quantized_layers} quantized layers, integer kernels "
+        f"{info.integer_kernels} ({stages.extras.get('conv_layers')} convolutions in the network)")
     with stages.timed("ort_eval"):
-        r = ev.run(onnx_predictor(info["onnx_path"], threads=torch.get_num_threads()), "ORT int8")
-    stages.metrics.update(ort_map50=r["map50"], ort_map50_95=r["map50_95"], ort_eval=r)
-    if "qat_map50_95" in stages.metrics:
-        stages.metrics["ort_minus_qat"] = round(r["map50_95"] - stages.metrics["qat_map50_95"], 4)
-    if "float_map50_95" in stages.metrics:
-        stages.metrics["ort_minus_float"] = round(r["map50_95"] - stages.metrics["float_map50_95"], 4)
+        r = ev.run(onnx_predictor(info.onnx_path, threads=torch.get_num_threads()), "ORT int8")
+    stages.score("ort", r)
 
 
 def clip_output_ranges(q, lo: float, hi: float) -> list:

@@ -85,7 +85,7 @@ def fashion_scenes(n_train: int = 6000, n_val: int = 500, size: int = 128, max_i
     root = os.path.join(cache_dir, f"yolov5_fashion_scenes_{h}")
     done = os.path.join(root, "done.json")
     if not os.path.exists(done):
-        from suites.imagenet.data import load_fashion_mnist
+        from suites.common.assets import load_fashion_mnist
         fm = load_fashion_mnist()
         tmp = root + f".tmp{os.getpid()}"
         for split, (x, y), n, s in (("train", fm["train"], n_train, seed), ("val", fm["test"], n_val, seed + 1)):

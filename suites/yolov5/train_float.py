@@ -31,7 +31,7 @@ def train_float_epochs(model, train, ev: P.Evaluator, hyp: dict, args, stages) -
         with stages.timed("float_eval"):
             r = ev.run(torch_predictor(ema.ema, args.device), f"Float epoch {(step + 1) // len(dl)}")
         ema.ema.train(False)
-        stages.metrics.update(float_map50=r["map50"], float_map50_95=r["map50_95"], float_eval=r)
+        stages.score("float", r)
         C.save_float(last, ema.ema, step=step + 1)
         if r["map50_95"] > best:
             best = r["map50_95"]
@@ -41,4 +41,5 @@ def train_float_epochs(model, train, ev: P.Evaluator, hyp: dict, args, stages) -
         r = train_steps(mm, dl, steps, hyp, float(hyp.get("lr0", 0.01)), model.detect.anchors, model.nc,
                         args.img_size, P.say, prefix="Float", ema=ema, sampler=sampler, device=args.device,
                         on_step=on_step)
-    stages.metrics.update(float_steps=steps, float_train_loss=r["loss"], float_checkpoint=last)
+    stages.run.update(float_steps=steps, float_train_loss=r["loss"])
+    stages.files["float_checkpoint"] = last

@@ -26,7 +26,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from suites.common.stages import Stages  # noqa: E402
+from suites.common.metrics import RunMetrics  # noqa: E402
+from suites.common.suite import Metric  # noqa: E402
 from suites.yolov5 import ckpt as C  # noqa: E402
 from suites.yolov5 import datasets as D  # noqa: E402
 from suites.yolov5 import pipeline as P  # noqa: E402
@@ -36,6 +37,7 @@ from suites.yolov5.trainer import ModelEMA, train_steps  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 say = P.say
+METRIC = Metric("map50_95", "higher", ".4f")  # COCO mAP@.5:.95 (pycocotools)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,12 +138,12 @@ def float_model(args, cfg, train, hyp, stages):
             fc, sd = C.load_weights(path, "float cache")
             m.load_compatible_state_dict(sd, path)
             say(f"=> reusing the cached float model {path}")
-            stages.metrics.update(float_cached=True)
-            stages.metrics["times_s"]["float_train"] = 0.0
+            stages.run["float_cached"] = True
+            stages["times_s"]["float_train"] = 0.0
             return m
         except Exception as exc:  # noqa: BLE001 - any problem: train again
             logging.getLogger("suites").warning("float cache %s unusable (%s); training again", path, exc)
-    stages.metrics["float_cached"] = False
+    stages.run["float_cached"] = False
     torch.manual_seed(args.seed)
     with stages.timed("float_train"):
         dl, sampler = P.train_loader(train, args.img_size, args.batch_size, args.workers, args.seed)
@@ -150,7 +152,7 @@ def float_model(args, cfg, train, hyp, stages):
         r = train_steps(mm, dl, args.float_steps, hyp, float(hyp.get("lr0", 0.003)), m.detect.anchors, nc,
                         args.img_size, say, prefix="Float", ema=ema, sampler=sampler, device=args.device)
         m = ema.ema
-        stages.metrics.update(float_train_loss=r["loss"], float_steps=args.float_steps, float_step_s=r["step_s"])
+        stages.run.update(float_train_loss=r["loss"], float_steps=args.float_steps, float_step_s=r["step_s"])
         if P.is_main():
             os.makedirs(os.path.dirname(path), exist_ok=True)
             C.save_float(path, m, key=key)
@@ -160,6 +162,7 @@ def float_model(args, cfg, train, hyp, stages):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -183,13 +186,15 @@ def run(args) -> int:
         C.load_weights(args.weights)  # readable before any long work
     if args.resume:
         C.check_resume(args.resume)  # readable, a QAT checkpoint: before data, model and calibration
-    stages = Stages(args.metrics, "yolov5", log=P.say, embedded=args.embedded, cfg=args.name,
-                      backend=args.backend if args.quantize else None, img_size=args.img_size,
-                      world_size=dist.get_world_size() if dist.is_initialized() else 1,
+    stages = RunMetrics(args.metrics, "yolov5", args.name, args.backend if args.quantize else None, METRIC, log=P.say,
+                        digits=4, entry="suites/yolov5/train_qat.py", argv=args.argv)
+    stages.run.update(embedded=args.embedded, world_size=dist.get_world_size() if dist.is_initialized() else 1,
                       dataset="synthetic Fashion-MNIST scenes" if args.embedded else args.data)
+    stages.extras.update(img_size=args.img_size)
     with stages.timed("data"):
         cfg, train, val, cat_ids, skipped = load_data(args)
-    stages.metrics.update(train_images=len(train), val_images=len(val), skipped=skipped, nc=cfg["nc"])
+    stages.run.update(train_images=len(train), val_images=len(val), skipped=skipped)
+    stages.extras.update(nc=cfg["nc"])
     os.makedirs(args.output_dir, exist_ok=True)
     torch.manual_seed(args.seed)
     float_hyp = hyp if not args.quantize else P.load_hyp(os.path.join(HERE, "data", "hyp.scratch.yaml"))
@@ -198,38 +203,19 @@ def run(args) -> int:
     ev = P.Evaluator(val, cat_ids, cfg["names"], args.img_size, args.val_batch_size, args.workers,
                      model.detect.anchors, model.detect.stride, args.conf_thres, args.iou_thres)
     meta = P.model_meta(model, args.img_size, cfg["names"])
-    stages.metrics.update(conv_layers=P.count_convs(model))
+    stages.extras.update(conv_layers=P.count_convs(model))
     if P.is_main() and (args.embedded or args.weights):
         with stages.timed("float_eval"):
             r = ev.run(torch_predictor(model, args.device), "Float")
-        stages.metrics.update(float_map50=r["map50"], float_map50_95=r["map50_95"], float_eval=r)
+        stages.score("float", r)
     if not args.quantize:
         if not args.embedded and not args.export_only:
             from suites.yolov5.train_float import train_float_epochs
             train_float_epochs(model, train, ev, hyp, args, stages)
-        stages.write()
-        return finish(args, stages)
+        return stages.finish(args.baselines)
     from suites.yolov5.qat import run_qat
     run_qat(model, train, ev, hyp, meta, args, stages)
-    stages.write()
-    return finish(args, stages)
-
-
-def finish(args, stages) -> int:
-    if not P.is_main():
-        return 0
-    m = stages.metrics
-    keys = ["float_map50_95", "qat_map50_95", "ort_map50_95", "qat_minus_float", "ort_minus_qat",
-            "integer_matmul_kernels", "conv_layers"]
-    say("=> metrics: " + ", ".join(f"{k} {m[k]}" for k in keys if k in m) + f"; times (s) {m['times_s']}")
-    say(f"=> metrics written to {args.metrics}")
-    if args.baselines:
-        from suites.common.regression import compare_metrics, format_table
-        rows, ok = compare_metrics(m, args.baselines)
-        say(format_table(rows))
-        say("regression: " + ("PASS" if ok else "FAIL"))
-        return 0 if ok else 1
-    return 0
+    return stages.finish(args.baselines)
 
 
 if __name__ == "__main__":

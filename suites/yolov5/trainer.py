@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 
 from suites.common.meters import AverageMeter, ProgressMeter
+from suites.common.training import cosine_schedule
+from suites.common.training import make_optimizer as optimizer_factory
 
 from .loss import YoloLoss
 
@@ -37,26 +39,21 @@ class ModelEMA:
 
 
 def make_optimizer(model: nn.Module, hyp: dict, lr: float):
+    """YOLOv5's groups (weight decay on weights only), nesterov SGD or AdamW with beta1 = momentum."""
     decay, no_decay = [], []
     for n, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim <= 1 else decay).append(p)
     groups = [{"params": decay, "weight_decay": hyp.get("weight_decay", 5e-4)},
               {"params": no_decay, "weight_decay": 0.0}]
-    if hyp.get("optimizer", "sgd").lower() == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=(hyp.get("momentum", 0.937), 0.999))
-    return torch.optim.SGD(groups, lr=lr, momentum=hyp.get("momentum", 0.937), nesterov=True)
+    momentum = hyp.get("momentum", 0.937)
+    return optimizer_factory(groups, hyp.get("optimizer", "sgd"), lr, momentum=momentum, nesterov=True,
+                             betas=(momentum, 0.999))
 
 
 def schedule(optimizer, total: int, warmup: int, lrf: float = 0.01):
-    total = max(1, total)
-
-    def f(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        prog = min(1.0, (step - warmup) / max(1, total - warmup))
-        return lrf + (1 - lrf) * 0.5 * (1 + math.cos(math.pi * prog))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
+    """Linear warm-up, then cosine to ``lrf`` x lr0."""
+    return cosine_schedule(optimizer, total, warmup, final=lrf)
 
 
 def cycle(loader, sampler=None):

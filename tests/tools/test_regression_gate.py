@@ -3,24 +3,36 @@ import subprocess
 import sys
 from pathlib import Path
 
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "regression_gate.py"
+REPO = Path(__file__).resolve().parents[2]
+TOOL = REPO / "tools" / "regression_gate.py"
 
-FAKE_MAIN = """
-import argparse, json
+# a suite's run: the metrics file in the suites' one schema (suites/common/metrics.py)
+FAKE_MAIN = f"""
+import argparse, json, sys
+sys.path.insert(0, {str(REPO / "core")!r}); sys.path.insert(0, {str(REPO)!r})
+from suites.common.metrics import RunMetrics
+from suites.common.suite import Metric
 p = argparse.ArgumentParser(); p.add_argument("--metrics"); p.add_argument("--acc", type=float)
+p.add_argument("--schema", default="ok")
 a = p.parse_args()
-json.dump({"top1": a.acc, "nested": {"kernels": 5}}, open(a.metrics, "w"))
+if a.schema != "ok":  # an old-style flat file
+    json.dump({{"top1": a.acc}}, open(a.metrics, "w"))
+    sys.exit(0)
+m = RunMetrics(a.metrics, "fake", "net", "TSQAT", Metric("top1"), log=lambda s: None)
+m.score("qat", {{"top1": a.acc}})
+m.data["integer_kernels"] = {{"QLinearConv": 5}}
+m.write()
 """
 
 
-def _suite(root: Path, name: str, acc: float, baseline: float):
+def _suite(root: Path, name: str, acc: float, baseline: float, *extra: str):
     d = root / name
     d.mkdir(parents=True)
     (d / "main.py").write_text(FAKE_MAIN)
-    (d / "regression.json").write_text(json.dumps({"script": "main.py", "args": ["--acc", str(acc)]}))
+    (d / "regression.json").write_text(json.dumps({"script": "main.py", "args": ["--acc", str(acc), *extra]}))
     (d / "baselines.json").write_text(json.dumps([
-        {"metric": "top1", "value": baseline, "tolerance": 0.5, "direction": "higher"},
-        {"metric": "nested.kernels", "value": 5, "tolerance": 0}]))
+        {"metric": "scores.qat.top1", "value": baseline, "tolerance": 0.5, "direction": "higher"},
+        {"metric": "integer_kernels.QLinearConv", "value": 5, "tolerance": 0}]))
 
 
 def test_gate_discovers_suites_and_passes(tmp_path):
@@ -43,4 +55,14 @@ def test_doctored_baseline_fails_the_gate_with_a_table(tmp_path):
     line = next(l for l in r.stdout.splitlines() if l.startswith("beta") and "top1" in l)
     assert "85" in line and "80" in line and "FAIL" in line
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
-    assert {(x["suite"], x["verdict"]) for x in rows if x["metric"] == "top1"} == {("alpha", "PASS"), ("beta", "FAIL")}
+    assert {(x["suite"], x["verdict"]) for x in rows if x["metric"] == "scores.qat.top1"} == \
+        {("alpha", "PASS"), ("beta", "FAIL")}
+
+
+def test_a_metrics_file_outside_the_schema_fails_its_suite(tmp_path):
+    _suite(tmp_path, "alpha", 91.0, 91.2)
+    _suite(tmp_path, "old", 80.0, 80.0, "--schema", "flat")
+    r = subprocess.run([sys.executable, str(TOOL), "--suites-root", str(tmp_path), "--out", str(tmp_path / "r.json")],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "regression gate: FAIL" in r.stdout
+    assert "old: metrics file" in r.stdout and "is not a suite metrics file of schema 1" in r.stdout

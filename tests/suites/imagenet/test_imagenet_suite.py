@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from suites.common.regression import compare_metrics, format_table
+from suites.common.metrics import load_metrics
 from suites.imagenet import main as suite_main
+from suites.imagenet.suite import SUITE
+
+ARCH = SUITE.recipes["embedded"]["arch"]  # the embedded default's model: every output file's prefix
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -82,38 +85,40 @@ def smoke_run(tmp_path_factory):
 def test_smoke_pipeline_metrics(smoke_run):
     rc, out = smoke_run
     assert rc == 0
-    m = json.loads((out / "metrics.json").read_text())
-    for k in ("float_top1", "qat_top1", "ort_top1", "integer_kernels", "integer_matmul_kernels", "times_s",
-              "quantized_layers", "onnx_path"):
-        assert k in m, k
-    for k in ("float_top1", "qat_top1", "ort_top1"):
-        assert 0.0 <= m[k] <= 100.0
-    assert m["float_top1"] > 15.0  # 10 classes: better than chance after a few steps from ImageNet weights
-    assert abs(m["ort_top1"] - m["qat_top1"]) <= 5.0
-    assert m["integer_matmul_kernels"] >= 50
+    m = load_metrics(out / "metrics.json")  # the one schema (suites/README.md), checked
+    assert (m["suite"], m["arch"], m["backend"], m["metric"], m["direction"]) == \
+        ("imagenet", ARCH, "TSQAT", "top1", "higher")
+    for k in ("float", "qat", "ort", "integer_kernels", "integer_matmul_kernels", "times_s", "quantized_layers"):
+        assert m[k] is not None, k
+    assert os.path.isfile(m["files"]["onnx"])
+    for k in ("float", "qat", "ort"):
+        assert 0.0 <= m[k] <= 100.0 and m[k] == m["scores"][k]["top1"] and 0.0 <= m["scores"][k]["top5"] <= 100.0
+    assert m["float"] > 15.0  # 10 classes: better than chance after a few steps from ImageNet weights
+    assert abs(m["ort"] - m["qat"]) <= 5.0
+    assert m["qat_minus_float"] == round(m["qat"] - m["float"], 3) and m["ort_minus_qat"] == round(m["ort"] - m["qat"], 3)
+    assert m["integer_matmul_kernels"] == m["quantized_layers"] > 0  # every quantized layer runs on integers
     for stage in ("float_train", "float_eval", "calibration", "qat_train", "qat_eval", "export", "ort_eval"):
         assert m["times_s"][stage] >= 0.0
-    for name in ("mobilenet_v2_checkpoint.pth", "mobilenet_v2_model_best.pth", "mobilenet_v2_onnx_quantization.onnx",
-                 "mobilenet_v2_bestonnx_quantization.onnx", "mobilenet_v2_qparams.json",
-                 "mobilenet_v2_checkpoint_float.pth"):
-        assert (out / name).is_file(), name
+    for name in ("checkpoint.pth", "model_best.pth", "onnx_quantization.onnx", "bestonnx_quantization.onnx",
+                 "qparams.json", "checkpoint_float.pth"):
+        assert (out / "imagenet" / f"{ARCH}_{name}").is_file(), name  # outputs under <output-dir>/<suite>/
     # the float weights load into the torchvision architecture
     import torchvision
-    sd = torch.load(out / "mobilenet_v2_checkpoint_float.pth", weights_only=True)
-    torchvision.models.mobilenet_v2(num_classes=10).load_state_dict(sd)
+    sd = torch.load(out / "imagenet" / f"{ARCH}_checkpoint_float.pth", weights_only=True)
+    torchvision.models.get_model(ARCH, num_classes=10).load_state_dict(sd)
 
 
 def test_resume_and_evaluate_checkpoint(smoke_run, capsys):
     """--resume picks up epoch / optimizer / fake-quant state and continues; -e exports it."""
     rc, out = smoke_run
-    ck = torch.load(out / "mobilenet_v2_checkpoint.pth", weights_only=True)
+    ck = torch.load(out / "imagenet" / f"{ARCH}_checkpoint.pth", weights_only=True)
     assert ck["epoch"] == 1 and "optimizer" in ck and "scheduler" in ck and "rng" in ck
     rc = suite_main.main(SMOKE + ["--output-dir", str(out), "--cache-dir", str(out / "cache"), "--epochs", "2",
-                                  "--resume", str(out / "mobilenet_v2_checkpoint.pth"),
+                                  "--resume", str(out / "imagenet" / f"{ARCH}_checkpoint.pth"),
                                   "--metrics", str(out / "m2.json"), "--no-ort-eval"])
     assert rc == 0
     assert "resumed" in capsys.readouterr().out
-    ck2 = torch.load(out / "mobilenet_v2_checkpoint.pth", weights_only=True)
+    ck2 = torch.load(out / "imagenet" / f"{ARCH}_checkpoint.pth", weights_only=True)
     assert ck2["epoch"] == 2
     assert ck2["scheduler"]["last_epoch"] == 2 * ck["scheduler"]["last_epoch"]
 
@@ -126,9 +131,9 @@ def test_resume_continues_like_uninterrupted(smoke_run, tmp_path):
     assert suite_main.main(common + ["--output-dir", str(a), "--epochs", "2"]) == 0
     assert suite_main.main(common + ["--output-dir", str(b), "--epochs", "2", "--stop-after-epochs", "1"]) == 0
     assert suite_main.main(common + ["--output-dir", str(b), "--epochs", "2",
-                                     "--resume", str(b / "mobilenet_v2_checkpoint.pth")]) == 0
-    sa = torch.load(a / "mobilenet_v2_checkpoint.pth", weights_only=True)["state_dict"]
-    sb = torch.load(b / "mobilenet_v2_checkpoint.pth", weights_only=True)["state_dict"]
+                                     "--resume", str(b / "imagenet" / f"{ARCH}_checkpoint.pth")]) == 0
+    sa = torch.load(a / "imagenet" / f"{ARCH}_checkpoint.pth", weights_only=True)["state_dict"]
+    sb = torch.load(b / "imagenet" / f"{ARCH}_checkpoint.pth", weights_only=True)["state_dict"]
     for k, v in sa.items():
         if isinstance(v, torch.Tensor) and v.is_floating_point():
             torch.testing.assert_close(v, sb[k], rtol=1e-4, atol=1e-5, msg=k)
@@ -150,12 +155,12 @@ def test_two_gloo_processes_end_with_identical_weights(smoke_run, tmp_path):
                                   "--multiprocessing-distributed", "--dist-url", f"tcp://127.0.0.1:{_free_port()}",
                                   "--metrics", str(out / "metrics.json")])
     assert rc == 0
-    m = json.loads((out / "metrics.json").read_text())
-    assert m["world_size"] == 2 and m["qat_steps"] >= 2
-    d = m["replica_digests"]
+    m = load_metrics(out / "metrics.json")
+    assert m["run"]["world_size"] == 2 and m["run"]["qat_steps"] >= 2
+    d = m["run"]["replica_digests"]
     assert len(d) == 2 and d[0] == d[1], d
     # and training moved the weights away from the calibrated float start (the digest is not of an idle model)
-    ck = torch.load(out / "mobilenet_v2_checkpoint.pth", weights_only=True)
+    ck = torch.load(out / "imagenet" / f"{ARCH}_checkpoint.pth", weights_only=True)
     assert ck["epoch"] == 1
 
 
@@ -211,72 +216,22 @@ def test_teacher_class_mismatch(tmp_path, capsys):
     assert "7 classes" in e and "is 2" in e
 
 
-def test_regression_compare(tmp_path):
-    metrics = {"float_top1": 92.5, "qat_top1": 92.4, "integer_kernels": {"QLinearConv": 52}}
-    base = tmp_path / "b.json"
-    base.write_text(json.dumps([{"metric": "float_top1", "value": 92.4, "tolerance": 0.3},
-                                {"metric": "integer_kernels.QLinearConv", "value": 52, "tolerance": 0}]))
-    rows, ok = compare_metrics(metrics, base)
-    assert ok and [r["verdict"] for r in rows] == ["PASS", "PASS"]
-    base.write_text(json.dumps([{"metric": "float_top1", "value": 95.0, "tolerance": 0.3},
-                                {"metric": "ort_top1", "value": 92.0, "tolerance": 0.5}]))
-    rows, ok = compare_metrics(metrics, base)
-    assert not ok and [r["verdict"] for r in rows] == ["FAIL", "MISSING"]
-    table = format_table(rows)
-    assert "metric" in table and "FAIL" in table and "95" in table
-
-
 def test_shipped_baselines_are_well_formed():
     from suites.common.regression import load_baselines
     path = os.path.join(os.path.dirname(suite_main.__file__), "baselines.json")
     entries = load_baselines(path)
-    assert {e["metric"] for e in entries} >= {"float_top1", "qat_top1", "ort_top1"}
-
-
-def test_meters_format():
-    from suites.common.meters import AverageMeter, ProgressMeter
-    lines = []
-    t = AverageMeter("Time", ":6.3f")
-    loss = AverageMeter("Loss", ":.4e")
-    a1 = AverageMeter("Acc@1", ":6.2f")
-    t.update(12.614)
-    loss.update(1.1625)
-    a1.update(71.48)
-    p = ProgressMeter(2503, [t, loss, a1], prefix="Epoch: [0]", printer=lines.append, use_tqdm=False)
-    p.step(0)
-    assert lines == ["Epoch: [0][   0/2503] Time 12.614 (12.614) Loss 1.1625e+00 (1.1625e+00) Acc@1  71.48 ( 71.48)"]
-    p.display_summary()
-    assert lines[-1] == " * Time 12.614 Loss 1.163 Acc@1 71.480"
-
-
-def test_profiler_rows(tmp_path):
-    from suites.common import profiler
-    from ts_qat_pytorch.prepare_by_platform import BackendType, prepare_by_platform
-    from ts_qat_pytorch.utils.state import enable_calibration, enable_quantization
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
-                              torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 4))
-    q = prepare_by_platform(net, BackendType.TSQAT)
-    x = torch.randn(4, 3, 8, 8)
-    q.eval()
-    enable_calibration(q)
-    with torch.no_grad():
-        q(x)
-    enable_quantization(q)
-    rows = profiler.profile_layers(q, [x])
-    assert rows and all(r["cosine"] > 0.9 and r["sqnr_db"] > 15 for r in rows)
-    assert [r["sqnr_db"] for r in rows] == sorted(r["sqnr_db"] for r in rows)
-    # state restored: still fake-quantizing, observers off
-    from ts_qat_pytorch.fake_quantize import QuantizeBase
-    assert all(m.fake_quant_enabled and not m.observer_enabled for m in q.modules() if isinstance(m, QuantizeBase))
-    profiler.write_csv(rows, str(tmp_path / "p.csv"))
-    profiler.plot(rows, str(tmp_path / "p.png"))
-    assert (tmp_path / "p.png").stat().st_size > 1000
+    assert {e["metric"] for e in entries} >= {"float", "qat", "ort"}  # the schema's headline values
 
 
 def test_flags_are_range_checked_before_any_work(tmp_path, capsys):
     """--lr / --float-lr (finite, > 0), -j, --image-size, --opset-version (13..21), -nc: errors from resolve_args,
     before data, models or the first export."""
-    from suites.imagenet.cli import SuiteError, build_parser, resolve_args
+    from suites.common.cli import build_parser, resolve
+    from suites.common.suite import SuiteError
+    from suites.imagenet.suite import SUITE
+
+    def resolve_args(args):
+        return resolve(SUITE, args)
     for argv, msg in ((["--lr", "nan"], "--lr nan must be a finite number > 0"),
                       (["--lr", "-0.1"], "--lr -0.1 must be"), (["--lr", "0"], "--lr 0.0 must be"),
                       (["--float-lr", "inf"], "--float-lr inf must be"),
@@ -286,8 +241,9 @@ def test_flags_are_range_checked_before_any_work(tmp_path, capsys):
                       (["--opset-version", "22"], "--opset-version 22 is outside 13..21"),
                       (["--data", "x", "-nc", "0"], "-nc/--num-classes 0 must be >= 1")):
         with pytest.raises(SuiteError, match=re.escape(msg)):
-            resolve_args(build_parser().parse_args(argv))
-    resolve_args(build_parser().parse_args(["--lr", "1e-3", "-j", "2", "--image-size", "32", "--opset-version", "13"]))
+            resolve_args(build_parser(SUITE).parse_args(argv))
+    resolve_args(build_parser(SUITE).parse_args(["--lr", "1e-3", "-j", "2", "--image-size", "32",
+                                                 "--opset-version", "13"]))
     # through main: "error: ...", exit code 2, before the (missing) data is even looked at
     assert suite_main.main(["--data", str(tmp_path / "nope"), "--lr", "nan"]) == 2
     assert "error: --lr nan must be a finite number > 0" in capsys.readouterr().err
@@ -311,7 +267,11 @@ def test_zoo_teacher_with_a_random_head_is_not_used(tmp_path, capsys):
     --model-path teaches (logged); without one it is an error before any model is built."""
     import argparse
     import torchvision
-    from suites.imagenet.models import build_teacher, choose_teacher
+    from suites.common.stages import build_teacher, choose_teacher as choose
+    from suites.imagenet.suite import SUITE
+
+    def choose_teacher(args):
+        return choose(SUITE, args)
     folder = _image_folder(tmp_path / "if")
     rc = suite_main.main(["--data", str(folder), "-a", "mobilenet_v2", "--teacher-arch", "mobilenet_v2", "-nc", "2",
                           "--pretrained", "--distill-method", "kd", "-j", "0", "--image-size", "32", "--epochs", "1",
@@ -321,14 +281,15 @@ def test_zoo_teacher_with_a_random_head_is_not_used(tmp_path, capsys):
     assert "predicts 1000 classes, and a new 2-class head would be random" in e and "--teacher-path" in e
     args = argparse.Namespace(distill_method="kd", not_qat=False, evaluate=False, teacher_path="", embedded=False,
                               teacher_arch="resnet101", model_zoo="torchvision", num_classes=2,
-                              model_path=str(tmp_path / "ft.pth"), device=torch.device("cpu"), image_size=32)
+                              model_path=str(tmp_path / "ft.pth"), device=torch.device("cpu"), image_size=32,
+                              arch="resnet18")
     assert choose_teacher(args) == "float"
     assert "the float model of --model-path" in capsys.readouterr().err
     assert choose_teacher(argparse.Namespace(**{**vars(args), "num_classes": 1000})) == "zoo"
     assert choose_teacher(argparse.Namespace(**{**vars(args), "teacher_path": "t.pth"})) == "path"
     student = torchvision.models.resnet18(num_classes=2).eval()
     args.teacher_source = "float"
-    teacher = build_teacher(args, student)
+    teacher = build_teacher(SUITE, args, student)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(teacher(x), student(x))
@@ -366,7 +327,8 @@ def test_resume_with_another_lr_is_reported(tmp_path, capsys):
 
 def test_unreadable_image_is_an_error_naming_it_or_a_counted_skip(tmp_path, capsys):
     import torchvision
-    from suites.imagenet.data import DataError, imagefolder_datasets, skipped_images
+    from suites.common.training import skipped_images
+    from suites.imagenet.data import DataError, imagefolder_datasets
     folder = _image_folder(tmp_path / "if")
     good = (folder / "val" / "c0" / "0.png").read_bytes()
     (folder / "val" / "c0" / "bad.png").write_bytes(good[: len(good) // 3])  # truncated
@@ -392,5 +354,27 @@ def test_unreadable_image_is_an_error_naming_it_or_a_counted_skip(tmp_path, caps
     assert "error: image '" in e and "bad.png' cannot be read" in e and "Traceback" not in e
     assert suite_main.main(argv + ["--on-bad-image", "skip"]) == 0
     assert "Float: skipped 1 unreadable image(s)" in capsys.readouterr().err
-    m = json.loads((tmp_path / "m.json").read_text())
-    assert m["skipped_images"] == {"train": 0, "val": 1, "calib": 0}
+    m = load_metrics(tmp_path / "m.json")
+    assert m["run"]["skipped_images"] == {"train": 0, "val": 1, "calib": 0}
+
+
+def test_tools_read_the_metrics_file_not_the_suite(smoke_run, tmp_path):
+    """tools/analyze_suite.py reruns the script the metrics file names (run.entry, run.argv) with --profile;
+    tools/bench_suites.py times the ONNX file it names against its float twin. Neither imports the suite."""
+    import subprocess
+    import sys
+    rc, out = smoke_run
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(repo, "core"), repo])}
+    r = subprocess.run([sys.executable, os.path.join(repo, "tools", "analyze_suite.py"), "profile", "--suite",
+                        "imagenet", "--output-dir", str(out), "--metrics", str(out / "metrics.json"),
+                        "--val-images", "32"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "per-layer float vs fake-quant (worst first)" in r.stdout
+    assert (out / "imagenet" / f"{ARCH}_profile.csv").is_file()
+    r = subprocess.run([sys.executable, os.path.join(repo, "tools", "bench_suites.py"), "--output-dir", str(out),
+                        "--reps", "2", "--out", str(tmp_path / "b.json")], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    b = json.loads((tmp_path / "b.json").read_text())
+    assert b["imagenet"]["arch"] == ARCH and b["imagenet"]["int8_ms"] > 0 and b["imagenet"]["fp32_ms"] > 0

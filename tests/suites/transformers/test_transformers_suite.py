@@ -16,6 +16,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
 
+from suites.common.metrics import load_metrics  # noqa: E402
 from suites.transformers import data  # noqa: E402
 from suites.transformers import main as suite_main  # noqa: E402
 from suites.transformers.model import (EncoderClassifier, attention_bias, check_and_load, count_targets,  # noqa: E402
@@ -181,15 +182,16 @@ def smoke_run(tiny_bert_dir, tmp_path_factory):
 def test_main_smoke_writes_metrics_and_onnx(smoke_run):
     rc, out = smoke_run
     assert rc == 0
-    m = json.loads((out / "encoder_metrics.json").read_text())
+    m = load_metrics(out / "encoder_metrics.json")  # the suites' one schema
+    assert (m["suite"], m["arch"], m["backend"], m["metric"]) == ("transformers", "encoder", "ONNXRuntime", "accuracy")
     for k in ("float", "qat", "ort"):
-        assert 0.0 <= m[k]["accuracy"] <= 100.0 and "macro_f1" in m[k]
-    assert m["integer_kernels"]["QGemm"] == m["split"]["linear"] == 2 * 6 + 2
+        assert 0.0 <= m[k] <= 100.0 and m[k] == m["scores"][k]["accuracy"] and "macro_f1" in m["scores"][k]
+    assert m["integer_kernels"]["QGemm"] == m["extras"]["split"]["linear"] == 2 * 6 + 2
     # QK^T feeds the float softmax: its integer kernel writes float (MatMulIntegerToFloat); P.V -> QLinearMatMul
     assert m["integer_kernels"]["QLinearMatMul"] == m["integer_kernels"]["MatMulIntegerToFloat"] == 2
-    assert m["split"]["attention_matmuls"] == 2 * 2
+    assert m["extras"]["split"]["attention_matmuls"] == 2 * 2
     assert "QLinearAdd" not in m["integer_kernels"]  # the residual sums run as float Adds
-    assert m["ort_latency"]["fp32_ms"] > 0 and m["ort_latency"]["int8_ms"] > 0
+    assert m["extras"]["ort_latency"]["fp32_ms"] > 0 and m["extras"]["ort_latency"]["int8_ms"] > 0
     assert {"setup", "float_train", "float_eval", "calibration", "qat_train", "qat_eval", "export", "ort_eval"} \
         <= set(m["times_s"])
     import onnx
@@ -342,7 +344,7 @@ def test_float_cache_is_loaded_with_weights_only(tmp_path, monkeypatch, force_no
     torch.save(lin.state_dict(), path)
 
     class _Stages:
-        metrics: dict = {}
+        run: dict = {}
     other = torch.nn.Linear(2, 2)
     suite_main.float_stage(other, None, args, _Stages(), "model", train)
     assert torch.equal(other.weight, lin.weight)

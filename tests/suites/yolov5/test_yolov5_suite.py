@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from suites.common.metrics import load_metrics
 from suites.yolov5 import ckpt as C
 from suites.yolov5 import datasets as D
 from suites.yolov5 import evaluate as E
@@ -312,24 +313,26 @@ def test_train_qat_and_test_scripts_end_to_end(tmp_path):
     args = ["--cfg", str(cfg), "--scenes", "40", "12", "--float-steps", "2", "--batch-size", "4", "--img-size", "64",
             "--cache-dir", str(tmp_path / "cache"), "--output_dir", str(out), "--val-batch-size", "6"]
     assert train_qat.main(args + ["--quantize", "--steps", "2"]) == 0
-    m = json.loads((out / "yolov5_metrics.json").read_text())
-    for k in ("float_map50", "float_map50_95", "qat_map50_95", "ort_map50", "ort_map50_95"):
-        assert 0.0 <= m[k] <= 1.0, k
-    assert m["float_cached"] is False and m["val_images"] == 12 and m["ort_eval"]["images"] == 12
+    m = load_metrics(out / "yolov5_metrics.json")  # the suites' one schema
+    assert (m["suite"], m["arch"], m["backend"], m["metric"]) == ("yolov5", "tiny", "TSQAT", "map50_95")
+    for stage in ("float", "qat", "ort"):
+        assert 0.0 <= m[stage] <= 1.0 and m[stage] == m["scores"][stage]["map50_95"], stage
+        assert 0.0 <= m["scores"][stage]["map50"] <= 1.0, stage
+    assert m["run"]["float_cached"] is False and m["run"]["val_images"] == 12 and m["scores"]["ort"]["images"] == 12
     # the split network: every convolution (backbone, neck, Detect) runs as an integer kernel in onnxruntime,
     # and the exported file agrees with the PyTorch fake-quant network within four output quantization steps
-    assert m["integer_kernels"]["QLinearConv"] == m["conv_layers"] == 26 == m["quantized_layers"]
-    assert m["export_max_abs_diff"] <= 4 * max(m["export_output_scale"]) + 1e-6
+    assert m["integer_kernels"]["QLinearConv"] == m["extras"]["conv_layers"] == 26 == m["quantized_layers"]
+    assert m["export"]["max_abs_diff"] <= 4 * max(m["export"]["output_scale"]) + 1e-6
     assert set(m["times_s"]) >= {"float_train", "float_eval", "calibration", "qat_train", "export", "ort_eval"}
-    onnx_path = m["onnx_path"]
-    assert os.path.exists(onnx_path) and os.path.exists(m["qparams_path"])
+    onnx_path = m["files"]["onnx"]
+    assert os.path.exists(onnx_path) and os.path.exists(m["files"]["qparams"])
     # the same exported network scored by test.py (its _meta.json gives anchors and strides)
     rc = test_script.main(["--weights", onnx_path, "--scenes", "40", "12", "--metrics", str(tmp_path / "t.json")])
-    assert rc == 0 and json.loads((tmp_path / "t.json").read_text())["map50_95"] == m["ort_map50_95"]
+    assert rc == 0 and json.loads((tmp_path / "t.json").read_text())["map50_95"] == m["ort"]
     # float-only run reuses the cached float model
     assert train_qat.main(args + ["--metrics", str(tmp_path / "f.json")]) == 0
-    f = json.loads((tmp_path / "f.json").read_text())
-    assert f["float_cached"] is True and f["float_map50_95"] == m["float_map50_95"] and "qat_map50_95" not in f
+    f = load_metrics(tmp_path / "f.json")
+    assert f["run"]["float_cached"] is True and f["float"] == m["float"] and f["qat"] is None
     # user data (--data, YOLO-format labels): float training from the cached weights, then test.py on its checkpoint
     from PIL import Image
     root = tmp_path / "user"
@@ -374,7 +377,8 @@ def test_torchrun_two_processes_gloo(tmp_path):
            "--no-export", "--threads", "1", "--cache-dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    m = json.loads((tmp_path / "yolov5_metrics.json").read_text())
-    assert m["world_size"] == 2 and m["qat_steps"] == 2 and "qat_map50_95" in m and "onnx_path" not in m
+    m = load_metrics(tmp_path / "yolov5_metrics.json")
+    assert m["run"]["world_size"] == 2 and m["run"]["qat_steps"] == 2 and m["qat"] is not None
+    assert "onnx" not in m["files"]
     assert (tmp_path / "tiny_qat_checkpoint.pth").exists()
     assert r.stdout.count("QAT: [0/2]") == 1  # progress lines from rank 0 only

@@ -1,0 +1,268 @@
+"""The one pipeline of every suite, read top to bottom in :func:`run`:
+
+    checks before long work -> data -> float model (fine-tune, cached) -> float eval -> teacher -> prepare ->
+    calibration -> QAT epochs (distillation; each epoch: eval, atomic checkpoints, export) -> replica check ->
+    profile / sensitivity -> onnxruntime eval -> metrics JSON -> baselines
+
+A suite (suites/common/suite.py) provides its model, data, metric and recipe; its main.py is
+
+    sys.exit(runner.main(MySuite()))
+
+:func:`main` parses the flags, picks the devices (``--device``, ``--gpu``) and starts the processes: one, one per
+GPU when several are used (DistributedDataParallel), torchrun's, or ``--multiprocessing-distributed``'s.
+Outputs go to ``<output-dir>/<suite>/`` under the manual's names (``<arch>_checkpoint.pth`` ...); only rank 0
+logs and writes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from suites.common import checkpoints as C
+from suites.common import distributed as D
+from suites.common import stages as S
+from suites.common.cli import build_parser, resolve, set_log_level, threads
+from suites.common.devices import describe, parse_devices
+from suites.common.metrics import RunMetrics
+from suites.common.suite import Suite, SuiteError
+from suites.common.training import (EpochSubsetSampler, cosine_schedule, loader, make_optimizer, report_skips,
+                                    seed_everything, set_rng_state, skipped_images, train_epoch)
+from ts_qat_pytorch.utils.calibrate import calibrate
+from ts_qat_pytorch.utils.state import freeze_bn_stats
+
+logger = logging.getLogger("suites")
+say = D.say
+
+
+def main(suite: Suite, argv=None) -> int:
+    args = build_parser(suite).parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    set_log_level(args.log_level, suite.name)
+    if threads(args) > 0:
+        torch.set_num_threads(threads(args))
+    bad_input = (SuiteError, *suite.errors)
+    try:
+        args = resolve(suite, args)
+        if args.seed is not None and not args.embedded:
+            warnings.warn("You have chosen to seed training. This will turn on the CUDNN deterministic setting, "
+                          "which can slow down your training considerably!")
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        devices = parse_devices(args.device, args.gpu, visible)
+        if args.dist_url == "env://" and args.world_size == -1:
+            args.world_size = int(os.environ.get("WORLD_SIZE", -1))
+        torchrun = D.under_torchrun(args)
+        spawn = args.multiprocessing_distributed or (len(devices) > 1 and not torchrun)
+        args.distributed = args.world_size > 1 or spawn
+        if spawn:
+            nproc = len(devices) if devices[0].type == "cuda" else 2
+            args.multiprocessing_distributed = True
+            args.world_size = nproc * max(1, args.world_size)
+            import torch.multiprocessing as mp
+            try:
+                mp.spawn(_spawned, nprocs=nproc, args=(suite, nproc, devices, args))
+            except mp.ProcessExitedException as exc:
+                return exc.exit_code or 1
+            return 0
+        local = int(os.environ.get("LOCAL_RANK", 0)) if torchrun else 0
+        return worker(local, suite, 1, devices, args)
+    except bad_input as exc:
+        print(f"error: {error_message(exc)}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: the last complete checkpoints in {getattr(args, 'out_dir', args.output_dir)} are intact "
+              "(writes are atomic)", file=sys.stderr, flush=True)
+        return 130
+
+
+def _spawned(local: int, suite: Suite, nproc: int, devices, args) -> None:
+    rc = worker(local, suite, nproc, devices, args)
+    if rc:
+        sys.exit(rc)  # mp.spawn reports it to main(), which returns it
+
+
+def worker(local: int, suite: Suite, nproc: int, devices, args) -> int:
+    """One process: its device, the process group, the pipeline."""
+    if devices[0].type == "cuda" and local >= len(devices):
+        raise SuiteError(f"process {local} of this node has no GPU: --device names {describe(devices)}; start as many "
+                         "processes per node as GPUs (torchrun --nproc_per_node)")
+    args.device = devices[local] if devices[0].type == "cuda" else devices[0]
+    if args.device.type == "cuda":
+        torch.cuda.set_device(args.device)
+    set_log_level(args.log_level, suite.name)
+    if threads(args) > 0:
+        torch.set_num_threads(threads(args))
+    if args.distributed:
+        D.init_process(args, local, nproc)
+    try:
+        return run(suite, args)
+    except (SuiteError, *suite.errors) as exc:
+        print(f"error: {error_message(exc)}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if args.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def error_message(exc: BaseException) -> str:
+    """The error's own text; one raised in a DataLoader worker arrives wrapped with the worker's traceback, of
+    which the last line is the error itself."""
+    msg = str(exc)
+    if "Original Traceback" in msg:
+        last = msg.strip().splitlines()[-1]
+        msg = last.split(": ", 1)[1] if ": " in last else last
+    return msg
+
+
+def run(suite: Suite, args) -> int:
+    qat = not args.not_qat
+    m = RunMetrics(args.metrics, suite.name, args.arch, args.backend if qat else None, suite.metric,
+                   digits=suite.digits, argv=args.argv)
+    if args.seed is not None:
+        seed_everything(args.seed)
+        torch.backends.cudnn.deterministic = True
+    world, rank = D.world(), D.rank()
+
+    # ---- everything cheap is checked before long work
+    suite.check(args)
+    if qat and not args.embedded and not (args.pretrained or args.model_path or args.resume):
+        raise SuiteError("QAT fine-tunes a trained model: give one of --pretrained, --model-path or --resume "
+                         "(or --not-qat to train a float model from scratch)")
+    if args.resume and not qat:
+        raise SuiteError("--resume restores QAT checkpoints; with --not-qat use --model-path")
+    for flag, path in (("--model-path", args.model_path), ("--teacher-path", args.teacher_path)):
+        if path:
+            C.read_state_dict(path, flag)  # readable, a state_dict
+    if args.resume:
+        C.check_resume(args)
+    args.teacher_source = S.choose_teacher(suite, args)  # a teacher that cannot be used is refused here
+    data = suite.datasets(args)
+    os.makedirs(args.out_dir, exist_ok=True)
+    paths = C.output_paths(args)
+    m.run.update(embedded=args.embedded, dataset=data.name, world_size=world, devices=describe([args.device]),
+                 batch_size=args.batch_size, val_images=len(data.val), seed=args.seed)
+    m.extras.update(suite.extras(args, data))
+
+    # ---- the float model: built, fine-tuned on the embedded data (cached), evaluated
+    model = suite.build_model(args, args.arch, pretrained=args.pretrained or (
+        args.embedded and not args.model_path and suite.embedded_weights(args)))
+    if args.model_path:
+        C.load_float_weights(model, args.model_path, args, "--model-path")
+        say(f"=> loaded float weights '{args.model_path}'")
+    per_rank_batch = max(1, args.batch_size // world)
+    val_loader = loader(data.val, max(per_rank_batch, args.val_batch_size or per_rank_batch), args.workers,
+                        collate_fn=suite.collate)
+    if args.embedded and not args.model_path and args.float_epochs > 0:
+        S.float_finetune(suite, model, data.train, args, m)
+    model.to(args.device, memory_format=torch.channels_last if suite.channels_last else torch.contiguous_format)
+    if args.embedded or (args.evaluate and not qat):
+        if D.is_main():
+            S.evaluate_stage(suite, model, val_loader, args, m, "float")
+    if not qat:
+        if not args.embedded and not args.evaluate:
+            S.train_float(suite, model, data.train, val_loader, args, m, paths)
+        return finish(args, m, data)
+
+    # ---- QAT: teacher (checked before long work), prepare, calibrate (unless resuming)
+    model.to(memory_format=torch.contiguous_format)  # the traced QAT model gains nothing from channels_last
+    teacher = S.build_teacher(suite, args, model) if not args.evaluate else None
+    q = S.prepare(suite, model, args).to(args.device)
+    calib_loader = loader(data.calib, per_rank_batch, args.workers, collate_fn=suite.collate,
+                          sampler=EpochSubsetSampler(len(data.calib), args.calib_batches * per_rank_batch,
+                                                     (args.seed or 0) + 13))
+    if not args.resume:
+        with m.timed("calibration"):
+            before = skipped_images(data.calib)
+            calibrate(q, calib_loader, forward=lambda model_, batch: model_(*suite.inputs(batch, args.device)[0]))
+            report_skips(data.calib, before, "Calibration")
+        say(f"=> calibrated on {len(calib_loader.sampler)} images ({len(calib_loader)} batches)")
+    del model
+
+    # ---- QAT training set-up: loader, optimizer, LR schedule; or the state of --resume
+    train_sampler = EpochSubsetSampler(len(data.train), args.train_images, args.seed or 0, rank, world)
+    train_loader = loader(data.train, per_rank_batch, args.workers, sampler=train_sampler, collate_fn=suite.collate)
+    steps_per_epoch = len(train_loader)
+    optimizer = make_optimizer(q.parameters(), args.optim, args.lr, args.momentum, args.weight_decay)
+    scheduler = cosine_schedule(optimizer, steps_per_epoch * args.epochs)
+    best, start_epoch = None, args.start_epoch
+    if args.resume:
+        ck = C.restore(q, optimizer, scheduler, args)
+        start_epoch, best = int(ck.get("epoch", 0)), ck.get("best_metric", ck.get("best_acc1"))
+        set_rng_state(ck.get("rng", {}))
+        say(f"=> resumed '{args.resume}' at epoch {start_epoch} (best {suite.metric.name} "
+            f"{suite.metric.format(best)})")
+    if not args.resume and args.seed is not None:
+        seed_everything(args.seed + 1 + rank)  # QAT's randomness does not depend on whether the float stage ran
+    qm = q
+    if args.distributed:
+        qm = nn.parallel.DistributedDataParallel(q, device_ids=[args.device.index] if args.device.type == "cuda"
+                                                 else None)
+    scaler = torch.amp.GradScaler("cuda") if args.amp and args.device.type == "cuda" else None
+
+    if args.evaluate:  # -e: evaluate, analyse and export what was given (--resume, or the calibrated model)
+        if D.is_main():
+            S.evaluate_stage(suite, q, val_loader, args, m, "qat")
+        analyse(suite, q, calib_loader, val_loader, args, m)
+        if D.is_main() and not args.no_export:
+            with m.timed("export"):
+                S.export_stage(suite, q, args, m)
+            S.ort_stage(suite, val_loader, args, m)
+        return finish(args, m, data)
+
+    # ---- QAT epochs: train, evaluate (rank 0), checkpoint + export (rank 0)
+    value = None
+    last_epoch = args.epochs
+    if args.stop_after_epochs is not None:
+        last_epoch = min(args.epochs, start_epoch + args.stop_after_epochs)
+    for epoch in range(start_epoch, last_epoch):
+        train_sampler.set_epoch(epoch)
+        if args.freeze_bn_epoch is not None and epoch >= args.freeze_bn_epoch:
+            freeze_bn_stats(q)
+        with m.timed("qat_train"):
+            train_scores, train_loss = train_epoch(suite, train_loader, qm, optimizer, scheduler, epoch, args,
+                                                   teacher=teacher, scaler=scaler)
+        m.run.update(qat_train_loss=train_loss, qat_train_scores=train_scores,
+                     qat_steps=steps_per_epoch * (epoch + 1), qat_images_per_epoch=len(train_sampler) * world)
+        value = S.evaluate_stage(suite, q, val_loader, args, m, "qat") if D.is_main() else 0.0
+        value = D.broadcast_float(value)
+        is_best = best is None or suite.metric.better(value, best)
+        best = value if is_best else best
+        if D.is_main():
+            C.save_all(suite, q, optimizer, scheduler, epoch + 1, best, is_best, paths, args, m)
+        D.barrier()
+    if value is None:
+        say(f"=> nothing to train: start epoch {start_epoch} >= --epochs {args.epochs}")
+        if D.is_main():
+            S.evaluate_stage(suite, q, val_loader, args, m, "qat")
+            if not args.no_export:
+                with m.timed("export"):
+                    S.export_stage(suite, q, args, m)
+    if args.distributed:
+        m.run.update(D.replica_check(q))
+    analyse(suite, q, calib_loader, val_loader, args, m)
+    if D.is_main() and m.files.get("onnx"):
+        S.ort_stage(suite, val_loader, args, m)
+    m.run["best"] = best
+    return finish(args, m, data)
+
+
+def analyse(suite: Suite, q, calib_loader, val_loader, args, m: RunMetrics) -> None:
+    """--profile and --sensitivity on rank 0 (suites/common/profiler.py, sensitivity.py)."""
+    if args.profile and D.is_main():
+        S.profile_stage(suite, q, calib_loader, args, m)
+    if args.sensitivity and D.is_main():
+        S.sensitivity_stage(suite, q, val_loader, args, m)
+
+
+def finish(args, m: RunMetrics, data) -> int:
+    """Skipped images, the metrics JSON, the summary line and the comparison with --baselines (exit 1 on failure)."""
+    counts = {k: skipped_images(d) for k, d in (("train", data.train), ("val", data.val), ("calib", data.calib))}
+    counts = {k: v for k, v in counts.items() if v is not None}
+    if counts:
+        m.run["skipped_images"] = counts
+    return m.finish(args.baselines)

@@ -1,0 +1,192 @@
+"""The suite contract: what a suite provides to the one runner (suites/common/runner.py).
+
+A suite is its model, its data, its metric and its recipe. It subclasses :class:`Suite`, overrides what is its
+own and hands an instance to the runner:
+
+    class MySuite(Suite):
+        name = "mysuite"                                   # outputs in <output-dir>/mysuite/, cache, metrics "suite"
+        metric = Metric("top1", "higher")                  # the headline number of the metrics JSON
+        def add_arguments(self, parser): ...               # the suite's own flags (--data is the runner's)
+        def recipe(self, args) -> dict: ...                # defaults of the runner's and the suite's flags
+        def arch(self, args) -> str: ...                   # output file prefix ("mobilenet_v2")
+        def datasets(self, args) -> Data: ...              # train / calibration / validation sets
+        def build_model(self, args, arch, pretrained): ... # the float architecture
+        def evaluate(self, model, loader, args, prefix) -> dict: ...       # the metric on the PyTorch model
+        def evaluate_onnx(self, session, loader, args, prefix) -> dict: ... # the same on an onnxruntime session
+
+    if __name__ == "__main__":
+        sys.exit(runner.main(MySuite()))
+
+Every method below has a default that fits an image classifier whose batches are ``(images, target)``.
+Bad inputs are reported by raising :class:`SuiteError` with a message that names the problem and the fix; the
+runner prints ``error: <message>`` and exits with 2, before long work where the suite checks early
+(:meth:`Suite.check`).
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SuiteError(Exception):
+    """A bad input (flag, file, data): the message names the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class Metric:
+    """The suite's headline metric: ``name`` is the key of the value in each evaluation result and of the metrics
+    JSON's ``metric``; ``direction`` says which way is better ("higher" or "lower"); ``fmt`` formats it."""
+
+    name: str
+    direction: str = "higher"
+    fmt: str = ".3f"
+
+    def __post_init__(self):
+        if self.direction not in ("higher", "lower"):
+            raise ValueError(f"Metric direction must be 'higher' or 'lower', got {self.direction!r}")
+
+    def format(self, value: float | None) -> str:
+        return "-" if value is None else format(value, self.fmt)
+
+    def better(self, value: float, than: float) -> bool:
+        return value > than if self.direction == "higher" else value < than
+
+
+@dataclass
+class Data:
+    """The suite's data sets: ``train`` (QAT and float fine-tune, augmented), ``calib`` (calibration: training
+    images without augmentation) and ``val`` (every evaluation). ``name`` is recorded in the metrics JSON."""
+
+    train: Any
+    calib: Any
+    val: Any
+    name: str = ""
+
+
+class Suite:
+    """Defaults of the contract; a suite overrides what is its own (see the module docstring)."""
+
+    name: str = ""
+    metric: Metric = Metric("top1", "higher")
+    #: decimals of the metrics JSON's differences (qat_minus_float, ort_minus_qat)
+    digits: int = 3
+    #: {"embedded": {...}, "general": {...}}: flag defaults of the two recipes (what :meth:`recipe` picks from)
+    recipes: dict = {"embedded": {}, "general": {}}
+    #: extra exception types (besides SuiteError) that are bad inputs: "error: ..." and exit 2
+    errors: tuple[type[BaseException], ...] = ()
+    #: train-time meters shown in the progress lines after Time / Data / Loss: (label, format)
+    train_meters: tuple[tuple[str, str], ...] = (("Acc@1", ":6.2f"), ("Acc@5", ":6.2f"))
+    #: the float stages keep the model and its batches in the channels_last layout (faster CPU convolutions)
+    channels_last: bool = True
+    #: the DataLoader's collate_fn (None: torch's default)
+    collate = None
+    #: the float fine-tune's cache file is <cache-dir>/<arch>_<cache_tag>_float_<hash>.pth
+    cache_tag: str = "embedded"
+
+    # ---- command line and recipe
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """Add the suite's own flags (model, data details). Flags whose default depends on the recipe default to
+        None; :meth:`recipe` fills them."""
+
+    def recipe(self, args: argparse.Namespace) -> dict:
+        """Defaults for every flag the user left at None: the embedded recipe without ``--data``, the general one
+        with it. Keys are argparse dests (``lr``, ``batch_size``, ``epochs``, ...)."""
+        return dict(self.recipes["embedded" if args.embedded else "general"])
+
+    def smoke(self, args: argparse.Namespace) -> dict:
+        """Overrides for ``--smoke`` (a tiny run of every stage), applied to flags the user did not give."""
+        return {}
+
+    def check_args(self, args: argparse.Namespace) -> None:
+        """Range checks of the suite's flags once the recipe is applied (raise SuiteError); the runner checks its
+        own flags (--lr, -j, --opset-version ...)."""
+
+    def arch(self, args: argparse.Namespace) -> str:
+        """The model's name: the prefix of every output file (``<arch>_checkpoint.pth``) and the metrics' ``arch``."""
+        return getattr(args, "arch", None) or self.name
+
+    # ---- cheap checks and data
+    def check(self, args: argparse.Namespace) -> None:
+        """Cheap checks before long work (architecture names, files): raise SuiteError."""
+
+    def datasets(self, args: argparse.Namespace) -> Data:
+        """The embedded default (``args.embedded``: no ``--data``) or the user's data."""
+        raise NotImplementedError(f"suite {self.name!r} must implement datasets(args) -> Data(train, calib, val)")
+
+    def extras(self, args: argparse.Namespace, data: Data) -> dict:
+        """Suite facts recorded under the metrics JSON's ``extras`` (classes, image size, ...)."""
+        return {}
+
+    def cache_key(self, args: argparse.Namespace) -> dict:
+        """What the embedded float fine-tune depends on besides the runner's float_* flags, batch size and seed
+        (e.g. the image size): part of the cache file's hash."""
+        return {}
+
+    def checkpoint_extras(self, args: argparse.Namespace) -> dict:
+        """Entries stored in every QAT checkpoint besides the runner's (epoch, best metric, arch, backend, RNG)."""
+        return {}
+
+    # ---- model and teacher
+    def build_model(self, args: argparse.Namespace, arch: str, pretrained: bool) -> nn.Module:
+        """The float model ``arch`` (the student's ``self.arch(args)`` or a teacher's), with the zoo's weights when
+        ``pretrained``. The runner loads ``--model-path`` / ``--teacher-path`` weights into it."""
+        raise NotImplementedError(f"suite {self.name!r} must implement build_model(args, arch, pretrained)")
+
+    def embedded_weights(self, args: argparse.Namespace) -> bool:
+        """Whether the embedded default starts from the zoo's pretrained weights (before its float fine-tune)."""
+        return True
+
+    def teacher_source(self, args: argparse.Namespace) -> str:
+        """Where the distillation teacher comes from when no ``--teacher-path`` is given: "float" (a copy of the
+        float model the student starts from, the default) or "zoo" (``build_model(args, teacher_arch,
+        pretrained=True)``). Decided before long work: raise SuiteError for a teacher that cannot be used."""
+        return "float"
+
+    def teacher_arch(self, args: argparse.Namespace) -> str:
+        return getattr(args, "teacher_arch", None) or self.arch(args)
+
+    def prepare_config(self, model: nn.Module, args: argparse.Namespace) -> dict | None:
+        """Extra ``prepare_custom_config_dict`` entries for this model (leaf modules, exclusions), merged into the
+        runner's backend / bit-width configuration."""
+        return None
+
+    # ---- batches, loss, metric
+    def inputs(self, batch, device: torch.device, memory_format=torch.contiguous_format):
+        """(model inputs as a tuple, target) of one batch, on ``device``."""
+        images, target = batch[0], batch[1]
+        return ((images.to(device, non_blocking=True, memory_format=memory_format),),
+                target.to(device, non_blocking=True))
+
+    def loss(self, output, target) -> torch.Tensor:
+        return F.cross_entropy(output.float(), target)
+
+    def train_scores(self, output, target) -> tuple[float, ...]:
+        """One value per :attr:`train_meters` entry for a training batch."""
+        from suites.common.meters import accuracy
+        acc1, acc5 = accuracy(output.float(), target, topk=(1, 5))
+        return float(acc1[0]), float(acc5[0])
+
+    def dummy_input(self, args: argparse.Namespace):
+        """The export's example input (a tensor or a tuple, batch ``args.onnx_batch`` is baked in separately)."""
+        raise NotImplementedError(f"suite {self.name!r} must implement dummy_input(args)")
+
+    def describe(self, scores: dict) -> str:
+        """One log line's worth of an evaluation result (``top-1 92.570 top-5 99.910``)."""
+        return f"{self.metric.name} {self.metric.format(scores[self.metric.name])}"
+
+    def export_options(self, args: argparse.Namespace) -> dict:
+        """Extra keyword arguments of ``convert_export`` (input_names, output_names ...)."""
+        return {}
+
+    def evaluate(self, model: nn.Module, loader, args: argparse.Namespace, prefix: str) -> dict:
+        """The metric of the PyTorch model over ``loader``: a dict holding at least ``self.metric.name``."""
+        raise NotImplementedError(f"suite {self.name!r} must implement evaluate(model, loader, args, prefix)")
+
+    def evaluate_onnx(self, session, loader, args: argparse.Namespace, prefix: str) -> dict:
+        """The same metric of an onnxruntime session (the exported int8 model) over ``loader``."""
+        raise NotImplementedError(f"suite {self.name!r} must implement evaluate_onnx(session, loader, args, prefix)")

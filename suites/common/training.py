@@ -1,0 +1,207 @@
+"""The runner's training pieces (pytorch/examples style): seeds and RNG state for exact resume, the epoch subset
+sampler, loaders, the kd loss, optimizer and LR schedule factories, and one training epoch.
+
+    train_epoch(suite, loader, model, optimizer, scheduler, epoch, args, teacher=None)  -> (scores, loss)
+
+A training batch goes through ``suite.inputs(batch, device)`` -> ``model(*inputs)``; the loss is
+``kd_loss`` against the teacher's output or ``suite.loss(output, target)``; the progress line shows Time, Data,
+Loss and the suite's ``train_meters``.
+"""
+from __future__ import annotations
+
+import ast
+import logging
+import math
+import random
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torch.utils.data
+
+from suites.common.distributed import is_main
+from suites.common.meters import AverageMeter, ProgressMeter
+
+logger = logging.getLogger("suites")
+
+
+# ---- seeds and RNG state
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    st = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+          "numpy_pos": int(np.random.get_state()[2]), "python": repr(random.getstate())}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    if not st:
+        return
+    torch.set_rng_state(st["torch"])
+    keys = np.asarray(torch.as_tensor(st["numpy"]).numpy(), dtype=np.uint32)
+    np.random.set_state(("MT19937", keys, int(st["numpy_pos"]), 0, 0.0))
+    random.setstate(ast.literal_eval(st["python"]))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+# ---- data
+class EpochSubsetSampler(torch.utils.data.Sampler):
+    """A shuffled subset of ``num`` indices, different for each epoch and reproducible from (seed, epoch);
+    split between the processes of a distributed run."""
+
+    def __init__(self, n_total: int, num: int | None, seed: int, rank: int = 0, world: int = 1):
+        self.n_total, self.num = n_total, min(num or n_total, n_total)
+        self.seed, self.rank, self.world = seed, rank, world
+        self.epoch = 0
+        self.per_rank = self.num // world
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
+        perm = torch.randperm(self.n_total, generator=g)[: self.per_rank * self.world]
+        return iter(perm[self.rank::self.world].tolist())
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+
+def loader(ds, batch_size, workers, sampler=None, shuffle=False, collate_fn=None):
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle if sampler is None else False,
+                                       sampler=sampler, num_workers=workers, pin_memory=torch.cuda.is_available(),
+                                       persistent_workers=False, collate_fn=collate_fn)
+
+
+def skipped_images(ds) -> int | None:
+    """Unreadable samples skipped so far by ``ds`` (through Subset wrappers): a data set that skips bad files keeps
+    the count in a ``skipped`` multiprocessing.Value (shared with DataLoader workers); None for the others."""
+    while isinstance(ds, torch.utils.data.Subset):
+        ds = ds.dataset
+    counter = getattr(ds, "skipped", None)
+    return None if counter is None else int(counter.value)
+
+
+def report_skips(dataset, before: int | None, what: str) -> None:
+    """Log the unreadable images skipped (--on-bad-image skip) since ``before``, counted in every worker."""
+    now = skipped_images(dataset)
+    if before is not None and now is not None and now > before:
+        logger.warning("%s: skipped %d unreadable image(s) (--on-bad-image skip: the next readable image took each "
+                       "one's place; the files are named above); %d skipped so far in this data set", what,
+                       now - before, now)
+
+
+# ---- loss, optimizer, schedule
+def kd_loss(student_logits, teacher_logits, target, alpha: float, temperature: float):
+    """``alpha * KL(softmax(t/T) || softmax(s/T)) * T^2 + (1 - alpha) * CE``."""
+    t = temperature
+    kd = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.softmax(teacher_logits / t, dim=1),
+                  reduction="batchmean") * (t * t)
+    ce = F.cross_entropy(student_logits, target)
+    return alpha * kd + (1.0 - alpha) * ce
+
+
+def make_optimizer(params, optim: str, lr: float, momentum: float = 0.9, wd: float = 0.0, nesterov: bool = False,
+                   betas: tuple[float, float] = (0.9, 0.999)):
+    """``sgd`` (with momentum) or ``adam`` / ``adamw`` (both AdamW); parameters without gradients are left out;
+    ``params`` may be parameter groups (their own settings win over ``wd``)."""
+    params = [p for p in params if p.requires_grad] if not _is_groups(params) else params
+    if optim.lower() in ("adam", "adamw"):
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=wd)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=wd, nesterov=nesterov)
+
+
+def _is_groups(params) -> bool:
+    return isinstance(params, list) and bool(params) and isinstance(params[0], dict)
+
+
+def cosine_schedule(optimizer, total_steps: int, warmup_steps: int = 0, final: float = 0.0):
+    """Per-step schedule: linear warm-up, then cosine from the base LR to ``final`` x the base LR."""
+    total_steps = max(1, total_steps)
+
+    def f(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        prog = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * prog))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
+
+
+def autocast(args):
+    if not getattr(args, "amp", False):
+        return torch.autocast("cpu", enabled=False)
+    if args.device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def input_format(model) -> torch.memory_format:
+    """channels_last when the model's convolution weights are (the float stages use it on the CPU: depthwise and
+    1x1 convolutions run ~1.5x faster in that layout); the batch is converted to match."""
+    for p in model.parameters():
+        if p.dim() == 4:
+            cl = p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+            return torch.channels_last if cl else torch.contiguous_format
+    return torch.contiguous_format
+
+
+def train_epoch(suite, loader, model, optimizer, scheduler, epoch: int, args, teacher=None, scaler=None,
+                prefix: str = "Epoch", loss_fn=None):
+    """One epoch; returns ({meter label: average}, average loss). ``loss_fn(output, target)`` replaces the suite's
+    loss (the float fine-tune's plain cross entropy)."""
+    batch_time = AverageMeter("Time", ":6.3f")
+    data_time = AverageMeter("Data", ":6.3f")
+    losses = AverageMeter("Loss", ":.4e")
+    scores = [AverageMeter(label, fmt) for label, fmt in suite.train_meters]
+    progress = ProgressMeter(len(loader), [batch_time, data_time, losses, *scores], prefix=f"{prefix}: [{epoch}]",
+                             print_freq=args.print_freq, enabled=is_main())
+    model.train()
+    fmt = input_format(model)
+    skipped_before = skipped_images(loader.dataset)
+    loss_fn = loss_fn or suite.loss
+    end = time.time()
+    try:
+        for i, batch in enumerate(loader):
+            data_time.update(time.time() - end)
+            inputs, target = suite.inputs(batch, args.device, fmt)
+            with autocast(args):
+                output = model(*inputs)
+                if teacher is not None:
+                    with torch.no_grad():
+                        t_out = teacher(*inputs)
+                    loss = kd_loss(output.float(), t_out.float(), target, args.distill_alpha, args.temperature)
+                else:
+                    loss = loss_fn(output, target)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {i}; lower --lr")
+            n = inputs[0].size(0)
+            losses.update(loss.item(), n)
+            for meter, value in zip(scores, suite.train_scores(output, target)):
+                meter.update(value, n)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                if getattr(args, "clip_grad_norm", None):
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm)
+                optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            batch_time.update(time.time() - end)
+            end = time.time()
+            progress.step(i)
+    finally:
+        progress.close()
+    report_skips(loader.dataset, skipped_before, f"{prefix}: [{epoch}]")
+    return {m.name: m.avg for m in scores}, losses.avg

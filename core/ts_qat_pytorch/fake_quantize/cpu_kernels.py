@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import weakref
 
 import torch
 
@@ -148,7 +149,7 @@ void tsq_backward_learnable_flat(const float* x, const float* g, float* dx, int6
 /* Per channel (rows of `inner` elements, channel r % C), learnable: each thread owns whole channels. */
 void tsq_backward_learnable_rows(const float* x, const float* g, float* dx, int64_t outer, int64_t C,
                                  int64_t inner, const float* s, const float* z, float qmin, float qmax,
-                                 int nt, double* ds_out, double* dz_out) {
+                                 int nt, double gf, float* ds_out, float* dz_out) {
     int64_t n = outer * C * inner;
     #pragma omp parallel for num_threads(nt) schedule(static) if(n >= PAR_MIN)
     for (int64_t c = 0; c < C; c++) {
@@ -164,8 +165,8 @@ void tsq_backward_learnable_rows(const float* x, const float* g, float* dx, int6
                 dz += fz;
             }
         }
-        ds_out[c] = ds;
-        dz_out[c] = -dz * sc;
+        ds_out[c] = (float)(ds * gf);
+        dz_out[c] = (float)(-dz * sc * gf);
     }
 }
 
@@ -174,7 +175,7 @@ void tsq_backward_learnable_rows(const float* x, const float* g, float* dx, int6
      divide = 0: out = w * s[c]  (the weight fold)      gy = g * s[c], ds[c] =  sum(g * w),          t = w
    t is what autograd keeps anyway (the BatchNorm's input; the weight itself). */
 void tsq_channel_scale_backward(const float* g, const float* t, float* gy, int64_t outer, int64_t C,
-                                int64_t inner, const float* s, int divide, int nt, double* ds_out) {
+                                int64_t inner, const float* s, int divide, int nt, float* ds_out) {
     int64_t n = outer * C * inner;
     #pragma omp parallel for num_threads(nt) schedule(static) if(n >= PAR_MIN)
     for (int64_t c = 0; c < C; c++) {
@@ -204,7 +205,7 @@ void tsq_channel_scale_backward(const float* g, const float* t, float* gy, int64
                 ds += fs;
             }
         }
-        ds_out[c] = divide ? -ds / sc : ds;
+        ds_out[c] = (float)(divide ? -ds / sc : ds);
     }
 }
 
@@ -275,9 +276,9 @@ def _build() -> ctypes.CDLL:
     lib.tsq_forward_flat.argtypes = [fp, fp, i64, f, f, f, f, i32]
     lib.tsq_backward_input.argtypes = [fp, fp, fp, i64, f, f, f, f, i32]
     lib.tsq_backward_learnable_flat.argtypes = [fp, fp, fp, i64, f, f, f, f, i32, dp, dp]
-    lib.tsq_backward_learnable_rows.argtypes = [fp, fp, fp, i64, i64, i64, fp, fp, f, f, i32, dp, dp]
+    lib.tsq_backward_learnable_rows.argtypes = [fp, fp, fp, i64, i64, i64, fp, fp, f, f, i32, ctypes.c_double, fp, fp]
     lib.tsq_backward_input_rows.argtypes = [fp, fp, fp, i64, i64, i64, fp, fp, f, f, i32]
-    lib.tsq_channel_scale_backward.argtypes = [fp, fp, fp, i64, i64, i64, fp, i32, i32, dp]
+    lib.tsq_channel_scale_backward.argtypes = [fp, fp, fp, i64, i64, i64, fp, i32, i32, fp]
     for fn in (lib.tsq_channel_scale_backward, lib.tsq_forward, lib.tsq_forward_flat, lib.tsq_backward_input, lib.tsq_backward_learnable_flat,
                lib.tsq_backward_learnable_rows, lib.tsq_backward_input_rows):
         fn.restype = None
@@ -338,14 +339,24 @@ def _rows(x: torch.Tensor, axis: int) -> tuple[int, int, int]:
     return x.numel() // (c * inner), c, inner
 
 
+_rounded_zero_points: dict = {}
+
+
 def _qparams(scale: torch.Tensor, zero_point: torch.Tensor, axis: int, qmin: int, qmax: int):
-    """Forward and backward zero points as torch's learnable kernels round them, float32 and contiguous: rounded
-    half to even, except the per-tensor backward, which rounds half up (a learned LSQ+ zero point can sit on .5)."""
-    s = scale.detach().reshape(-1).float().contiguous()
-    zp = zero_point.detach().reshape(-1).float()
-    z_fwd = torch.clamp(torch.round(zp), qmin, qmax).contiguous()
-    z_bwd = z_fwd if axis >= 0 else torch.trunc(torch.clamp(zp + 0.5, qmin, qmax)).contiguous()
-    return s, z_fwd, z_bwd
+    """Per-channel scale and zero point as torch's learnable kernels use them, float32 and contiguous: the zero
+    point rounded half to even and clamped. The rounded zero point is reused while the tensor is unchanged (an
+    LSQ zero point never moves after calibration): a step makes fewer small tensor ops."""
+    s = scale.detach().reshape(-1)
+    s = s if s.dtype == torch.float32 and s.is_contiguous() else s.float().contiguous()
+    hit = _rounded_zero_points.get(id(zero_point))
+    # the same live tensor object, unmodified since (a weak reference: a freed tensor's id can be reused)
+    if hit is not None and hit[0]() is zero_point and hit[1] == (zero_point._version, qmin, qmax):
+        return s, hit[2]
+    z = torch.clamp(torch.round(zero_point.detach().reshape(-1).float()), qmin, qmax).contiguous()
+    if len(_rounded_zero_points) > 4096:
+        _rounded_zero_points.clear()
+    _rounded_zero_points[id(zero_point)] = (weakref.ref(zero_point), (zero_point._version, qmin, qmax), z)
+    return s, z
 
 
 def _forward(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, axis: int, qmin: int, qmax: int) -> torch.Tensor:
@@ -426,11 +437,10 @@ class _LearnableFakeQuant(torch.autograd.Function):
             ctx.qp = (axis, qmin, qmax, grad_factor, s, float(int(min(max(zp + 0.5, qmin), qmax))))
             lib.tsq_forward_flat(_ptr(x), _ptr(y), x.numel(), s, z_fwd, float(qmin), float(qmax), _threads())
         else:
-            s, z_fwd, z_bwd = _qparams(scale, zero_point, axis, qmin, qmax)
-            ctx.qp = (axis, qmin, qmax, grad_factor, s, z_bwd)
+            s, z = _qparams(scale, zero_point, axis, qmin, qmax)  # per channel, torch rounds both ways alike
+            ctx.qp = (axis, qmin, qmax, grad_factor, s, z)
             outer, c, inner = _rows(x, axis)
-            lib.tsq_forward(_ptr(x), _ptr(y), outer, c, inner, _ptr(s), _ptr(z_fwd), float(qmin), float(qmax),
-                            _threads())
+            lib.tsq_forward(_ptr(x), _ptr(y), outer, c, inner, _ptr(s), _ptr(z), float(qmin), float(qmax), _threads())
         return y
 
     @staticmethod
@@ -452,12 +462,11 @@ class _LearnableFakeQuant(torch.autograd.Function):
             dzero = torch.full(z_shape, dz.value * grad_factor, dtype=torch.float32)
         else:
             outer, c, inner = _rows(x, axis)
-            ds = torch.empty(c, dtype=torch.float64)
-            dz = torch.empty(c, dtype=torch.float64)
+            dscale = torch.empty(s_shape, dtype=torch.float32)
+            dzero = torch.empty(z_shape, dtype=torch.float32)
             lib.tsq_backward_learnable_rows(_ptr(x), _ptr(g), _ptr(dx), outer, c, inner, _ptr(s), _ptr(z),
-                                            float(qmin), float(qmax), _threads(), _ptr(ds), _ptr(dz))
-            dscale = (ds * grad_factor).float().reshape(s_shape)
-            dzero = (dz * grad_factor).float().reshape(z_shape)
+                                            float(qmin), float(qmax), _threads(), float(grad_factor), _ptr(dscale),
+                                            _ptr(dzero))
         return dx, dscale, dzero, None, None, None, None
 
 
@@ -490,11 +499,11 @@ class _ChannelScale(torch.autograd.Function):
         g = g.contiguous()
         gy = torch.empty_like(t)
         outer, c, inner = _rows(t, ctx.axis)
-        sf = s.detach().float().contiguous()
-        ds = torch.empty(c, dtype=torch.float64)
+        sf = s.detach().contiguous()  # float32: checked before the fused path is taken
+        ds = torch.empty(c, dtype=torch.float32)
         _library().tsq_channel_scale_backward(_ptr(g), _ptr(t), _ptr(gy), outer, c, inner, _ptr(sf), int(ctx.divide),
                                               _threads(), _ptr(ds))
-        return gy, ds.to(s.dtype), None, None
+        return gy, ds, None, None
 
 
 def _channel_scale(y: torch.Tensor, s: torch.Tensor, axis: int, divide: bool) -> torch.Tensor:

@@ -33,7 +33,6 @@ import tempfile
 import time
 import warnings
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision

@@ -21,9 +21,6 @@ and prints the table.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import json
 import logging
 import os
 import sys
@@ -67,52 +64,6 @@ def calibration_batches(data: str | None, n: int, batch_size: int, size: int) ->
     return [torch.stack(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
 
 
-def write_outputs(out: str, alloc, sens) -> None:
-    from ts_qat_pytorch.utils.utils import atomic_write_bytes
-    os.makedirs(out, exist_ok=True)
-    cfg = {"backend": alloc.backend, "prepare_custom_config_dict": alloc.prepare_custom_config_dict(),
-           "budget": alloc.budget, "achieved": alloc.achieved, "method": sens.method,
-           "candidates": list(sens.candidates)}
-    atomic_write_bytes(os.path.join(out, "mixed_precision.json"), (json.dumps(cfg, indent=1) + "\n").encode())
-    buf = io.StringIO()
-    fields = ["layer", "params", "macs", "w_bit", "a_bit", "sensitivity", "sensitivity_min_bits", "hessian_trace"]
-    w = csv.DictWriter(buf, fieldnames=fields)
-    w.writeheader()
-    w.writerows(alloc.rows)
-    atomic_write_bytes(os.path.join(out, "layers.csv"), buf.getvalue().encode())
-    plot(alloc.rows, os.path.join(out, "bits_vs_sensitivity.png"))
-
-
-def plot(rows, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(rows)), 4))
-    x = range(len(rows))
-    ax.bar(x, [r["w_bit"] for r in rows], color="tab:blue", alpha=0.6, label="weight bits")
-    ax.set_ylabel("weight bits")
-    ax.set_xticks(list(x), [r["layer"] for r in rows], rotation=90, fontsize=6)
-    ax2 = ax.twinx()
-    ax2.plot(list(x), [max(r["sensitivity_min_bits"], 1e-12) for r in rows], "o-", color="tab:red",
-             label="sensitivity at the lowest bits")
-    ax2.set_yscale("log")
-    ax2.set_ylabel("sensitivity (expected loss increase)")
-    fig.legend(loc="lower left", fontsize=7, framealpha=0.8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def table(alloc) -> str:
-    lines = [f"{'layer':40s} {'params':>9s} {'MACs':>11s} {'w_bit':>5s} {'a_bit':>5s} {'sensitivity':>12s}"]
-    lines += [f"{r['layer']:40s} {r['params']:9d} {r['macs']:11d} {r['w_bit']:5d} {r['a_bit']:5d} "
-              f"{r['sensitivity']:12.4g}" for r in alloc.rows]
-    a = alloc.achieved
-    lines.append(f"backend {alloc.backend}: average {a['avg_bits']:.2f} weight bits, {a['size_bits'] / 8192:.1f} KiB, "
-                 f"{a['bops']:.4g} BOPs per sample (budget {alloc.budget})")
-    return "\n".join(lines)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_argument_group("model")
@@ -139,7 +90,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    from ts_qat_pytorch.mix_precision import allocate_bits, budget_range, layer_costs, layer_sensitivity
+    from ts_qat_pytorch.mix_precision import allocate_bits, budget_range, layer_costs, layer_sensitivity, report
     from ts_qat_pytorch.prepare_by_platform import prepare_by_platform
     torch.manual_seed(a.seed)
     try:
@@ -162,11 +113,11 @@ def main(argv=None) -> int:
                                  act_candidates=a.act_candidates)
         alloc = allocate_bits(sens, costs, budget)
         prepare_by_platform(model, alloc.backend, alloc.prepare_custom_config_dict())  # the result prepares
-        write_outputs(a.out, alloc, sens)
+        report.write_outputs(a.out, alloc, sens)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(table(alloc))
+    print(report.table(alloc))
     print(f"wrote {os.path.join(a.out, 'mixed_precision.json')}, layers.csv and bits_vs_sensitivity.png")
     return 0
 

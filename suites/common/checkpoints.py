@@ -113,6 +113,13 @@ def restore(q: nn.Module, optimizer, scheduler, args) -> dict:
         raise SuiteError(f"--resume '{args.resume}': {exc}") from exc
 
 
+def layer_config_record(args) -> dict:
+    """The run's per-layer quantization (a mixed-precision allocation, accuracy control's changes) as a checkpoint
+    entry: --resume prepares the model the same way from it."""
+    layers = getattr(args, "layer_config", None)
+    return {"layer_config": {"backend": args.backend, "prepare": layers}} if layers else {}
+
+
 def atomic_copy(src: str, dst: str) -> None:
     tmp = dst + ".tmp"
     shutil.copyfile(src, tmp)
@@ -128,7 +135,7 @@ def save_all(suite, q, optimizer, scheduler, epoch: int, best, is_best: bool, pa
     rng = rng_state()
     save_qat_checkpoint(paths["ckpt"], q, optimizer, scheduler, epoch=epoch, best_metric=best,
                         metric=suite.metric.name, arch=args.arch, backend=args.backend, rng=rng,
-                        **suite.checkpoint_extras(args))
+                        **layer_config_record(args), **suite.checkpoint_extras(args))
     save_checkpoint(q, paths["float"], paths["qparams"])
     m.files.update(checkpoint=paths["ckpt"], float_checkpoint=paths["float"], qparams_json=paths["qparams"])
     if not args.no_export:

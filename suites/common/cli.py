@@ -7,6 +7,7 @@ then ``RUNNER_DEFAULTS``. The help text shows both recipes' values.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -15,6 +16,15 @@ from suites.common.suite import Suite, SuiteError
 
 OPSET_RANGE = (13, 21)  # what convert_export accepts (per-channel QDQ needs opset 13)
 BACKENDS = ("TSQAT", "Experimental", "ONNXRuntime")
+
+# --ptq-recon's default: block-wise reconstruction (BRECQ) with QDrop (prob 0.5) and AdaRound's learned rounding;
+# the QDrop paper fits 20 000 iterations per block, 5 000 keep a CPU run of the embedded default within minutes
+PTQ_DEFAULTS = {"pattern": "block", "prob": 0.5, "max_count": 5000, "round_mode": "learned_hard_sigmoid"}
+PTQ_SMOKE_MAX_COUNT = 20  # --smoke, unless --ptq-config sets max_count
+MP_CANDIDATES = (2, 4, 8)
+MAX_DROP_LAYERS = 5
+MP_BATCHES, MP_SAMPLES = 2, 16
+BUDGET_FLAGS = (("--avg-bits", "avg_bits"), ("--size-kib", "size_kib"), ("--bops", "bops"))
 
 # defaults of recipe-dependent flags that no recipe sets
 RUNNER_DEFAULTS = dict(
@@ -90,6 +100,49 @@ def build_parser(suite: Suite) -> argparse.ArgumentParser:
                    help="kd temperature" + (d("temperature") or f" ({RUNNER_DEFAULTS['temperature']})"))
     g.add_argument("--teacher-path", default="", help="teacher weights (state_dict); default teacher: the float model")
 
+    g = p.add_argument_group("accuracy beyond plain QAT (ts_qat_pytorch.advanced_ptq, ts_qat_pytorch.mix_precision)")
+    g.add_argument("--ptq-recon", action="store_true",
+                   help="PTQ reconstruction (AdaRound / BRECQ / QDrop) after calibration, before QAT; --epochs 0: "
+                        "PTQ only (evaluate, save and export the reconstructed model)")
+    g.add_argument("--ptq-config", default=None, metavar="JSON_OR_FILE",
+                   help="reconstruction config laid over the default " + json.dumps(PTQ_DEFAULTS) + ": a JSON "
+                        "object or a .json / .yaml file with the ancestor's keys (pattern, scale_lr, warm_up, weight, "
+                        "max_count, b_range, keep_gpu, round_mode, prob, block_depth; an ancestor config nested "
+                        "under quantize.reconstruction is read too)")
+    g.add_argument("--ptq-images", type=int, default=1024, metavar="N",
+                   help="calibration images the reconstruction fits on (from the calibration batches)")
+    g.add_argument("--mixed-precision", action="store_true",
+                   help="per-layer weight bits from a sensitivity search on the float model under one budget "
+                        "(--avg-bits, --size-kib or --bops); writes <arch>_mixed_precision/ (JSON, CSV, PNG)")
+    g.add_argument("--avg-bits", type=float, default=None, help="budget: parameter-weighted average weight bits")
+    g.add_argument("--size-kib", type=float, default=None, help="budget: quantized weights, KiB")
+    g.add_argument("--bops", type=float, default=None,
+                   help="budget: bit operations per sample (MACs x weight bits x activation bits)")
+    g.add_argument("--candidates", type=int, nargs="+", default=None, metavar="BITS",
+                   help=f"weight bit widths the search picks from (default {' '.join(map(str, MP_CANDIDATES))})")
+    g.add_argument("--act-candidates", type=int, nargs="+", default=None, metavar="BITS",
+                   help="activation bit widths to search per layer too (default: every layer at --a-bit)")
+    g.add_argument("--sensitivity-method", default="hessian", choices=["hessian", "loss"],
+                   help="hessian: Hutchinson trace x weight perturbation (HAWQ); loss: the measured loss increase")
+    g.add_argument("--mp-batches", type=int, default=None, metavar="N",
+                   help="calibration batches of the sensitivity search and of --max-drop's layer ranking "
+                        f"({MP_BATCHES}; --smoke 1)")
+    g.add_argument("--mp-samples", type=int, default=None, metavar="N",
+                   help=f"Hutchinson vectors per batch, hessian ({MP_SAMPLES}; --smoke 2)")
+    g.add_argument("--mp-blockwise", action="store_true",
+                   help="hessian: each layer's trace from vectors on that layer alone (exact in expectation, but one "
+                        "Hessian-vector product per layer and vector: 50x slower on mobilenet_v2) instead of one "
+                        "product per vector for all layers together (PyHessian's estimator)")
+    g.add_argument("--max-drop", type=float, default=None, metavar="X",
+                   help="after PTQ / QAT, if the metric is more than X worse than float: raise the most sensitive "
+                        "layers to 8 bits (left float when every layer is 8-bit already, or with --max-drop-float), "
+                        "fewest first, redoing the run's calibration / reconstruction / QAT, until within X or "
+                        "--max-drop-layers; the best model is saved and exported")
+    g.add_argument("--max-drop-layers", type=int, default=None, metavar="N",
+                   help=f"change at most N layers ({MAX_DROP_LAYERS})")
+    g.add_argument("--max-drop-float", action="store_true",
+                   help="--max-drop leaves the layers it changes float instead of raising them to 8 bits")
+
     g = p.add_argument_group("outputs")
     g.add_argument("--resume", default="", metavar="PATH", help="QAT checkpoint to resume (epoch, optimizer, "
                    "LR schedule, fake-quant state, RNG)")
@@ -157,12 +210,136 @@ def resolve(suite: Suite, args: argparse.Namespace) -> argparse.Namespace:
     args.out_dir = os.path.join(args.output_dir, suite.name)
     if args.metrics is None:
         args.metrics = os.path.join(args.out_dir, f"{args.arch}_metrics.json")
+    if args.mixed_precision:  # per-layer bits: the Experimental backend (TSQAT if the search gives 8 bits everywhere)
+        if "backend" in given and args.backend != "Experimental":
+            raise SuiteError(f"--mixed-precision with --backend {args.backend}: the per-layer bits need the "
+                             "Experimental backend (the run uses TSQAT when every layer gets 8 bits); drop --backend")
+        args.backend = "Experimental"
     if args.backend != "Experimental" and (args.w_bit or args.a_bit) and (args.w_bit, args.a_bit) != (8, 8):
         raise SuiteError(f"--w-bit/--a-bit need --backend Experimental ({args.backend} has fixed bit widths)")
     if args.onnx_batch < 1 or args.batch_size < 1:
         raise SuiteError("--onnx-batch and --batch-size must be >= 1")
     check_ranges(suite, args)
+    check_accuracy_flags(args)
     return args
+
+
+def check_accuracy_flags(args: argparse.Namespace) -> None:
+    """--ptq-recon, --mixed-precision and --max-drop: bad combinations and ranges before any work; fills
+    ``args.ptq_config`` (a dict: the default laid under --ptq-config), ``args.budget`` ({"avg_bits": 4} ...),
+    ``args.candidates``, ``args.act_candidates``."""
+    if args.epochs < 0:
+        raise SuiteError(f"--epochs {args.epochs} must be >= 0 (0: no QAT, e.g. PTQ only with --ptq-recon)")
+    quantizing = "--not-qat" if args.not_qat else None
+    # PTQ reconstruction
+    if args.ptq_config is not None and not args.ptq_recon:
+        raise SuiteError("--ptq-config configures --ptq-recon; add --ptq-recon")
+    if args.ptq_recon:
+        if quantizing:
+            raise SuiteError("--ptq-recon reconstructs a quantized model; it cannot be combined with --not-qat")
+        if args.ptq_images < 1:
+            raise SuiteError(f"--ptq-images {args.ptq_images} must be >= 1")
+        user = parse_ptq_config(args.ptq_config) if args.ptq_config is not None else {}
+        cfg = {**PTQ_DEFAULTS, **user}
+        if args.smoke and "max_count" not in user:
+            cfg["max_count"] = PTQ_SMOKE_MAX_COUNT
+        from ts_qat_pytorch.advanced_ptq import ReconstructionConfig
+        try:
+            ReconstructionConfig.from_any(cfg)
+        except (ValueError, TypeError) as exc:
+            raise SuiteError(f"--ptq-config: {exc}") from None
+        args.ptq_config = cfg
+    # mixed precision
+    budgets = [(flag, getattr(args, dest)) for flag, dest in BUDGET_FLAGS if getattr(args, dest) is not None]
+    mp_only = [flag for flag, v in (("--candidates", args.candidates), ("--act-candidates", args.act_candidates))
+               if v is not None] + [flag for flag, _ in budgets]
+    if not args.mixed_precision:
+        if mp_only:
+            raise SuiteError(f"{', '.join(mp_only)} {'configures' if len(mp_only) == 1 else 'configure'} "
+                             "--mixed-precision; add --mixed-precision")
+        args.budget = None
+    else:
+        if quantizing:
+            raise SuiteError("--mixed-precision picks bits of a quantized model; it cannot be combined with --not-qat")
+        if len(budgets) != 1:
+            raise SuiteError("--mixed-precision needs exactly one budget: --avg-bits N (average weight bits), "
+                             "--size-kib N (quantized weights) or --bops N (bit operations per sample)"
+                             + (f"; got {' and '.join(f for f, _ in budgets)}" if budgets else ""))
+        if args.w_bit is not None:
+            raise SuiteError("--w-bit with --mixed-precision: the search picks each layer's weight bits from "
+                             "--candidates; drop --w-bit")
+        args.candidates = sorted(set(args.candidates or MP_CANDIDATES))
+        args.act_candidates = sorted(set(args.act_candidates)) if args.act_candidates else None
+        for flag, bits in (("--candidates", args.candidates), ("--act-candidates", args.act_candidates or [])):
+            bad = [b for b in bits if not 2 <= b <= 8]
+            if bad:
+                raise SuiteError(f"{flag} {' '.join(map(str, bad))}: bit widths must be within 2..8 (the "
+                                 "Experimental backend's range)")
+        (flag, value), = budgets
+        if not (math.isfinite(value) and value > 0):
+            raise SuiteError(f"{flag} {value} must be a finite number > 0")
+        if flag == "--avg-bits" and value < min(args.candidates):
+            raise SuiteError(f"--avg-bits {value:g} is below the smallest of --candidates "
+                             f"{' '.join(map(str, args.candidates))}: no allocation reaches it; lower the "
+                             "candidates or raise the budget")
+        args.budget = {"--avg-bits": {"avg_bits": value}, "--size-kib": {"size_bits": value * 8192},
+                       "--bops": {"bops": value}}[flag]
+    if args.mp_batches is None:
+        args.mp_batches = 1 if args.smoke else MP_BATCHES
+    if args.mp_samples is None:
+        args.mp_samples = 2 if args.smoke else MP_SAMPLES
+    if args.mp_batches < 1 or args.mp_samples < 1:
+        raise SuiteError("--mp-batches and --mp-samples must be >= 1")
+    # accuracy control
+    if args.max_drop is not None:
+        if quantizing:
+            raise SuiteError("--max-drop controls the drop of a quantized model from float; it cannot be combined "
+                             "with --not-qat")
+        if not (math.isfinite(args.max_drop) and args.max_drop >= 0):
+            raise SuiteError(f"--max-drop {args.max_drop} must be a finite number >= 0 (the allowed drop of the "
+                             "suite's metric from float, e.g. --max-drop 1.0)")
+        args.max_drop_layers = MAX_DROP_LAYERS if args.max_drop_layers is None else args.max_drop_layers
+        if args.max_drop_layers < 1:
+            raise SuiteError(f"--max-drop-layers {args.max_drop_layers} must be >= 1")
+    elif args.max_drop_float or args.max_drop_layers is not None:
+        raise SuiteError("--max-drop-layers / --max-drop-float configure --max-drop; add --max-drop X")
+
+
+def parse_ptq_config(text: str) -> dict:
+    """--ptq-config: a JSON object, or a .json / .yaml / .yml file holding one (the ancestor's YAML config, with the
+    reconstruction settings at the top or under quantize.reconstruction / reconstruction)."""
+    source = "--ptq-config"
+    if os.path.isfile(text):
+        source = f"--ptq-config '{text}'"
+        with open(text) as f:
+            body = f.read()
+        if text.lower().endswith((".yaml", ".yml")):
+            import yaml
+            try:
+                cfg = yaml.safe_load(body)
+            except yaml.YAMLError as exc:
+                raise SuiteError(f"{source} is not valid YAML ({exc})") from None
+        else:
+            cfg = _json(body, source)
+    elif text.lstrip().startswith("{"):
+        cfg = _json(text, source)
+    else:
+        raise SuiteError(f"--ptq-config '{text}' is neither a file nor a JSON object (e.g. --ptq-config "
+                         "'{\"max_count\": 20000}')")
+    if isinstance(cfg, dict) and isinstance(cfg.get("quantize"), dict):
+        cfg = cfg["quantize"]
+    if isinstance(cfg, dict) and isinstance(cfg.get("reconstruction"), dict):
+        cfg = cfg["reconstruction"]
+    if not isinstance(cfg, dict):
+        raise SuiteError(f"{source} must hold an object of reconstruction settings, got {type(cfg).__name__}")
+    return cfg
+
+
+def _json(text: str, source: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SuiteError(f"{source} is not valid JSON ({exc})") from None
 
 
 def check_ranges(suite: Suite, args: argparse.Namespace) -> None:

@@ -1,8 +1,10 @@
 """The one pipeline of every suite, read top to bottom in :func:`run`:
 
-    checks before long work -> data -> float model (fine-tune, cached) -> float eval -> teacher -> prepare ->
-    calibration -> QAT epochs (distillation; each epoch: eval, atomic checkpoints, export) -> replica check ->
-    profile / sensitivity -> onnxruntime eval -> metrics JSON -> baselines
+    checks before long work -> data -> float model (fine-tune, cached) -> float eval -> teacher ->
+    [--mixed-precision: sensitivity search, bit allocation] -> prepare -> calibration -> [--ptq-recon: PTQ
+    reconstruction] -> QAT epochs (distillation; each epoch: eval, atomic checkpoints, export; --epochs 0: the PTQ
+    model saved and exported instead) -> [--max-drop: accuracy control] -> replica check -> profile / sensitivity ->
+    onnxruntime eval -> metrics JSON -> baselines
 
 A suite (suites/common/suite.py) provides its model, data, metric and recipe; its main.py is
 
@@ -15,6 +17,7 @@ logs and writes.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -140,6 +143,7 @@ def run(suite: Suite, args) -> int:
             C.read_state_dict(path, flag)  # readable, a state_dict
     if args.resume:
         C.check_resume(args)
+        resumed_layers(args, m)
     args.teacher_source = S.choose_teacher(suite, args)  # a teacher that cannot be used is refused here
     data = suite.datasets(args)
     os.makedirs(args.out_dir, exist_ok=True)
@@ -154,13 +158,16 @@ def run(suite: Suite, args) -> int:
     if args.model_path:
         C.load_float_weights(model, args.model_path, args, "--model-path")
         say(f"=> loaded float weights '{args.model_path}'")
+    search = qat and args.mixed_precision and not getattr(args, "layer_config", None)
+    costs = S.mixed_precision_costs(suite, model, args) if search else None  # the budget, before long work
     per_rank_batch = max(1, args.batch_size // world)
     val_loader = loader(data.val, max(per_rank_batch, args.val_batch_size or per_rank_batch), args.workers,
                         collate_fn=suite.collate)
     if args.embedded and not args.model_path and args.float_epochs > 0:
         S.float_finetune(suite, model, data.train, args, m)
     model.to(args.device, memory_format=torch.channels_last if suite.channels_last else torch.contiguous_format)
-    if args.embedded or (args.evaluate and not qat):
+    control = qat and args.max_drop is not None and not args.evaluate
+    if args.embedded or (args.evaluate and not qat) or control:
         if D.is_main():
             S.evaluate_stage(suite, model, val_loader, args, m, "float")
     if not qat:
@@ -168,27 +175,31 @@ def run(suite: Suite, args) -> int:
             S.train_float(suite, model, data.train, val_loader, args, m, paths)
         return finish(args, m, data)
 
-    # ---- QAT: teacher (checked before long work), prepare, calibrate (unless resuming)
+    # ---- QAT: teacher (checked before long work), mixed precision, prepare, calibrate + reconstruct (unless resuming)
     model.to(memory_format=torch.contiguous_format)  # the traced QAT model gains nothing from channels_last
     teacher = S.build_teacher(suite, args, model) if not args.evaluate else None
-    q = S.prepare(suite, model, args).to(args.device)
     calib_loader = loader(data.calib, per_rank_batch, args.workers, collate_fn=suite.collate,
                           sampler=EpochSubsetSampler(len(data.calib), args.calib_batches * per_rank_batch,
                                                      (args.seed or 0) + 13))
+    sens = S.mixed_precision_stage(suite, model, calib_loader, costs, args, m) if search else None
+    q = S.prepare(suite, model, args).to(args.device)
+    ptq_scores = None
     if not args.resume:
-        with m.timed("calibration"):
-            before = skipped_images(data.calib)
-            calibrate(q, calib_loader, forward=lambda model_, batch: model_(*suite.inputs(batch, args.device)[0]))
-            report_skips(data.calib, before, "Calibration")
-        say(f"=> calibrated on {len(calib_loader.sampler)} images ({len(calib_loader)} batches)")
+        calibrate_stage(suite, q, data, calib_loader, args, m)
+        if args.ptq_recon:
+            ptq_scores = S.ptq_stage(suite, q, calib_loader, val_loader, args, m)
+    elif args.ptq_recon:
+        say("=> --ptq-recon: not with --resume (the checkpoint is past calibration)")
+    if args.max_drop is not None and args.evaluate:
+        say("=> --max-drop: not with -e (evaluates what was given)")
+    float_model = model if control else None
     del model
 
     # ---- QAT training set-up: loader, optimizer, LR schedule; or the state of --resume
     train_sampler = EpochSubsetSampler(len(data.train), args.train_images, args.seed or 0, rank, world)
     train_loader = loader(data.train, per_rank_batch, args.workers, sampler=train_sampler, collate_fn=suite.collate)
     steps_per_epoch = len(train_loader)
-    optimizer = make_optimizer(q.parameters(), args.optim, args.lr, args.momentum, args.weight_decay)
-    scheduler = cosine_schedule(optimizer, steps_per_epoch * args.epochs)
+    optimizer, scheduler = make_training(q, steps_per_epoch, args)
     best, start_epoch = None, args.start_epoch
     if args.resume:
         ck = C.restore(q, optimizer, scheduler, args)
@@ -198,10 +209,6 @@ def run(suite: Suite, args) -> int:
             f"{suite.metric.format(best)})")
     if not args.resume and args.seed is not None:
         seed_everything(args.seed + 1 + rank)  # QAT's randomness does not depend on whether the float stage ran
-    qm = q
-    if args.distributed:
-        qm = nn.parallel.DistributedDataParallel(q, device_ids=[args.device.index] if args.device.type == "cuda"
-                                                 else None)
     scaler = torch.amp.GradScaler("cuda") if args.amp and args.device.type == "cuda" else None
 
     if args.evaluate:  # -e: evaluate, analyse and export what was given (--resume, or the calibrated model)
@@ -215,17 +222,97 @@ def run(suite: Suite, args) -> int:
         return finish(args, m, data)
 
     # ---- QAT epochs: train, evaluate (rank 0), checkpoint + export (rank 0)
-    value = None
     last_epoch = args.epochs
     if args.stop_after_epochs is not None:
         last_epoch = min(args.epochs, start_epoch + args.stop_after_epochs)
+    qat_setup = dict(teacher=teacher, train_loader=train_loader, train_sampler=train_sampler, scaler=scaler)
+    value, best = qat_epochs(suite, q, optimizer, scheduler, start_epoch, last_epoch, best, val_loader, args, m,
+                             paths, **qat_setup)
+    if value is None and not args.resume:  # --epochs 0: calibration (and --ptq-recon) only; saved like an epoch
+        say(f"=> no QAT (--epochs {args.epochs}): the {'reconstructed' if args.ptq_recon else 'calibrated'} model "
+            "is the result")
+        if D.is_main():
+            value = record_qat(suite, q, ptq_scores, val_loader, args, m)
+            C.save_all(suite, q, optimizer, scheduler, start_epoch, value, True, paths, args, m)
+        value = best = D.broadcast_float(value if value is not None else 0.0)
+    elif value is None:
+        say(f"=> nothing to train: start epoch {start_epoch} >= --epochs {args.epochs}")
+        if D.is_main():
+            value = S.evaluate_stage(suite, q, val_loader, args, m, "qat")
+            if not args.no_export:
+                with m.timed("export"):
+                    S.export_stage(suite, q, args, m)
+        value = D.broadcast_float(value if value is not None else 0.0)
+    if control and last_epoch < args.epochs:
+        say(f"=> --max-drop: after the last epoch (--stop-after-epochs stopped at {last_epoch} of {args.epochs})")
+    elif control:
+        q, value, best = accuracy_control(suite, q, value, best, float_model, sens, calib_loader, val_loader, data,
+                                          steps_per_epoch, args, m, paths, qat_setup)
+    if args.distributed:
+        m.run.update(D.replica_check(q))
+    analyse(suite, q, calib_loader, val_loader, args, m)
+    if D.is_main() and m.files.get("onnx"):
+        S.ort_stage(suite, val_loader, args, m)
+    m.run["best"] = best
+    return finish(args, m, data)
+
+
+def resumed_layers(args, m: RunMetrics) -> None:
+    """A --resume checkpoint that records per-layer quantization (mixed precision, accuracy control): the model is
+    prepared the same way (its backend and layer settings; the search is not run again)."""
+    ck = C.read_checkpoint(args.resume, "--resume")
+    rec = ck.get("layer_config") if isinstance(ck, dict) else None
+    if not rec:
+        return
+    args.layer_config, args.backend = rec["prepare"], rec["backend"]
+    m.data["backend"] = args.backend
+    m.extras["layer_config"] = {"backend": args.backend, **rec["prepare"], "from": args.resume}
+    say(f"=> --resume: the checkpoint's per-layer quantization ({len(rec['prepare'].get('module_qconfig') or {})} "
+        f"layer settings, backend {args.backend}){' instead of a new search' if args.mixed_precision else ''}")
+
+
+def calibrate_stage(suite: Suite, q, data, calib_loader, args, m: RunMetrics | None) -> None:
+    with (m.timed("calibration") if m is not None else contextlib.nullcontext()):
+        before = skipped_images(data.calib)
+        calibrate(q, calib_loader, forward=lambda model_, batch: model_(*suite.inputs(batch, args.device)[0]))
+        report_skips(data.calib, before, "Calibration")
+    say(f"=> calibrated on {len(calib_loader.sampler)} images ({len(calib_loader)} batches)")
+
+
+def make_training(q, steps_per_epoch: int, args):
+    optimizer = make_optimizer(q.parameters(), args.optim, args.lr, args.momentum, args.weight_decay)
+    return optimizer, cosine_schedule(optimizer, steps_per_epoch * args.epochs)
+
+
+def record_qat(suite: Suite, q, scores, val_loader, args, m: RunMetrics) -> float:
+    """The fake-quant model's metric as the run's "qat" (rank 0): ``scores`` already measured, else evaluated."""
+    if scores is None:
+        return S.evaluate_stage(suite, q, val_loader, args, m, "qat")
+    m.score("qat", scores)
+    say(f"=> {S.EVAL_LABEL['qat']} {suite.describe(scores)}")
+    return scores[suite.metric.name]
+
+
+def qat_epochs(suite: Suite, q, optimizer, scheduler, start_epoch: int, last_epoch: int, best, val_loader, args,
+               m: RunMetrics, paths: dict | None, teacher, train_loader, train_sampler, scaler):
+    """QAT epochs: train; with ``paths``, after each epoch evaluate (rank 0), checkpoint and export (rank 0).
+    Without ``paths`` (accuracy control's rebuilds) train only. Returns (the last epoch's metric or None, best)."""
+    world = D.world()
+    qm = q
+    if args.distributed:
+        qm = nn.parallel.DistributedDataParallel(q, device_ids=[args.device.index] if args.device.type == "cuda"
+                                                 else None)
+    steps_per_epoch = len(train_loader)
+    value = None
     for epoch in range(start_epoch, last_epoch):
         train_sampler.set_epoch(epoch)
         if args.freeze_bn_epoch is not None and epoch >= args.freeze_bn_epoch:
             freeze_bn_stats(q)
-        with m.timed("qat_train"):
+        with (m.timed("qat_train") if paths is not None else contextlib.nullcontext()):
             train_scores, train_loss = train_epoch(suite, train_loader, qm, optimizer, scheduler, epoch, args,
                                                    teacher=teacher, scaler=scaler)
+        if paths is None:
+            continue
         m.run.update(qat_train_loss=train_loss, qat_train_scores=train_scores,
                      qat_steps=steps_per_epoch * (epoch + 1), qat_images_per_epoch=len(train_sampler) * world)
         value = S.evaluate_stage(suite, q, val_loader, args, m, "qat") if D.is_main() else 0.0
@@ -235,20 +322,88 @@ def run(suite: Suite, args) -> int:
         if D.is_main():
             C.save_all(suite, q, optimizer, scheduler, epoch + 1, best, is_best, paths, args, m)
         D.barrier()
-    if value is None:
-        say(f"=> nothing to train: start epoch {start_epoch} >= --epochs {args.epochs}")
-        if D.is_main():
-            S.evaluate_stage(suite, q, val_loader, args, m, "qat")
-            if not args.no_export:
-                with m.timed("export"):
-                    S.export_stage(suite, q, args, m)
-    if args.distributed:
-        m.run.update(D.replica_check(q))
-    analyse(suite, q, calib_loader, val_loader, args, m)
-    if D.is_main() and m.files.get("onnx"):
-        S.ort_stage(suite, val_loader, args, m)
-    m.run["best"] = best
-    return finish(args, m, data)
+    return value, best
+
+
+def accuracy_control(suite: Suite, q, value: float, best, float_model, sens, calib_loader, val_loader, data,
+                     steps_per_epoch: int, args, m: RunMetrics, paths: dict, qat_setup: dict):
+    """--max-drop: when the run's model is more than --max-drop worse than float, mix_precision.accuracy_controlled
+    raises the most sensitive layers to 8 bits (or leaves them float), fewest first, each try redoing what the run did
+    (prepare, calibrate, --ptq-recon, the QAT epochs), until within --max-drop or --max-drop-layers. The best model is
+    saved and exported (the layers it changed are recorded in its checkpoint, so --resume prepares it the same way)
+    and recorded under the metrics' extras "accuracy_control". Returns (model, its metric, best)."""
+    import time
+
+    from ts_qat_pytorch.mix_precision import accuracy_controlled, with_layer_changes
+    t0 = time.time()
+    higher = suite.metric.direction == "higher"
+    float_value = D.broadcast_float(m["float"] if D.is_main() else 0.0)
+    drop = (float_value - value) if higher else (value - float_value)
+    rec = {"max_drop": args.max_drop, "float": float_value, "metric_before": value,
+           "drop_before": round(drop, suite.digits), "max_layers": args.max_drop_layers}
+    fmt = suite.metric.format
+    if drop <= args.max_drop:
+        say(f"=> accuracy control: {suite.metric.name} {fmt(value)} is {fmt(drop)} from float {fmt(float_value)}, "
+            f"within --max-drop {args.max_drop:g}: no layer changed")
+        m.extras["accuracy_control"] = {**rec, "metric": value, "drop": rec["drop_before"], "within_budget": True,
+                                        "changes": {}, "action": None, "tries": [], "seconds": 0.0}
+        return q, value, best
+    cfg = S.prepare_config(suite, float_model, args)
+    bits_now = S.layer_bits(q, cfg)
+    low = {n: b for n, b in bits_now.items() if min(b) < 8}
+    to_bits = None if (args.max_drop_float or not low) else 8
+    action = "float" if to_bits is None else "8-bit"
+    verb = "left float" if to_bits is None else "raised to 8 bits"
+    say(f"=> accuracy control: {suite.metric.name} {fmt(value)} is {fmt(drop)} from float {fmt(float_value)}, more "
+        f"than --max-drop {args.max_drop:g}: the most sensitive layers {verb}, up to {args.max_drop_layers}")
+    with m.timed("accuracy_control"):
+        ranking = S.layer_ranking(suite, float_model, low if to_bits else bits_now, calib_loader, args, sens)
+        say("=> accuracy control ranking (most sensitive first): "
+            + ", ".join(f"{n} {v:.3g}" for n, v in list(ranking.items())[:args.max_drop_layers]))
+        scores = {id(q): None}
+
+        def build(changes: dict):
+            if not changes:
+                return q
+            say(f"=> accuracy control: {len(changes)} layer(s) {verb}: {', '.join(changes)}")
+            q2 = S.prepare(suite, float_model, args, changes).to(args.device)
+            calibrate_stage(suite, q2, data, calib_loader, args, None)
+            if args.ptq_recon:
+                S.reconstruct(suite, q2, calib_loader, args)
+            if args.epochs > 0:
+                if args.seed is not None:
+                    seed_everything(args.seed + 1 + D.rank())
+                opt, sched = make_training(q2, steps_per_epoch, args)
+                qat_epochs(suite, q2, opt, sched, 0, args.epochs, None, val_loader, args, m, None, **qat_setup)
+            return q2
+
+        def evaluate(model) -> float:
+            if model is q:
+                return value
+            res = suite.evaluate(model, val_loader, args, "Accuracy control") if D.is_main() else None
+            scores[id(model)] = res
+            return D.broadcast_float(res[suite.metric.name] if res is not None else 0.0)
+
+        result = accuracy_controlled(build, evaluate, float_value, args.max_drop, ranking,
+                                     max_layers=args.max_drop_layers, higher_is_better=higher, bits=to_bits)
+    tries = [{"changes": list(ch), "metric": v} for ch, v in result.history]
+    rec.update(metric=result.metric, drop=round(result.drop, suite.digits), within_budget=result.within_budget,
+               changes=dict(result.changes), action=action, tries=tries, seconds=round(time.time() - t0, 2))
+    m.extras["accuracy_control"] = rec
+    verdict = "within" if result.within_budget else "still above"
+    if not result.changes:
+        say(f"=> accuracy control: no change did better; the run's model is kept ({verdict} --max-drop)")
+        return q, value, best
+    q = result.model
+    args.layer_config = with_layer_changes(getattr(args, "layer_config", None) or {}, result.changes)
+    if D.is_main():  # the checkpoint holds no optimizer: the epochs are done (a --resume has nothing to train)
+        record_qat(suite, q, scores.get(id(q)), val_loader, args, m)
+        C.save_all(suite, q, None, None, args.epochs, result.metric, True, paths, args, m)
+    say(f"=> accuracy control: {suite.metric.name} {fmt(result.metric)} (drop {fmt(result.drop)}, {verdict} "
+        f"--max-drop {args.max_drop:g}) with {len(result.changes)} layer(s) {verb}: {', '.join(result.changes)}; "
+        "saved and exported")
+    D.barrier()
+    return q, result.metric, result.metric if best is None or suite.metric.better(result.metric, best) else best
 
 
 def analyse(suite: Suite, q, calib_loader, val_loader, args, m: RunMetrics) -> None:

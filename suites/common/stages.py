@@ -1,5 +1,6 @@
 """The runner's stages (suites/common/runner.py calls them in order): the teacher, preparation, the embedded float
-fine-tune (cached), float training, evaluation in PyTorch and in onnxruntime, export, profile and sensitivity.
+fine-tune (cached), float training, evaluation in PyTorch and in onnxruntime, export, profile and sensitivity, and
+the accuracy flags' stages (mixed-precision search, PTQ reconstruction, accuracy control's layer ranking).
 Each stage records its result and wall time in the run's metrics (suites/common/metrics.py)."""
 from __future__ import annotations
 
@@ -68,11 +69,20 @@ def _on(x, device) -> tuple:
     return tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in x)
 
 
-def prepare(suite: Suite, model: nn.Module, args):
-    """prepare_by_platform with the backend and bit widths of the flags, laid over the suite's configuration. Below
-    8 bits the first and the last conv / linear layer keep --first-last-bit (8) bits, as in the low-bit QAT
-    literature: the image and the logits keep their precision."""
+def prepare(suite: Suite, model: nn.Module, args, changes: dict | None = None):
+    """prepare_by_platform with the backend and bit widths of the flags, laid over the suite's configuration (see
+    :func:`prepare_config`)."""
     from ts_qat_pytorch.prepare_by_platform import BackendType, prepare_by_platform
+    cfg = prepare_config(suite, model, args, changes)
+    return prepare_by_platform(model, BackendType(args.backend), cfg or None)
+
+
+def prepare_config(suite: Suite, model: nn.Module, args, changes: dict | None = None) -> dict:
+    """The suite's prepare_custom_config_dict, the flags' bit widths (below 8 bits the first and the last conv /
+    linear layer keep --first-last-bit (8) bits, as in the low-bit QAT literature: the image and the logits keep
+    their precision), then the per-layer settings of the run (``args.layer_config``: a mixed-precision allocation,
+    accuracy control's changes, or those a --resume checkpoint recorded; each layer's entry laid over), then
+    ``changes`` ({layer: bits, or None for float}: mix_precision.with_layer_changes)."""
     cfg = copy.deepcopy(suite.prepare_config(model, args) or {})
     if args.backend == "Experimental":
         w, a = args.w_bit or 8, args.a_bit or 8
@@ -82,7 +92,21 @@ def prepare(suite: Suite, model: nn.Module, args):
             ends = first_last_layers(model)
             cfg.setdefault("module_qconfig", {}).update(
                 {n: {"w_qscheme": {"bit": keep}, "a_qscheme": {"bit": keep}} for n in ends})
-    return prepare_by_platform(model, BackendType(args.backend), cfg or None)
+    layers = getattr(args, "layer_config", None) or {}
+    if layers.get("module_qconfig"):
+        mq = cfg.setdefault("module_qconfig", {})
+        for name, entry in layers["module_qconfig"].items():
+            mq[name] = {**mq.get(name, {}), **copy.deepcopy(entry)}
+    excluded = (layers.get("extra_quantizer_dict") or {}).get("exclude_module_name")
+    if excluded:
+        extra = cfg.setdefault("extra_quantizer_dict", {})
+        extra["exclude_module_name"] = list(dict.fromkeys([*extra.get("exclude_module_name", []), *excluded]))
+        for name in excluded:
+            cfg.get("module_qconfig", {}).pop(name, None)
+    if changes:
+        from ts_qat_pytorch.mix_precision import with_layer_changes
+        cfg = with_layer_changes(cfg, changes)
+    return cfg
 
 
 def first_last_layers(model: nn.Module) -> list[str]:
@@ -247,3 +271,202 @@ def sensitivity_stage(suite: Suite, q, val_loader, args, m, recover: float = 0.8
     m.run["sensitivity"] = {"exclude_module_name": excl["exclude_module_name"], "metric": sign * excl["metric"],
                             "recovered_fraction": excl["recovered_fraction"]}
 
+
+
+# ---- accuracy beyond plain QAT: mixed precision, PTQ reconstruction, the layer ranking of accuracy control
+def _as_batch(q, inputs: tuple):
+    """A suite's model inputs as a batch the core's reconstruction feeds: the tensor, or (several inputs) a dict of
+    the traced model's input names."""
+    if len(inputs) == 1:
+        return inputs[0]
+    names = [n.target for n in q.graph.nodes if n.op == "placeholder"]
+    return dict(zip(names, inputs))
+
+
+def _search_fns(suite: Suite, args):
+    """forward(model, batch) and loss_fn(output, batch, float output) of the core's sensitivity: the suite's inputs
+    and the suite's training loss."""
+    def forward(model, batch):
+        return model(*suite.inputs(batch, args.device)[0])
+
+    def loss_fn(output, batch, float_output):
+        return suite.loss(output, suite.inputs(batch, args.device)[1])
+    return forward, loss_fn
+
+
+def _first_batches(loader_, n: int) -> list:
+    out = []
+    for b in loader_:
+        out.append(b)
+        if len(out) >= n:
+            break
+    return out
+
+
+def mixed_precision_costs(suite: Suite, model: nn.Module, args) -> dict:
+    """Each quantized layer's weights and MACs per sample (one forward of the suite's dummy input), and the budget
+    checked against what --candidates can reach: an error before the float stage and the search."""
+    from ts_qat_pytorch.mix_precision import budget_range, layer_costs
+    q = prepare(suite, model, args)
+    costs = layer_costs(q, _on(suite.dummy_input(args), next(q.parameters()).device), forward=lambda mm, x: mm(*x))
+    if not costs:
+        raise SuiteError("--mixed-precision: the prepared model has no quantized layers")
+    acts = args.act_candidates or [args.a_bit or 8]
+    (key, value), = args.budget.items()
+    lo, hi = budget_range(costs, args.budget, args.candidates, acts)
+    flag, unit = {"avg_bits": ("--avg-bits", 1), "size_bits": ("--size-kib", 8192), "bops": ("--bops", 1)}[key]
+    if value < lo * (1 - 1e-9):
+        raise SuiteError(f"{flag} {value / unit:g} cannot be met: with --candidates "
+                         f"{' '.join(map(str, args.candidates))} the {len(costs)} quantized layers need at least "
+                         f"{lo / unit:g} (at most {hi / unit:g}); raise the budget or add a smaller candidate")
+    return costs
+
+
+def mixed_precision_stage(suite: Suite, model: nn.Module, calib_loader, costs: dict, args, m):
+    """The sensitivity search on the float model (--mp-batches calibration batches), the bit allocation under the
+    budget, its files (<arch>_mixed_precision/: mixed_precision.json, layers.csv, bits_vs_sensitivity.png, written by
+    tools/mixed_precision.py's writers) and records; sets ``args.layer_config`` (the allocation's module_qconfig) and
+    ``args.backend``. Returns the Sensitivity (accuracy control ranks layers with it). Rank 0 searches, the other
+    ranks receive the result."""
+    import time
+
+    from ts_qat_pytorch.mix_precision import allocate_bits, layer_sensitivity
+    result = None
+    if D.is_main():
+        with m.timed("mixed_precision"):
+            t0 = time.time()
+            q = prepare(suite, model, args)
+            forward, loss_fn = _search_fns(suite, args)
+            batches = _first_batches(calib_loader, args.mp_batches)
+            say(f"=> mixed precision: {args.sensitivity_method} sensitivity of {len(costs)} layers at bits "
+                f"{args.candidates}{f', activations at {args.act_candidates}' if args.act_candidates else ''} on "
+                f"{len(batches)} calibration batches, budget {args.budget}")
+            sens = layer_sensitivity(q, batches, args.candidates, args.sensitivity_method, loss_fn=loss_fn,
+                                     n_samples=args.mp_samples, blockwise=args.mp_blockwise,
+                                     act_candidates=args.act_candidates or (), forward=forward)
+            del q
+            try:
+                alloc = allocate_bits(sens, costs, args.budget, act_bits=args.a_bit or 8)
+            except ValueError as exc:
+                raise SuiteError(f"--mixed-precision: {exc}") from None
+            from ts_qat_pytorch.mix_precision import report
+            folder = os.path.join(args.out_dir, f"{args.arch}_mixed_precision")
+            report.write_outputs(folder, alloc, sens)
+            say("=> mixed precision allocation\n" + report.table(alloc))
+            result = (sens, alloc.module_qconfig, alloc.backend)
+            record = {"budget": alloc.budget, "achieved": alloc.achieved, "method": sens.method,
+                      "candidates": list(sens.candidates), "act_candidates": list(sens.act_candidates) or None,
+                      "a_bit": args.a_bit or 8, "backend": None, "w_bits": alloc.w_bits, "a_bits": alloc.a_bits,
+                      "objective": alloc.objective, "batches": len(batches), "samples": args.mp_samples,
+                      "blockwise": args.mp_blockwise, "seconds": round(time.time() - t0, 2)}
+            m.files.update(mixed_precision=os.path.join(folder, "mixed_precision.json"),
+                           mixed_precision_csv=os.path.join(folder, "layers.csv"),
+                           mixed_precision_png=os.path.join(folder, "bits_vs_sensitivity.png"))
+    result = broadcast_object(result)
+    sens, module_qconfig, backend = result
+    if backend == "TSQAT" and (args.a_bit or 8) < 8:
+        backend = "Experimental"
+    args.backend, args.layer_config = backend, {"module_qconfig": module_qconfig}
+    m.data["backend"] = backend
+    if D.is_main():
+        m.extras["mixed_precision"] = {**record, "backend": backend}
+        say(f"=> mixed precision: backend {backend}, config {m.files['mixed_precision']}")
+    return sens
+
+
+def broadcast_object(obj):
+    """Rank 0's object on every rank (pickled; None outside distributed runs: returned as is)."""
+    if not D.initialized():
+        return obj
+    box = [obj]
+    import torch.distributed as dist
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def reconstruct(suite: Suite, q, calib_loader, args):
+    """ts_qat_pytorch.advanced_ptq.ptq_reconstruction of the calibrated model (in place) on the first --ptq-images
+    calibration images, with ``args.ptq_config``; seeded, so every rank of a distributed run fits the same."""
+    from suites.common.training import seed_everything
+    from ts_qat_pytorch.advanced_ptq import ptq_reconstruction
+    batches, n = [], 0
+    for b in calib_loader:
+        inputs = suite.inputs(b, torch.device("cpu"))[0]
+        batches.append(_as_batch(q, inputs))
+        n += int(inputs[0].shape[0]) if isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else 1
+        if n >= args.ptq_images:
+            break
+    seed_everything((args.seed or 0) + 17)
+    say(f"=> PTQ reconstruction on {n} calibration images ({len(batches)} batches): {json.dumps(args.ptq_config)}")
+    return ptq_reconstruction(getattr(q, "module", q), batches, args.ptq_config)
+
+
+def ptq_stage(suite: Suite, q, calib_loader, val_loader, args, m) -> dict | None:
+    """--ptq-recon after calibration: the calibrated (min/max, round-to-nearest) model's metric, the reconstruction
+    (the core logs each block), the reconstructed model's metric; recorded under the metrics' extras "ptq". Returns
+    the reconstructed model's scores (rank 0; None elsewhere)."""
+    import time
+    rec, name = {"config": dict(args.ptq_config)}, suite.metric.name
+    if D.is_main():
+        with m.timed("ptq_eval"):
+            before = suite.evaluate(q, val_loader, args, "PTQ calibrated")
+        say(f"=> PTQ calibrated (min/max, round-to-nearest) {suite.describe(before)}")
+        rec.update(calibrated=before[name], calibrated_scores=before)
+    t0 = time.time()
+    with m.timed("ptq_recon"):
+        report = reconstruct(suite, q, calib_loader, args)
+    rec["seconds"] = round(time.time() - t0, 2)
+    units = report.units
+    say("=> PTQ reconstruction per unit (output MSE against float)\n" + report.table())
+    rec.update(units=len(units), images=args.ptq_images,
+               loss_before=sum(u.loss_before for u in units), loss_after=sum(u.loss_after for u in units),
+               reverted=[u.name for u in units if u.reverted],
+               per_unit=[{"name": u.name, "layers": len(u.layers), "loss_before": u.loss_before,
+                          "loss_after": u.loss_after, "seconds": round(u.seconds, 2)} for u in units])
+    after = None
+    if D.is_main():
+        with m.timed("ptq_eval"):
+            after = suite.evaluate(q, val_loader, args, "PTQ reconstructed")
+        d = suite.metric.format(after[name] - before[name])
+        say(f"=> PTQ reconstructed {suite.describe(after)} (calibrated {suite.metric.format(before[name])}, {d})")
+        rec.update(reconstructed=after[name], reconstructed_scores=after,
+                   reconstructed_minus_calibrated=round(after[name] - before[name], suite.digits))
+        m.extras["ptq"] = rec
+    return after
+
+
+def layer_bits(q, cfg: dict) -> dict[str, tuple[int, int]]:
+    """Each quantized layer's (weight bits, activation bits) in the prepared model ``q`` made from ``cfg`` (its
+    prepare_custom_config_dict)."""
+    from ts_qat_pytorch.mix_precision import quantized_layers
+    a_all = ((cfg.get("extra_qconfig_dict") or {}).get("a_qscheme") or {}).get("bit", 8)
+    mq = cfg.get("module_qconfig") or {}
+    q = getattr(q, "module", q)
+    return {n: (int(q.get_submodule(n).weight_fake_quant.scheme.bit),
+                int((mq.get(n, {}).get("a_qscheme") or {}).get("bit", a_all))) for n in quantized_layers(q)}
+
+
+def layer_ranking(suite: Suite, float_model: nn.Module, bits: dict, calib_loader, args, sens=None
+                  ) -> dict[str, float]:
+    """{layer: sensitivity at its bits} for accuracy control, most sensitive first: the mixed-precision search's
+    Sensitivity when there was one, else a search (--sensitivity-method, --mp-batches) at the bits each layer has
+    (weights, plus the measured loss increase of its input at its activation bits). Rank 0 ranks."""
+    from ts_qat_pytorch.mix_precision import layer_sensitivity
+    ranking = None
+    if D.is_main():
+        w_cands = sorted({w for w, _ in bits.values()})
+        a_cands = sorted({a for _, a in bits.values()})
+        have = sens is not None and all(w in sens.candidates for w, _ in bits.values())
+        if not have:
+            say(f"=> accuracy control: {args.sensitivity_method} sensitivity of {len(bits)} layers at their bits")
+            forward, loss_fn = _search_fns(suite, args)
+            sens = layer_sensitivity(prepare(suite, float_model, args), _first_batches(calib_loader, args.mp_batches),
+                                     w_cands, args.sensitivity_method, loss_fn=loss_fn, n_samples=args.mp_samples,
+                                     blockwise=args.mp_blockwise, act_candidates=a_cands, forward=forward)
+        scores = {}
+        for n, (w, a) in bits.items():
+            if n not in sens.weight:
+                continue
+            scores[n] = sens.weight[n][w] + (sens.activation.get(n, {}).get(a, 0.0) if sens.activation else 0.0)
+        ranking = dict(sorted(scores.items(), key=lambda kv: -kv[1]))
+    return broadcast_object(ranking)

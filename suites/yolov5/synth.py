@@ -1,8 +1,8 @@
 """The embedded default data set: SYNTHETIC scenes made of real Fashion-MNIST items.
 
-Each 128 x 128 scene is a smooth random background with noise, with 1-4 Fashion-MNIST items (from the real
-data set, fetched by suites.common.assets) pasted at random positions, scaled 1-3x (28-84 px) and tinted;
-items do not overlap, so every box is the exact tight box of the item's visible pixels. 10 classes. Written in
+Each 128 x 128 scene comes from the shared generator (suites/common/scenes.py: a smooth random background with
+noise, 1-4 real Fashion-MNIST items pasted at random positions, scaled 1-3x and tinted, never overlapping), so
+every box is the exact tight box of the item's visible pixels. 10 classes. Written in
 the COCO layout (images/<split>/*.png, annotations/instances_<split>.json) under the cache directory, keyed
 on the generation parameters; generated once, deterministically from the seed."""
 from __future__ import annotations
@@ -12,45 +12,11 @@ import json
 import os
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+from suites.common.scenes import FASHION_MNIST_CLASSES, compose_scene
 
 VERSION = 1
-CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
-
-
-def _scene(rng: np.random.Generator, items, labels, size: int, max_items: int):
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    c0, c1 = rng.uniform(0, 160, 3), rng.uniform(0, 160, 3)
-    ang = rng.uniform(0, 2 * np.pi)
-    t = (np.cos(ang) * xx + np.sin(ang) * yy + 1.5) / 3
-    img = c0[None, None] * (1 - t[..., None]) + c1[None, None] * t[..., None]
-    img += rng.normal(0, 8, img.shape)
-    boxes, cls = [], []
-    for _ in range(int(rng.integers(1, max_items + 1))):
-        k = int(rng.integers(len(items)))
-        s = int(round(28 * rng.uniform(1.0, 3.0)))
-        it = F.interpolate(torch.from_numpy(items[k]).float()[None, None], size=(s, s), mode="bilinear",
-                           align_corners=False)[0, 0].numpy()
-        alpha = np.clip(it / 255.0, 0, 1)
-        alpha[alpha < 0.04] = 0.0
-        ys, xs = np.nonzero(alpha)
-        if not len(ys):
-            continue
-        by0, by1, bx0, bx1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-        for _try in range(20):
-            ox, oy = int(rng.integers(0, size - s + 1)), int(rng.integers(0, size - s + 1))
-            b = (ox + bx0, oy + by0, ox + bx1, oy + by1)
-            if all(b[2] <= o[0] or o[2] <= b[0] or b[3] <= o[1] or o[3] <= b[1] for o in boxes):
-                break
-        else:
-            continue
-        color = rng.uniform(120, 255, 3)
-        region = img[oy:oy + s, ox:ox + s]
-        img[oy:oy + s, ox:ox + s] = region * (1 - alpha[..., None]) + color[None, None] * alpha[..., None]
-        boxes.append(b)
-        cls.append(int(labels[k]))
-    return np.clip(img, 0, 255).astype(np.uint8), boxes, cls
+CLASSES = FASHION_MNIST_CLASSES
 
 
 def _write_split(root, split, images, labels, n, size, max_items, seed):
@@ -60,7 +26,8 @@ def _write_split(root, split, images, labels, n, size, max_items, seed):
     os.makedirs(d, exist_ok=True)
     ims, anns = [], []
     for i in range(n):
-        img, boxes, cls = _scene(rng, images, labels, size, max_items)
+        sc = compose_scene(rng, images, labels, size, max_items)
+        img, boxes, cls = sc.image, sc.boxes, sc.classes
         name = f"{i:06d}.png"
         Image.fromarray(img).save(os.path.join(d, name))
         ims.append({"id": i + 1, "file_name": name, "width": size, "height": size})

@@ -1,0 +1,1 @@
+"""The ImageNet example suite (see README.md)."""

@@ -52,13 +52,16 @@ def build_teacher(suite: Suite, args, student_float: nn.Module) -> nn.Module | N
     with torch.no_grad():
         out, want = teacher(*x), student_float.eval()(*x)
     student_float.train(was_training)
-    if out.shape[1:] != want.shape[1:]:
+    shapes = [tuple(t.shape[1:]) for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    wanted = [tuple(t.shape[1:]) for t in torch.utils._pytree.tree_leaves(want) if isinstance(t, torch.Tensor)]
+    if shapes != wanted:  # outputs may be tensors, tuples or dicts (segmentation: {"out": ...})
+        out = next(t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
         nc = getattr(args, "num_classes", None)
         if nc:
             raise SuiteError(f"teacher {arch} predicts {out.shape[-1]} classes but -nc/--num-classes is {nc}; give "
                              f"--teacher-path with a {nc}-class teacher")
-        raise SuiteError(f"teacher {arch} outputs {tuple(out.shape[1:])} per example, the student "
-                         f"{tuple(want.shape[1:])}; give --teacher-path with a teacher of the student's outputs")
+        raise SuiteError(f"teacher {arch} outputs {shapes} per example, the student {wanted}; give --teacher-path "
+                         "with a teacher of the student's outputs")
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher

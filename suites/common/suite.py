@@ -165,6 +165,13 @@ class Suite:
     def loss(self, output, target) -> torch.Tensor:
         return F.cross_entropy(output.float(), target)
 
+    def distill_loss(self, output, teacher_output, target, args: argparse.Namespace) -> torch.Tensor:
+        """The ``--distill-method kd`` loss of one batch: the student's and the teacher's outputs (whatever
+        structure the model returns) and the target. Default: classifier logits, ``alpha * KL * T^2 + (1 - alpha) *
+        CE`` (suites/common/training.py ``kd_loss``)."""
+        from suites.common.training import kd_loss
+        return kd_loss(output.float(), teacher_output.float(), target, args.distill_alpha, args.temperature)
+
     def train_scores(self, output, target) -> tuple[float, ...]:
         """One value per :attr:`train_meters` entry for a training batch."""
         from suites.common.meters import accuracy

@@ -4,7 +4,7 @@ sampler, loaders, the kd loss, optimizer and LR schedule factories, and one trai
     train_epoch(suite, loader, model, optimizer, scheduler, epoch, args, teacher=None)  -> (scores, loss)
 
 A training batch goes through ``suite.inputs(batch, device)`` -> ``model(*inputs)``; the loss is
-``kd_loss`` against the teacher's output or ``suite.loss(output, target)``; the progress line shows Time, Data,
+``suite.distill_loss`` against the teacher's output (default ``kd_loss``) or ``suite.loss(output, target)``; the progress line shows Time, Data,
 Loss and the suite's ``train_meters``.
 """
 from __future__ import annotations
@@ -177,7 +177,7 @@ def train_epoch(suite, loader, model, optimizer, scheduler, epoch: int, args, te
                 if teacher is not None:
                     with torch.no_grad():
                         t_out = teacher(*inputs)
-                    loss = kd_loss(output.float(), t_out.float(), target, args.distill_alpha, args.temperature)
+                    loss = suite.distill_loss(output, t_out, target, args)
                 else:
                     loss = loss_fn(output, target)
             if not torch.isfinite(loss):

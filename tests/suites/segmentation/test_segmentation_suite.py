@@ -119,11 +119,30 @@ def test_user_data_through_main(tmp_path, capsys):
     assert "error: mask '" in e and "has class indices [2] but -nc/--num-classes is 2" in e and "Traceback" not in e
 
 
+def test_per_pixel_distillation_loss():
+    """kd from the float model (the embedded default): zero KL when student and teacher agree, ignored pixels left
+    out, and the loss is the cross entropy's share when alpha is 0."""
+    from suites.common.cli import build_parser, resolve
+    args = resolve(SUITE, build_parser(SUITE).parse_args([]))
+    assert args.distill_method == "kd"
+    torch.manual_seed(0)
+    logits = torch.randn(2, 11, 4, 4)
+    target = torch.randint(0, 11, (2, 16, 16))
+    ce = SUITE.loss({"out": logits}, target)
+    args.distill_alpha = 1.0
+    assert float(SUITE.distill_loss({"out": logits}, {"out": logits.clone()}, target, args)) == pytest.approx(0, abs=1e-6)
+    other = {"out": torch.randn(2, 11, 4, 4)}
+    ignored = torch.full_like(target, 255)
+    assert float(SUITE.distill_loss({"out": logits}, other, ignored, args)) == 0.0  # no labelled pixel
+    assert float(SUITE.distill_loss({"out": logits}, other, target, args)) > 0
+    args.distill_alpha = 0.0
+    assert float(SUITE.distill_loss({"out": logits}, other, target, args)) == pytest.approx(float(ce))
+
+
 def test_flags_are_checked_before_any_work():
     from suites.common.cli import build_parser, resolve
     for argv, msg in ((["-nc", "5"], "the embedded scenes have 11 classes"),
                       (["--image-size", "72"], "--image-size 72 must be a multiple of 16"),
-                      (["--distill-method", "kd"], "the runner's kd loss compares classifier logits"),
                       (["--scenes", "0", "10"], "--scenes 0 10 must both be >= 1")):
         with pytest.raises(SuiteError, match=re.escape(msg)):
             resolve(SUITE, build_parser(SUITE).parse_args(argv))

@@ -42,17 +42,10 @@ class AdaRoundFakeQuantize(QuantizeBase):
         self.register_buffer("scale", scale.detach().clone().float())
         self.register_buffer("zero_point", zero_point.detach().clone().float())
         self.hard = False
-        w = weight.detach().float() / self._view(self.scale, weight)
+        w = weight.detach().float() / self.broadcast(self.scale, weight)
         rest = (w - torch.floor(w)).clamp(1e-4, 1 - 1e-4)
         # V such that h(V) equals the fractional part: the soft rounding starts at the float weight
         self.alpha = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
-
-    def _view(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if self.ch_axis < 0:
-            return t.reshape(())
-        shape = [1] * x.dim()
-        shape[self.ch_axis] = -1
-        return t.reshape(shape)
 
     def h(self) -> torch.Tensor:
         """The rounding offsets in [0, 1]; exactly 0 or 1 once hardened."""
@@ -67,11 +60,11 @@ class AdaRoundFakeQuantize(QuantizeBase):
         self.hard = True
 
     def integers(self, x: torch.Tensor) -> torch.Tensor:
-        scale, zp = self._view(self.scale, x), self._view(self.zero_point, x)
+        scale, zp = self.broadcast(self.scale, x), self.broadcast(self.zero_point, x)
         return torch.clamp(torch.floor(x.detach() / scale) + self.h() + zp, self.quant_min, self.quant_max)
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
-        scale, zp = self._view(self.scale, x), self._view(self.zero_point, x)
+        scale, zp = self.broadcast(self.scale, x), self.broadcast(self.zero_point, x)
         return (self.integers(x) - zp) * scale
 
     def qparams(self):
@@ -110,7 +103,7 @@ def write_back(layer: nn.Module, ada: AdaRoundFakeQuantize, base: QuantizeBase) 
     ada.harden()
     w = layer.quantized_weight_source()[0].detach()
     q = ada.integers(w)
-    scale, zp = ada._view(ada.scale, w), ada._view(ada.zero_point, w)
+    scale, zp = ada.broadcast(ada.scale, w), ada.broadcast(ada.zero_point, w)
     nearest = torch.clamp(torch.round(w / scale) + zp, ada.quant_min, ada.quant_max)
     factor = weight_fold_factor(layer)
     q = torch.where(factor == 0, nearest, q)  # a weight a zero BN gamma multiplies away: nothing to learn

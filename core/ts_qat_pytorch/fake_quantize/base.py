@@ -97,6 +97,14 @@ class QuantizeBase(nn.Module):
         """Set qparams from a weight tensor directly (weights need no calibration data)."""
         self.observe(self.export_transform(w.detach()))
 
+    def broadcast(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """A per-tensor or per-channel parameter (scale, zero point) shaped to broadcast against ``x``."""
+        if self.ch_axis < 0:
+            return t.reshape(())
+        shape = [1] * x.dim()
+        shape[self.ch_axis] = -1
+        return t.reshape(shape)
+
     def export_transform(self, x: torch.Tensor) -> torch.Tensor:
         """Deterministic transform applied before quantization (identity except for DoReFa)."""
         return x

@@ -53,13 +53,6 @@ class DSQFakeQuantize(QuantizeBase):
             self.scale.data.copy_(scale)
             self.zero_point.copy_(zero_point)
 
-    def _view(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if self.ch_axis < 0:
-            return t.reshape(())
-        shape = [1] * x.dim()
-        shape[self.ch_axis] = -1
-        return t.reshape(shape)
-
     def fake_quant(self, x):
         if not self.training:  # hard quantization, exactly what the export writes
             scale, zp = self.qparams()
@@ -68,7 +61,7 @@ class DSQFakeQuantize(QuantizeBase):
                                                               self.quant_max)
             return torch.fake_quantize_per_tensor_affine(x, float(scale), int(zp), self.quant_min, self.quant_max)
         self.scale.data.clamp_(min=EPS, max=self.max_scale)
-        scale, zp = self._view(self.scale, x), self._view(self.zero_point, x)
+        scale, zp = self.broadcast(self.scale, x), self.broadcast(self.zero_point, x)
         u = torch.clamp(x / scale + zp, self.quant_min, self.quant_max)
         return (soft_round(u, self.alpha) - zp) * scale
 

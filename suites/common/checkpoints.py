@@ -44,6 +44,21 @@ def read_checkpoint(path: str, what: str):
         raise SuiteError(f"{what}: {exc}") from exc
 
 
+def read_qat_checkpoint(path: str, what: str, error: type[Exception] = SuiteError, hint: str = "") -> dict:
+    """A QAT checkpoint (a dict whose 'state_dict' holds fake-quant state), read safely, or ``error`` naming the flag,
+    the file and what is wrong; ``hint`` says where the right file comes from."""
+    from ts_qat_pytorch.utils.utils import load_checkpoint
+    try:
+        ck = load_checkpoint(path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise error(f"{what}: {exc}") from exc
+    sd = ck.get("state_dict") if isinstance(ck, dict) else None
+    if not isinstance(sd, dict) or not any("fake_quant" in k for k in sd):
+        raise error(f"{what} '{path}' is not a QAT checkpoint (no 'state_dict' with fake-quant state)"
+                    + (f"; {hint}" if hint else ""))
+    return ck
+
+
 def read_state_dict(path: str, what: str, ckpt=None) -> dict:
     from ts_qat_pytorch.utils.utils import strip_module_prefix
     if ckpt is None:

@@ -117,17 +117,12 @@ def check_resume(args) -> dict:
     with torch.load(weights_only=True) (the core's load_checkpoint) and is a QAT checkpoint of this suite's
     encoder split with the same backend. A --lr other than the one its optimizer and LR schedule restore is
     reported (the checkpoint's is used)."""
-    from ts_qat_pytorch.utils.utils import load_checkpoint
+    from suites.common.checkpoints import read_qat_checkpoint
     from suites.common.resume import lr_change_message
     path = args.resume
-    try:
-        ck = load_checkpoint(path)
-    except (FileNotFoundError, ValueError) as e:
-        raise ModelError(f"--resume: {e}") from e
-    sd = ck.get("state_dict") if isinstance(ck, dict) else None
-    if not isinstance(sd, dict) or not any("fake_quant" in k for k in sd):
-        raise ModelError(f"--resume '{path}' is not a QAT checkpoint (no 'state_dict' with fake-quant state); it is "
-                         "written by this script as <output-dir>/*_qat_checkpoint.pth")
+    ck = read_qat_checkpoint(path, "--resume", ModelError,
+                             "it is written by this script as <output-dir>/*_qat_checkpoint.pth")
+    sd = ck["state_dict"]
     if "word.weight" not in sd or not any(k.startswith("blocks.") for k in sd):
         raise ModelError(f"--resume '{path}' is not a checkpoint of this suite's encoder split (no 'word.weight' / "
                          f"'blocks.N...' tensors; it has e.g. {list(sd)[:3]}): another model's checkpoint")

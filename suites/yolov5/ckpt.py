@@ -163,17 +163,9 @@ def load_weights(path: str, flag: str = "--weights") -> tuple[dict, dict]:
 def check_resume(path: str, flag: str = "--resume") -> dict:
     """The QAT checkpoint of ``--resume`` (this script's ``<name>_qat_checkpoint.pth``), read safely, or a
     CheckpointError naming the flag, the file and what is wrong."""
-    from ts_qat_pytorch.utils.utils import load_checkpoint
+    from suites.common.checkpoints import read_qat_checkpoint
     check_file(path, flag)
-    try:
-        ck = load_checkpoint(path)
-    except (ValueError, FileNotFoundError) as exc:
-        raise CheckpointError(f"{flag}: {exc}") from exc
-    sd = ck.get("state_dict") if isinstance(ck, dict) else None
-    if not isinstance(sd, dict) or not any("fake_quant" in k for k in sd):
-        raise CheckpointError(f"{flag} '{path}' is not a QAT checkpoint of train_qat.py (no 'state_dict' with "
-                              "fake-quant state); float weights go to --weights")
-    return ck
+    return read_qat_checkpoint(path, flag, CheckpointError, "train_qat.py writes those; float weights go to --weights")
 
 
 def build_from_weights(path: str, nc: int | None = None, flag: str = "--weights") -> yolo.Model:

@@ -31,7 +31,7 @@ RUNNER_DEFAULTS = dict(
     epochs=1, batch_size=32, lr=1e-4, optim="adam", weight_decay=0.0, workers=0, print_freq=100, calib_batches=32,
     train_images=None, val_images=None, val_batch_size=None, float_epochs=0, float_images=None, float_lr=1e-3,
     backend="TSQAT", distill_method=None, distill_alpha=0.95, temperature=6.0, freeze_bn_epoch=None,
-    clip_grad_norm=None,
+    clip_grad_norm=None, onnx_batch=1,
 )
 
 
@@ -153,7 +153,8 @@ def build_parser(suite: Suite) -> argparse.ArgumentParser:
     g.add_argument("--baselines", default=None,
                    help="compare the metrics with this baselines.json at the end; exit 1 on failure")
     g.add_argument("--cache-dir", default=None, help=f"float fine-tune cache (default $TS_QAT_CACHE/{suite.name})")
-    g.add_argument("--onnx-batch", type=int, default=1, help="batch size baked into the exported ONNX")
+    g.add_argument("--onnx-batch", type=int, default=None,
+                   help="batch size baked into the exported ONNX" + (d("onnx_batch") or " (1)"))
     g.add_argument("--opset-version", type=int, default=18, help="ONNX opset of the export (13..21)")
     g.add_argument("--no-export", action="store_true", help="no ONNX export (checkpoints only)")
     g.add_argument("--no-ort-eval", action="store_true", help="skip the onnxruntime evaluation")
@@ -207,7 +208,7 @@ def resolve(suite: Suite, args: argparse.Namespace) -> argparse.Namespace:
     if args.seed is None and args.embedded:
         args.seed = 0
     args.arch = suite.arch(args)
-    args.out_dir = os.path.join(args.output_dir, suite.name)
+    args.out_dir = suite.output_dir(args)
     if args.metrics is None:
         args.metrics = os.path.join(args.out_dir, f"{args.arch}_metrics.json")
     if args.mixed_precision:  # per-layer bits: the Experimental backend (TSQAT if the search gives 8 bits everywhere)

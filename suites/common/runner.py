@@ -125,7 +125,7 @@ def error_message(exc: BaseException) -> str:
 def run(suite: Suite, args) -> int:
     qat = not args.not_qat
     m = RunMetrics(args.metrics, suite.name, args.arch, args.backend if qat else None, suite.metric,
-                   digits=suite.digits, argv=args.argv)
+                   digits=suite.digits, entry=f"suites/{suite.name}/{suite.script}", argv=args.argv)
     if args.seed is not None:
         seed_everything(args.seed)
         torch.backends.cudnn.deterministic = True
@@ -163,15 +163,16 @@ def run(suite: Suite, args) -> int:
     per_rank_batch = max(1, args.batch_size // world)
     val_loader = loader(data.val, max(per_rank_batch, args.val_batch_size or per_rank_batch), args.workers,
                         collate_fn=suite.collate)
-    if args.embedded and not args.model_path and args.float_epochs > 0:
+    finetuned = suite.finetunes_float(args)
+    if finetuned:
         S.float_finetune(suite, model, data.train, args, m)
     model.to(args.device, memory_format=torch.channels_last if suite.channels_last else torch.contiguous_format)
     control = qat and args.max_drop is not None and not args.evaluate
-    if args.embedded or (args.evaluate and not qat) or control:
+    if args.embedded or finetuned or (args.evaluate and not qat) or control:
         if D.is_main():
             S.evaluate_stage(suite, model, val_loader, args, m, "float")
     if not qat:
-        if not args.embedded and not args.evaluate:
+        if not args.embedded and not args.evaluate and not finetuned:
             S.train_float(suite, model, data.train, val_loader, args, m, paths)
         return finish(args, m, data)
 
@@ -199,7 +200,7 @@ def run(suite: Suite, args) -> int:
     train_sampler = EpochSubsetSampler(len(data.train), args.train_images, args.seed or 0, rank, world)
     train_loader = loader(data.train, per_rank_batch, args.workers, sampler=train_sampler, collate_fn=suite.collate)
     steps_per_epoch = len(train_loader)
-    optimizer, scheduler = make_training(q, steps_per_epoch, args)
+    optimizer, scheduler = make_training(suite, q, steps_per_epoch, args)
     best, start_epoch = None, args.start_epoch
     if args.resume:
         ck = C.restore(q, optimizer, scheduler, args)
@@ -276,10 +277,16 @@ def calibrate_stage(suite: Suite, q, data, calib_loader, args, m: RunMetrics | N
         before = skipped_images(data.calib)
         calibrate(q, calib_loader, forward=lambda model_, batch: model_(*suite.inputs(batch, args.device)[0]))
         report_skips(data.calib, before, "Calibration")
+        suite.after_calibration(q, args, m)
     say(f"=> calibrated on {len(calib_loader.sampler)} images ({len(calib_loader)} batches)")
 
 
-def make_training(q, steps_per_epoch: int, args):
+def make_training(suite: Suite, q, steps_per_epoch: int, args):
+    """The QAT (optimizer, LR scheduler): the suite's (Suite.make_training), else --optim / --lr / --wd with a
+    per-step cosine to 0."""
+    made = suite.make_training(q, steps_per_epoch, args)
+    if made is not None:
+        return made
     optimizer = make_optimizer(q.parameters(), args.optim, args.lr, args.momentum, args.weight_decay)
     return optimizer, cosine_schedule(optimizer, steps_per_epoch * args.epochs)
 
@@ -373,7 +380,7 @@ def accuracy_control(suite: Suite, q, value: float, best, float_model, sens, cal
             if args.epochs > 0:
                 if args.seed is not None:
                     seed_everything(args.seed + 1 + D.rank())
-                opt, sched = make_training(q2, steps_per_epoch, args)
+                opt, sched = make_training(suite, q2, steps_per_epoch, args)
                 qat_epochs(suite, q2, opt, sched, 0, args.epochs, None, val_loader, args, m, None, **qat_setup)
             return q2
 

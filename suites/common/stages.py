@@ -129,8 +129,8 @@ def float_cache_path(suite: Suite, args) -> tuple[str, dict]:
 
 
 def float_finetune(suite: Suite, model: nn.Module, train_ds, args, m) -> None:
-    """Fine-tune the float model on the embedded data (AdamW one-cycle over --float-epochs x --float-images, rank
-    0), or reuse the cached result: the cache is keyed by the recipe."""
+    """Fine-tune the float model (``suite.float_finetune``, default :func:`finetune`, rank 0), or reuse the cached
+    result: the cache is keyed by the recipe."""
     from ts_qat_pytorch.utils.utils import atomic_torch_save, load_checkpoint
     path, key = float_cache_path(suite, args)
     if os.path.exists(path):
@@ -148,17 +148,9 @@ def float_finetune(suite: Suite, model: nn.Module, train_ds, args, m) -> None:
     m.run["float_cached"] = False
     with m.timed("float_train"):
         if D.is_main():
-            sampler = EpochSubsetSampler(len(train_ds), args.float_images, args.seed + 7)
-            dl = loader(train_ds, args.batch_size, args.workers, sampler=sampler, collate_fn=suite.collate)
-            steps = len(dl) * args.float_epochs
-            opt = torch.optim.AdamW(model.parameters(), lr=args.float_lr, weight_decay=1e-4)
-            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.float_lr, total_steps=max(2, steps),
-                                                        pct_start=0.15)
             model.to(args.device, memory_format=torch.channels_last if suite.channels_last else
                      torch.contiguous_format)
-            for ep in range(args.float_epochs):
-                sampler.set_epoch(ep)
-                train_epoch(suite, dl, model, opt, sched, ep, args, prefix="Float")
+            suite.float_finetune(model, train_ds, args)
             model.to("cpu", memory_format=torch.contiguous_format)
             atomic_torch_save({"state_dict": model.state_dict(), "key": key}, path)
             say(f"=> fine-tuned float model cached at {path}")
@@ -166,6 +158,19 @@ def float_finetune(suite: Suite, model: nn.Module, train_ds, args, m) -> None:
             D.barrier()
             if not D.is_main():
                 model.load_state_dict(load_checkpoint(path)["state_dict"])
+
+
+def finetune(suite: Suite, model: nn.Module, train_ds, args) -> None:
+    """The default float fine-tune (Suite.float_finetune): AdamW one-cycle over --float-epochs x --float-images."""
+    sampler = EpochSubsetSampler(len(train_ds), args.float_images, args.seed + 7)
+    dl = loader(train_ds, args.batch_size, args.workers, sampler=sampler, collate_fn=suite.collate)
+    steps = len(dl) * args.float_epochs
+    opt = torch.optim.AdamW(model.parameters(), lr=args.float_lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.float_lr, total_steps=max(2, steps),
+                                                pct_start=0.15)
+    for ep in range(args.float_epochs):
+        sampler.set_epoch(ep)
+        train_epoch(suite, dl, model, opt, sched, ep, args, prefix="Float")
 
 
 def train_float(suite: Suite, model: nn.Module, train_ds, val_loader, args, m, paths) -> None:
@@ -179,8 +184,10 @@ def train_float(suite: Suite, model: nn.Module, train_ds, val_loader, args, m, p
     if args.distributed:
         mm = nn.parallel.DistributedDataParallel(model, device_ids=[args.device.index]
                                                  if args.device.type == "cuda" else None)
-    opt = make_optimizer(model.parameters(), args.optim, args.lr, args.momentum, args.weight_decay)
-    sched = cosine_schedule(opt, len(dl) * args.epochs)
+    opt, sched = suite.make_training(model, len(dl), args) or (None, None)
+    if opt is None:
+        opt = make_optimizer(model.parameters(), args.optim, args.lr, args.momentum, args.weight_decay)
+        sched = cosine_schedule(opt, len(dl) * args.epochs)
     best = None
     for epoch in range(args.start_epoch, args.epochs):
         sampler.set_epoch(epoch)
@@ -218,6 +225,7 @@ def export_stage(suite: Suite, q, args, m):
     say(f"=> exported {r.onnx_path} ({r.exporter}, opset {r.opset_version}): "
         f"{r.quantized_layers} quantized layers, integer kernels {r.integer_kernels}, "
         f"max |ORT - PyTorch| {r.max_abs_diff}")
+    suite.after_export(r, args, m)
     return r
 
 

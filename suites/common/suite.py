@@ -18,6 +18,11 @@ own and hands an instance to the runner:
         sys.exit(runner.main(MySuite()))
 
 Every method below has a default that fits an image classifier whose batches are ``(images, target)``.
+Hooks whose default is the runner's own behaviour: ``finetunes_float(args)`` (whether the float model is fine-tuned
+before QAT: the embedded default), ``float_finetune(model, train_ds, args)`` (the fine-tune itself: AdamW one-cycle)
+and ``after_export(result, args, m)`` (extra files and measurements after each export: none);
+``output_dir(args)`` (``<output-dir>/<name>/``), ``make_training(model, steps_per_epoch, args)`` (the QAT / float
+training optimizer and schedule: None, the runner's) and ``after_calibration(q, args, m)`` (nothing).
 Bad inputs are reported by raising :class:`SuiteError` with a message that names the problem and the fix; the
 runner prints ``error: <message>`` and exits with 2, before long work where the suite checks early
 (:meth:`Suite.check`).
@@ -25,6 +30,7 @@ runner prints ``error: <message>`` and exits with 2, before long work where the 
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,6 +93,8 @@ class Suite:
     collate = None
     #: the float fine-tune's cache file is <cache-dir>/<arch>_<cache_tag>_float_<hash>.pth
     cache_tag: str = "embedded"
+    #: the suite's script, relative to suites/<name>/ (the metrics' run.entry: tools rerun it)
+    script: str = "main.py"
 
     # ---- command line and recipe
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
@@ -186,9 +194,41 @@ class Suite:
         """One log line's worth of an evaluation result (``top-1 92.570 top-5 99.910``)."""
         return f"{self.metric.name} {self.metric.format(scores[self.metric.name])}"
 
+    # ---- float fine-tune, after each export (defaults: the runner's own behaviour)
+    def finetunes_float(self, args: argparse.Namespace) -> bool:
+        """Whether the runner fine-tunes the float model (cached, :meth:`float_finetune`) before float eval and QAT.
+        Default: the embedded default without ``--model-path``, with ``--float-epochs`` > 0. A suite whose user
+        models need it too says so (transformers: a hub model with a new head); with ``--not-qat`` the fine-tune is
+        then the float training."""
+        return args.embedded and not args.model_path and args.float_epochs > 0
+
+    def float_finetune(self, model: nn.Module, train_ds, args: argparse.Namespace) -> None:
+        """Train the float ``model`` (on ``args.device``) on ``train_ds``, rank 0; the runner caches the result
+        (keyed by the recipe and :meth:`cache_key`). Default: AdamW one-cycle over --float-epochs x --float-images
+        (suites/common/stages.py ``finetune``)."""
+        from suites.common.stages import finetune
+        finetune(self, model, train_ds, args)
+
+    def after_export(self, result, args: argparse.Namespace, m) -> None:
+        """After each export (rank 0), with the core's ExportResult and the run's metrics: a suite's extra files
+        and measurements (a float twin, latency, its own model format)."""
+
     def export_options(self, args: argparse.Namespace) -> dict:
         """Extra keyword arguments of ``convert_export`` (input_names, output_names ...)."""
         return {}
+
+    def output_dir(self, args: argparse.Namespace) -> str:
+        """Where the run's outputs go (``args.out_dir``): ``<output-dir>/<name>/``."""
+        return os.path.join(args.output_dir, self.name)
+
+    def make_training(self, model: nn.Module, steps_per_epoch: int, args: argparse.Namespace):
+        """(optimizer, per-step LR scheduler) of QAT and of float training with --data, or None (default) for the
+        runner's (``--optim``, ``--lr``, ``--wd``, cosine to 0 over ``steps_per_epoch x --epochs``)."""
+        return None
+
+    def after_calibration(self, q: nn.Module, args: argparse.Namespace, m) -> None:
+        """Adjust the calibrated model ``q`` before QAT (e.g. narrow a quantizer's range); ``m`` (the run's
+        RunMetrics, None in accuracy control's rebuilds) records what was done. Default: nothing."""
 
     def evaluate(self, model: nn.Module, loader, args: argparse.Namespace, prefix: str) -> dict:
         """The metric of the PyTorch model over ``loader``: a dict holding at least ``self.metric.name``."""

@@ -138,12 +138,33 @@ def load_user_data(folder: str):
     return to(splits["train"]), to(splits["test"]), names
 
 
+def load_examples(args):
+    """(train, test, label names) of the embedded default (``args.embedded``: the Austen chapters,
+    ``--passage-lines``) or of ``--data``, sub-sampled to ``--train-per-class`` / ``--test-per-class``; DataError
+    before any model work."""
+    if args.embedded:
+        from suites.common.assets import _JANE, JANEAUSTENR
+        files = JANEAUSTENR.fetch()
+        novels = load_novels(files[_JANE + "Rdata.rdb"], files[_JANE + "Rdata.rdx"])
+        train, test = austen_split(novels, args.passage_lines, seed=0)
+        names = list(NOVELS.values())
+    else:
+        train, test, names = load_user_data(args.data)
+    train = balanced_subset(train, args.train_per_class, len(names), args.seed)
+    test = balanced_subset(test, args.test_per_class, len(names), 0)
+    if not train or not test:
+        raise DataError("no training or test examples left after sub-sampling")
+    return train, test, names
+
+
 class Encoded(torch.utils.data.Dataset):
-    """Tokenized examples (ids and 0/1 attention mask, padded to ``max_length``) with their labels."""
+    """Tokenized examples (ids and 0/1 attention mask, padded to ``max_length``) with their labels; ``examples``
+    keeps the texts (the ONNX evaluation tokenizes them again, as a deployment would)."""
 
     def __init__(self, examples: list, tokenizer, max_length: int):
         if not examples:
             raise DataError("no examples to tokenize")
+        self.examples = examples
         enc = tokenizer([e[0] for e in examples], padding="max_length", truncation=True, max_length=max_length,
                         return_tensors="pt", return_token_type_ids=False)
         self.ids, self.mask = enc["input_ids"], enc["attention_mask"]

@@ -38,7 +38,14 @@ class ModelError(ValueError):
 def check_and_load(model_path: str, num_labels: int, max_length: int, tokenizer_path: str | None = None,
                    weights: bool = True):
     """(tokenizer, HF model for sequence classification with eager attention), or ModelError."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    tok, config = load_tokenizer(model_path, max_length, tokenizer_path)
+    return tok, load_model(model_path, config, num_labels, weights)
+
+
+def load_tokenizer(model_path: str, max_length: int, tokenizer_path: str | None = None):
+    """(tokenizer, config) of a supported model, checked against each other and --max-length (cheap: no weights
+    are read), or ModelError."""
+    from transformers import AutoConfig, AutoTokenizer
     if os.path.isdir(model_path) and not os.path.exists(os.path.join(model_path, "config.json")):
         raise ModelError(f"--model {model_path}: the folder has no config.json (a Hugging Face model folder "
                          f"holds config.json, the weights and the tokenizer files)")
@@ -51,7 +58,7 @@ def check_and_load(model_path: str, num_labels: int, max_length: int, tokenizer_
     if mt not in SUPPORTED:
         raise ModelError(f"--model {model_path}: architecture '{mt}' is not supported; supported families: "
                          + ", ".join(f"{v} (model_type '{k}')" for k, v in SUPPORTED.items()))
-    limit = config.max_position_embeddings - (config.pad_token_id + 1 if mt == "roberta" else 0)
+    limit = positions(config)
     if max_length > limit:
         raise ModelError(f"--max-length {max_length} is beyond the model's position embeddings "
                          f"({limit} positions); use --max-length <= {limit}")
@@ -61,22 +68,34 @@ def check_and_load(model_path: str, num_labels: int, max_length: int, tokenizer_
     try:
         tok = AutoTokenizer.from_pretrained(tok_path)
     except Exception as e:  # noqa: BLE001
-        raise ModelError(f"cannot load a tokenizer from {tok_path} ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+        raise ModelError(f"cannot load a tokenizer from {tok_path} ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0]})") from e
     check_tokenizer(tok, config, tok_path)
+    return tok, config
+
+
+def positions(config) -> int:
+    """The longest input the model's position embeddings cover (RoBERTa's start after the padding id)."""
+    return config.max_position_embeddings - (config.pad_token_id + 1 if config.model_type == "roberta" else 0)
+
+
+def load_model(model_path: str, config, num_labels: int, weights: bool = True):
+    """The HF classifier (eager attention, eval mode) with ``num_labels`` outputs: the folder's / hub's weights
+    (checked first: present and whole), or a random initialisation from ``config`` (``weights=False``)."""
+    from transformers import AutoModelForSequenceClassification
     config.num_labels = num_labels
-    if weights:
-        if os.path.isdir(model_path):
-            check_weight_files(model_path)
-        try:
-            model = AutoModelForSequenceClassification.from_pretrained(model_path, config=config,
-                                                                       attn_implementation="eager")
-        except Exception as e:  # noqa: BLE001 - OSError, safetensors / zip errors, shape mismatches, ...
-            raise ModelError(f"--model {model_path}: cannot load the weights ({type(e).__name__}: "
-                             f"{(str(e).splitlines() or [''])[0][:300]}); the weights must be complete and belong to "
-                             "the model config.json describes") from e
-    else:
-        model = AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
-    return tok, model.eval()
+    if not weights:
+        return AutoModelForSequenceClassification.from_config(config, attn_implementation="eager").eval()
+    if os.path.isdir(model_path):
+        check_weight_files(model_path)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(model_path, config=config,
+                                                                   attn_implementation="eager")
+    except Exception as e:  # noqa: BLE001 - OSError, safetensors / zip errors, shape mismatches, ...
+        raise ModelError(f"--model {model_path}: cannot load the weights ({type(e).__name__}: "
+                         f"{(str(e).splitlines() or [''])[0][:300]}); the weights must be complete and belong to "
+                         "the model config.json describes") from e
+    return model.eval()
 
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -243,6 +262,19 @@ class EncoderClassifier(nn.Module):
         h = self.pooler(x[:, 0])
         h = torch.relu(h) if self.family == "distilbert" else torch.tanh(h)
         return self.classifier(h)
+
+
+class HFLogits(nn.Module):
+    """The Hugging Face classifier behind the split's inputs, ``(input_ids, attention_bias) -> logits``, dropout
+    included: the float fine-tune trains the HF model (whose modules the split shares) in the runner's loop."""
+
+    def __init__(self, hf_model: nn.Module):
+        super().__init__()
+        self.hf = hf_model
+
+    def forward(self, input_ids, attention_bias):
+        mask = (attention_bias[:, 0, 0, :] == 0).long()  # the 0/1 mask the bias was made from
+        return self.hf(input_ids=input_ids, attention_mask=mask).logits
 
 
 def prepare_config() -> dict:

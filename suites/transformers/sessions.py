@@ -18,7 +18,7 @@ def _main():
 
 
 def _out():
-    return ["--output-dir", str(ROOT / "checkpoint")]  # posargs may override (argparse: last one wins)
+    return ["--output-dir", str(ROOT / "checkpoint")]  # outputs in checkpoint/transformers/; posargs may override
 
 
 @nox.session
@@ -29,15 +29,16 @@ def transformers_float_eval(session: nox.Session) -> None:
 
 @nox.session
 def transformers_qat(session: nox.Session) -> None:
-    """The embedded default end to end; metrics in checkpoint/minilm_metrics.json."""
+    """The embedded default end to end; metrics in checkpoint/transformers/minilm_metrics.json, the float model as
+    a Hugging Face folder in checkpoint/transformers/minilm_float_hf/."""
     run_py(session, _main(), *_out(), *session.posargs)
 
 
 @nox.session
 def transformers_export(session: nox.Session) -> None:
-    """Export the last QAT checkpoint (checkpoint/minilm_qat_checkpoint.pth, from transformers_qat) to QDQ ONNX
-    and evaluate it in onnxruntime; without that checkpoint, PTQ-calibrate the float model instead."""
-    ckpt = ROOT / "checkpoint" / "minilm_qat_checkpoint.pth"
+    """Export the last QAT checkpoint (checkpoint/transformers/minilm_checkpoint.pth, from transformers_qat) to QDQ
+    ONNX and evaluate it in onnxruntime; without that checkpoint, PTQ-calibrate the float model instead."""
+    ckpt = ROOT / "checkpoint" / "transformers" / "minilm_checkpoint.pth"
     args = ["--evaluate"]
     if ckpt.exists() and "--resume" not in session.posargs:
         args += ["--resume", str(ckpt)]
@@ -48,4 +49,4 @@ def transformers_export(session: nox.Session) -> None:
 def transformers_regression(session: nox.Session) -> None:
     """The default run (float fine-tune reused from the cache) checked against baselines.json."""
     run_py(session, _main(), *_out(), "--baselines", str(ROOT / "suites" / "transformers" / "baselines.json"),
-           "--metrics", str(ROOT / "checkpoint" / "transformers_regression_metrics.json"), *session.posargs)
+           "--metrics", str(ROOT / "checkpoint" / "transformers" / "regression_metrics.json"), *session.posargs)

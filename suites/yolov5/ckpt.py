@@ -144,8 +144,9 @@ def check_file(path: str, flag: str = "--weights") -> None:
                               "copy or download it again")
 
 
-def load_weights(path: str, flag: str = "--weights") -> tuple[dict, dict]:
-    """(config, state_dict) of this suite's checkpoint or of an ultralytics ``.pt``. Every unreadable file
+def load_weights(path: str, flag: str = "--weights", cfg=None) -> tuple[dict, dict]:
+    """(config, state_dict) of this suite's checkpoint, of an ultralytics ``.pt``, or (with ``cfg``, the model
+    config) of a bare state_dict such as the runner's ``<arch>_checkpoint_float.pth``. Every unreadable file
     (missing, a directory, empty, truncated, garbage) is a CheckpointError naming ``flag`` and the file."""
     check_file(path, flag)
     try:
@@ -156,21 +157,20 @@ def load_weights(path: str, flag: str = "--weights") -> tuple[dict, dict]:
         raise _unreadable(flag, path, exc) from exc
     if isinstance(ck, dict) and isinstance(ck.get("state_dict"), dict) and isinstance(ck.get("cfg"), dict):
         return ck["cfg"], ck["state_dict"]
+    sd = ck.get("state_dict") if isinstance(ck, dict) and isinstance(ck.get("state_dict"), dict) else ck
+    if isinstance(sd, dict) and sd and all(isinstance(v, torch.Tensor) for v in sd.values()):
+        if cfg is None:
+            raise CheckpointError(f"{flag} '{path}' is a bare state_dict (e.g. train_qat.py's "
+                                  "<arch>_checkpoint_float.pth): give --cfg, the model config it belongs to")
+        from ts_qat_pytorch.utils.utils import strip_module_prefix
+        return yolo.load_config(cfg), strip_module_prefix(sd)
     raise CheckpointError(f"{flag} '{path}' is neither this suite's checkpoint (a dict with 'state_dict' and "
                           "'cfg') nor a YOLOv5 .pt" + (f" (keys {list(ck)[:8]})" if isinstance(ck, dict) else ""))
 
 
-def check_resume(path: str, flag: str = "--resume") -> dict:
-    """The QAT checkpoint of ``--resume`` (this script's ``<name>_qat_checkpoint.pth``), read safely, or a
-    CheckpointError naming the flag, the file and what is wrong."""
-    from suites.common.checkpoints import read_qat_checkpoint
-    check_file(path, flag)
-    return read_qat_checkpoint(path, flag, CheckpointError, "train_qat.py writes those; float weights go to --weights")
-
-
-def build_from_weights(path: str, nc: int | None = None, flag: str = "--weights") -> yolo.Model:
-    cfg, sd = load_weights(path, flag)
-    m = yolo.Model(cfg)
+def build_from_weights(path: str, nc: int | None = None, flag: str = "--weights", cfg=None) -> yolo.Model:
+    config, sd = load_weights(path, flag, cfg)
+    m = yolo.Model(config)
     m.load_compatible_state_dict(sd, path)
     if nc is not None and nc != m.nc:
         raise CheckpointError(f"{path} predicts {m.nc} classes but the data has nc={nc}")

@@ -1,19 +1,25 @@
 """COCO-style evaluation: predictions of the network (PyTorch or onnxruntime) through the shared float
 post-processing, scored by pycocotools (mAP@.5, mAP@.5:.95), plus P and R at the confidence of best mean F1
-(the manual's summary line ``Class Images Targets P R mAP@.5 mAP@.5:.95``)."""
+(the manual's summary line ``Class Images Targets P R mAP@.5 mAP@.5:.95``), the precision-recall curves at IoU 0.5
+(a PNG) and the detections as a COCO results JSON (``--save-json``)."""
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
+import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .datasets import coco_ground_truth
 from .postprocess import postprocess
 
 logger = logging.getLogger("suites")
+_trapezoid = getattr(np, "trapezoid", None) or getattr(np, "trapz")  # numpy >= 2 renamed it
 HEADER = ("%20s" + "%12s" * 6) % ("Class", "Images", "Targets", "P", "R", "mAP@.5", "mAP@.5:.95")
 
 
@@ -25,8 +31,9 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / (area(a)[:, None] + area(b)[None] - inter + 1e-9)
 
 
-def precision_recall(dets: dict, records, nc: int, iou: float = 0.5):
-    """Mean P and R over classes at the confidence that maximises mean F1 (greedy matching at ``iou``)."""
+def match(dets: dict, records, nc: int, iou: float = 0.5):
+    """Greedy matching at ``iou``, highest confidence first: per detection (confidence, true positive, class), and
+    the number of ground-truth boxes per class."""
     conf, tp, pcls = [], [], []
     n_gt = np.zeros(nc)
     for r in records:
@@ -48,28 +55,79 @@ def precision_recall(dets: dict, records, nc: int, iou: float = 0.5):
             conf.append(row[4])
             tp.append(ok)
             pcls.append(int(row[5]))
-    if not conf:
+    return np.array(conf), np.array(tp, bool), np.array(pcls, int), n_gt
+
+
+def class_curve(conf, tp, pcls, n_gt, c: int):
+    """(confidence, recall, precision) of class ``c``'s detections, most confident first."""
+    m = pcls == c
+    o = np.argsort(-conf[m])
+    tpc, fpc = np.cumsum(tp[m][o]), np.cumsum(~tp[m][o])
+    return conf[m][o], tpc / n_gt[c], tpc / (tpc + fpc)
+
+
+def precision_recall(dets: dict, records, nc: int, iou: float = 0.5):
+    """Mean P and R over classes at the confidence that maximises mean F1 (greedy matching at ``iou``)."""
+    conf, tp, pcls, n_gt = match(dets, records, nc, iou)
+    if not len(conf):
         return 0.0, 0.0
-    conf, tp, pcls = np.array(conf), np.array(tp), np.array(pcls)
     grid = np.linspace(0, 1, 1000)
     p_all, r_all = np.zeros((nc, len(grid))), np.zeros((nc, len(grid)))
     present = n_gt > 0
     for c in range(nc):
-        m = pcls == c
-        if not m.any() or not present[c]:
+        if not (pcls == c).any() or not present[c]:
             continue
-        o = np.argsort(-conf[m])
-        tpc = np.cumsum(tp[m][o])
-        fpc = np.cumsum(~tp[m][o])
-        rec = tpc / n_gt[c]
-        prec = tpc / (tpc + fpc)
-        cf = conf[m][o]
+        cf, rec, prec = class_curve(conf, tp, pcls, n_gt, c)
         r_all[c] = np.interp(-grid, -cf, rec, left=0)
         p_all[c] = np.interp(-grid, -cf, prec, left=1)
     p_all, r_all = p_all[present], r_all[present]
     f1 = 2 * p_all * r_all / (p_all + r_all + 1e-16)
     i = int(f1.mean(0).argmax())
     return float(p_all[:, i].mean()), float(r_all[:, i].mean())
+
+
+def pr_curves(dets: dict, records, nc: int, iou: float = 0.5, points: int = 101):
+    """Precision at ``points`` recall levels (0..1) per class (its precision envelope, 0 beyond its highest recall),
+    for the classes with ground truth: (recall grid, {class index: precision}, {class index: AP@iou})."""
+    conf, tp, pcls, n_gt = match(dets, records, nc, iou)
+    px = np.linspace(0, 1, points)
+    curves, ap = {}, {}
+    for c in np.flatnonzero(n_gt > 0):
+        py = np.zeros(points)
+        if len(conf) and (pcls == c).any():
+            _cf, rec, prec = class_curve(conf, tp, pcls, n_gt, c)
+            env = np.flip(np.maximum.accumulate(np.flip(prec)))
+            py = np.interp(px, rec, env, right=0.0)
+        curves[int(c)], ap[int(c)] = py, float(_trapezoid(py, px))
+    return px, curves, ap
+
+
+def plot_pr_curve(dets: dict, records, names, path: str, title: str) -> None:
+    """The precision-recall curves at IoU 0.5 (each class and their mean, "all") as a PNG (ultralytics'
+    PR_curve.png)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    px, curves, ap = pr_curves(dets, records, len(names))
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=100)
+    for c, py in curves.items():
+        ax.plot(px, py, linewidth=1, alpha=0.6, label=f"{names[c]} {ap[c]:.3f}")
+    if curves:
+        mean = np.mean(list(curves.values()), 0)
+        ax.plot(px, mean, linewidth=3, color="blue", label=f"all classes {np.mean(list(ap.values())):.3f} mAP@0.5")
+    ax.set(xlabel="Recall", ylabel="Precision", xlim=(0, 1), ylim=(0, 1), title=title)
+    ax.legend(bbox_to_anchor=(1.04, 1), loc="upper left", fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def save_json(coco_dets: list[dict], path: str) -> None:
+    """COCO results JSON (``[{image_id, category_id, bbox: [x, y, w, h], score}]``: pycocotools' ``loadRes``)."""
+    from ts_qat_pytorch.utils.utils import atomic_write_bytes
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_bytes(path, json.dumps(coco_dets).encode())
 
 
 def coco_map(gt: dict, dets: list[dict]) -> tuple[float, float]:
@@ -82,7 +140,7 @@ def coco_map(gt: dict, dets: list[dict]) -> tuple[float, float]:
         cg = COCO()
         cg.dataset = gt
         cg.createIndex()
-        cd = cg.loadRes(dets)
+        cd = cg.loadRes([dict(d) for d in dets])  # loadRes adds keys (area, id, ...) to the dicts it is given
         e = COCOeval(cg, cd, "bbox")
         e.params.imgIds = [im["id"] for im in gt["images"]]
         e.evaluate()
@@ -91,14 +149,20 @@ def coco_map(gt: dict, dets: list[dict]) -> tuple[float, float]:
     return float(e.stats[1]), float(e.stats[0])
 
 
+@dataclass
+class EvalResult:
+    scores: dict            # map50, map50_95, precision, recall, images, targets, seconds
+    dets: dict              # image id -> n x 6 [x1, y1, x2, y2, conf, class index]
+    coco_dets: list         # the same as COCO results (category ids of the data)
+    records: list           # the evaluated images' records
+
+
 def run_eval(predict, loader, anchors, strides, records, cat_ids, gt: dict, conf_thres=0.001, iou_thres=0.6,
-             prefix="Eval", log=print, max_batches=None) -> dict:
+             prefix="Eval", log=print) -> EvalResult:
     """``predict(images) -> list of raw feature maps``; everything after it is the shared float code."""
     dets, coco_dets = {}, []
     t0, n_img = time.time(), 0
     for bi, (x, _t, metas, ids) in enumerate(loader):
-        if max_batches is not None and bi >= max_batches:
-            break
         raw = predict(x)
         for d, iid in zip(postprocess(raw, anchors, strides, metas, conf_thres, iou_thres), ids):
             d = d.numpy()
@@ -120,9 +184,22 @@ def run_eval(predict, loader, anchors, strides, records, cat_ids, gt: dict, conf
     targets = int(sum(len(x.cls) for x in recs))
     log(HEADER)
     log(("%20s" + "%12i" * 2 + "%12.3g" * 4) % ("all", len(recs), targets, p, r, map50, map5095))
-    return {"map50": round(map50, 4), "map50_95": round(map5095, 4), "precision": round(p, 4),
-            "recall": round(r, 4), "images": len(recs), "targets": targets,
-            "seconds": round(time.time() - t0, 2)}
+    scores = {"map50": round(map50, 4), "map50_95": round(map5095, 4), "precision": round(p, 4),
+              "recall": round(r, 4), "images": len(recs), "targets": targets, "seconds": round(time.time() - t0, 2)}
+    return EvalResult(scores, dets, coco_dets, recs)
+
+
+class Evaluator:
+    """The validation records, their COCO ground truth and the thresholds of the shared float post-processing."""
+
+    def __init__(self, records, cat_ids, names, conf_thres=0.001, iou_thres=0.6):
+        self.records, self.cat_ids, self.names = records, cat_ids, list(names)
+        self.gt = coco_ground_truth(records, cat_ids, names)
+        self.conf_thres, self.iou_thres = conf_thres, iou_thres
+
+    def run(self, predict, loader, anchors, strides, prefix, log=print) -> EvalResult:
+        return run_eval(predict, loader, torch.as_tensor(anchors).float().cpu(), torch.as_tensor(strides).cpu(),
+                        self.records, self.cat_ids, self.gt, self.conf_thres, self.iou_thres, prefix=prefix, log=log)
 
 
 def torch_predictor(model, device="cpu"):
@@ -133,12 +210,11 @@ def torch_predictor(model, device="cpu"):
     return predict
 
 
-def onnx_predictor(onnx_path: str, threads: int | None = None):
-    """Raw feature maps from an exported network in onnxruntime (CPU, ORT_ENABLE_ALL); batches are cut or
-    zero-padded to the file's fixed batch size."""
-    from ts_qat_pytorch.onnx.verify import ort_session, run_in_batches
-    sess = ort_session(onnx_path, threads=threads)
+def onnx_predictor(sess, batch: int | None = None):
+    """Raw feature maps from an onnxruntime session of the exported network; batches are cut or zero-padded to the
+    file's fixed batch size."""
+    from ts_qat_pytorch.onnx.verify import run_in_batches
 
     def predict(x):
-        return [torch.from_numpy(o) for o in run_in_batches(sess, x.numpy().astype(np.float32))]
+        return [torch.from_numpy(o) for o in run_in_batches(sess, x.numpy().astype(np.float32), batch)]
     return predict

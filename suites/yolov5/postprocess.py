@@ -4,8 +4,14 @@
     decode(raw, anchors, strides)   -> B x N x (5 + nc): xywh in input pixels, objectness and class scores
     nms(pred, conf_thres, iou_thres) -> per image an n x 6 tensor [x1, y1, x2, y2, conf, cls]
     scale_boxes(boxes, ratio, pad, shape) -> boxes in the original image, clipped
+
+An exported network carries what decoding needs (anchors, strides, class names, input size) in a sidecar
+``<file>_meta.json`` (``write_meta`` / ``read_meta``).
 """
 from __future__ import annotations
+
+import json
+import os
 
 import numpy as np
 import torch
@@ -109,3 +115,20 @@ def postprocess(raw, anchors, strides, metas, conf_thres=0.001, iou_thres=0.6, m
             d = torch.cat((scale_boxes(d[:, :4], ratio, pad, shape), d[:, 4:]), 1)
         res.append(d)
     return res
+
+
+def meta_path(onnx_path: str) -> str:
+    return os.path.splitext(onnx_path)[0] + "_meta.json"
+
+
+def write_meta(onnx_path: str, meta: dict) -> None:
+    from ts_qat_pytorch.utils.utils import atomic_write_bytes
+    atomic_write_bytes(meta_path(onnx_path), (json.dumps(meta, indent=1) + "\n").encode())
+
+
+def read_meta(onnx_path: str) -> dict | None:
+    p = meta_path(onnx_path)
+    if not os.path.exists(p):
+        return None
+    with open(p) as f:
+        return json.load(f)

@@ -5,7 +5,8 @@
     python3 -m nox -s yolov5_export       # export + ORT-evaluate the last QAT checkpoint (or PTQ without one)
     python3 -m nox -s yolov5_regression   # the default run compared with suites/yolov5/baselines.json
 
-Extra arguments after ``--`` go to train_qat.py (e.g. ``-- --data data/coco.yaml --weights yolov5s.pt``).
+Outputs in checkpoint/yolov5/. Extra arguments after ``--`` go to train_qat.py (e.g. ``-- --data data/coco.yaml
+--weights yolov5s.pt``).
 """
 import nox
 
@@ -18,28 +19,28 @@ def _script():
 
 
 def _out():
-    return ["--output_dir", str(ROOT / "checkpoint")]  # posargs may override (argparse: last one wins)
+    return ["--output-dir", str(ROOT / "checkpoint")]  # outputs in checkpoint/yolov5/; posargs may override
 
 
 @nox.session
 def yolov5_float_eval(session: nox.Session) -> None:
     """Float yolov5n (v6 layout) trained on the synthetic Fashion-MNIST scenes (cached): COCO mAP."""
-    run_py(session, _script(), *_out(), "--metrics", str(ROOT / "checkpoint" / "yolov5_float_metrics.json"),
+    run_py(session, _script(), *_out(), "--metrics", str(ROOT / "checkpoint" / "yolov5" / "float_metrics.json"),
            *session.posargs)
 
 
 @nox.session
 def yolov5_qat(session: nox.Session) -> None:
-    """The embedded default end to end; metrics in checkpoint/yolov5_metrics.json."""
+    """The embedded default end to end; metrics in checkpoint/yolov5/yolov5n-v6_metrics.json."""
     run_py(session, _script(), *_out(), "--quantize", *session.posargs)
 
 
 @nox.session
 def yolov5_export(session: nox.Session) -> None:
-    """Export the last QAT checkpoint (checkpoint/yolov5n-v6_qat_checkpoint.pth, from yolov5_qat) to int8 QDQ
+    """Export the last QAT checkpoint (checkpoint/yolov5/yolov5n-v6_checkpoint.pth, from yolov5_qat) to int8 QDQ
     ONNX and evaluate it in onnxruntime; without that checkpoint, PTQ-calibrate the float model instead."""
-    ckpt = ROOT / "checkpoint" / "yolov5n-v6_qat_checkpoint.pth"
-    args = ["--quantize", "--export-only", "--metrics", str(ROOT / "checkpoint" / "yolov5_export_metrics.json")]
+    ckpt = ROOT / "checkpoint" / "yolov5" / "yolov5n-v6_checkpoint.pth"
+    args = ["--quantize", "--export-only", "--metrics", str(ROOT / "checkpoint" / "yolov5" / "export_metrics.json")]
     if ckpt.exists() and "--resume" not in session.posargs:
         args += ["--resume", str(ckpt)]
     run_py(session, _script(), *_out(), *args, *session.posargs)
@@ -50,4 +51,4 @@ def yolov5_regression(session: nox.Session) -> None:
     """The default run (float model reused from the cache) checked against baselines.json."""
     run_py(session, _script(), *_out(), "--quantize",
            "--baselines", str(ROOT / "suites" / "yolov5" / "baselines.json"),
-           "--metrics", str(ROOT / "checkpoint" / "yolov5_regression_metrics.json"), *session.posargs)
+           "--metrics", str(ROOT / "checkpoint" / "yolov5" / "regression_metrics.json"), *session.posargs)

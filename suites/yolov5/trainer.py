@@ -1,6 +1,7 @@
-"""Training loop shared by float training and QAT: YOLOv5 loss, SGD or AdamW with linear warm-up and cosine
-decay per step, optional EMA of the weights (float only), optional distillation from a float teacher on the
-raw feature maps (QAT), progress lines via suites.common.meters."""
+"""The embedded default's float training from scratch (the suite's ``float_finetune``): YOLOv5 loss, the hyp
+YAML's optimizer with linear warm-up and cosine decay per step, EMA of the weights, progress lines via
+suites.common.meters. ``make_optimizer`` and ``schedule`` are also the QAT optimizer (the suite's
+``make_training``; QAT's loop is the runner's)."""
 from __future__ import annotations
 
 import copy
@@ -38,17 +39,14 @@ class ModelEMA:
                 v.copy_(msd[k])
 
 
-def make_optimizer(model: nn.Module, hyp: dict, lr: float):
+def make_optimizer(model: nn.Module, optim: str, lr: float, weight_decay: float, momentum: float):
     """YOLOv5's groups (weight decay on weights only), nesterov SGD or AdamW with beta1 = momentum."""
     decay, no_decay = [], []
     for n, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": hyp.get("weight_decay", 5e-4)},
-              {"params": no_decay, "weight_decay": 0.0}]
-    momentum = hyp.get("momentum", 0.937)
-    return optimizer_factory(groups, hyp.get("optimizer", "sgd"), lr, momentum=momentum, nesterov=True,
-                             betas=(momentum, 0.999))
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return optimizer_factory(groups, optim, lr, momentum=momentum, nesterov=True, betas=(momentum, 0.999))
 
 
 def schedule(optimizer, total: int, warmup: int, lrf: float = 0.01):
@@ -56,47 +54,36 @@ def schedule(optimizer, total: int, warmup: int, lrf: float = 0.01):
     return cosine_schedule(optimizer, total, warmup, final=lrf)
 
 
-def cycle(loader, sampler=None):
-    epoch = 0
+def cycle(loader):
     while True:
-        if sampler is not None and hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
         yield from loader
-        epoch += 1
 
 
 def train_steps(model, loader, steps: int, hyp: dict, lr: float, anchors, nc: int, img_size: int, log,
-                prefix: str = "Train", ema: ModelEMA | None = None, teacher=None, sampler=None, device="cpu",
-                print_freq: int = 20, on_step=None) -> dict:
-    """Run ``steps`` optimizer steps over ``loader`` (cycled). ``model`` may be DDP-wrapped."""
+                prefix: str = "Train", ema: ModelEMA | None = None, device="cpu", print_freq: int = 20) -> dict:
+    """Run ``steps`` optimizer steps over ``loader`` (cycled), with the optimizer and schedule of ``hyp``."""
     criterion = YoloLoss(anchors, nc, hyp, img_size)
-    opt = make_optimizer(model, hyp, lr)
+    opt = make_optimizer(model, hyp.get("optimizer", "sgd"), lr, hyp.get("weight_decay", 5e-4),
+                         hyp.get("momentum", 0.937))
     sched = schedule(opt, steps, int(hyp.get("warmup_steps", 0)), hyp.get("lrf", 0.01))
     bt, lt, lbox, lobj, lcls = (AverageMeter("Time", ":6.3f"), AverageMeter("Loss", ":.4f"),
                                 AverageMeter("box", ":.4f"), AverageMeter("obj", ":.4f"), AverageMeter("cls", ":.4f"))
-    import torch.distributed as dist
-    progress = ProgressMeter(steps, [bt, lt, lbox, lobj, lcls], prefix=f"{prefix}: ", print_freq=print_freq,
-                             enabled=not dist.is_initialized() or dist.get_rank() == 0)  # rank 0 logs
-    kd = float(hyp.get("distill", 0.0)) if teacher is not None else 0.0
+    progress = ProgressMeter(steps, [bt, lt, lbox, lobj, lcls], prefix=f"{prefix}: ", print_freq=print_freq)
     model.train()
     end = time.time()
-    for step, (x, t, _m, _i) in enumerate(cycle(loader, sampler)):
+    for step, (x, t, _m, _i) in enumerate(cycle(loader)):
         if step >= steps:
             break
         x, t = x.to(device), t.to(device)
         raw = model(x)
         loss, items = criterion(raw, t)
-        if kd:
-            with torch.no_grad():
-                traw = teacher(x)
-            loss = loss + kd * sum(nn.functional.mse_loss(a, b) for a, b in zip(raw, traw)) * x.shape[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
         opt.step()
         sched.step()
         if ema is not None:
-            ema.update(getattr(model, "module", model))
+            ema.update(model)
         n = x.shape[0]
         lt.update(loss.item() / n, n)
         lbox.update(items[0].item(), n)
@@ -105,7 +92,5 @@ def train_steps(model, loader, steps: int, hyp: dict, lr: float, anchors, nc: in
         bt.update(time.time() - end)
         end = time.time()
         progress.step(step)
-        if on_step is not None:
-            on_step(step)
     progress.close()
     return {"loss": round(lt.avg, 5), "steps": steps, "step_s": round(bt.avg, 4)}

@@ -1,5 +1,7 @@
 """Transformers suite tests: the R-data parser and chapter split on the real package, the split model against
-Hugging Face on real MiniLM weights and text, quantization coverage, ORT export, bad inputs, a main.py smoke.
+Hugging Face on real MiniLM weights and text, quantization coverage, the suite on the runner (recipe, flags, bad
+inputs, --resume and float-cache checks, --device, distillation teachers), a main.py smoke run (metrics, int8 ONNX,
+the save_pretrained float model), and the suite as a template for tools/new_suite.py.
 
 Real assets (all-MiniLM-L6-v2 weights, janeaustenr) come from suites.common.assets (pip / apt)."""
 from __future__ import annotations
@@ -21,6 +23,7 @@ from suites.transformers import data  # noqa: E402
 from suites.transformers import main as suite_main  # noqa: E402
 from suites.transformers.model import (EncoderClassifier, attention_bias, check_and_load, count_targets,  # noqa: E402
                                        prepare_config)
+from suites.transformers.suite import SUITE  # noqa: E402
 
 TEXTS = ["It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
          "want of a wife.", "Emma Woodhouse, handsome, clever, and rich.", "Capt. Wentworth had no fortune."]
@@ -51,7 +54,7 @@ def minilm(minilm_dir):
 def tiny_bert_dir(minilm_dir, tmp_path_factory):
     """A 2-layer random BERT with MiniLM's vocabulary and tokenizer (fast export / smoke runs)."""
     from transformers import BertConfig, BertForSequenceClassification
-    d = tmp_path_factory.mktemp("tiny_bert")
+    d = tmp_path_factory.mktemp("models") / "tiny_bert"  # the run's arch (output prefix): "tiny_bert"
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                      intermediate_size=64, max_position_embeddings=128, num_labels=6)
@@ -146,15 +149,67 @@ def _bad(argv, capsys, match):
     assert match in err, err
 
 
+def _args(argv):
+    """The flags as the runner resolves them (recipe, --smoke, the suite's checks)."""
+    from suites.common.cli import build_parser, resolve
+    return resolve(SUITE, build_parser(SUITE).parse_args(argv))
+
+
+def _tiny_data(root, labels="ab"):
+    root.mkdir(parents=True, exist_ok=True)
+    n = len(labels)
+    rows = [{"text": f"passage number {i} about {'tea' if i % 2 else 'war'}", "label": labels[i % n]}
+            for i in range(4 * n)]
+    for split in ("train", "test"):
+        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(root)
+
+
+def test_recipe_keeps_the_suites_command_line_and_training_numerics(tiny_bert_dir):
+    """The documented flags on the runner, and the embedded recipe's numbers (float fine-tune and QAT) as before."""
+    a = _args([])
+    assert (a.arch, a.out_dir) == ("minilm", os.path.join("checkpoint", "transformers"))
+    assert a.metrics == os.path.join("checkpoint", "transformers", "minilm_metrics.json")
+    assert (a.passage_lines, a.max_length, a.train_per_class, a.test_per_class) == (5, 96, 600, None)
+    assert (a.float_epochs, a.float_lr, a.batch_size, a.seed, a.optim, a.weight_decay) == (1, 2e-4, 32, 0, "adamw", 0)
+    assert (a.epochs, a.qat_steps, a.train_images, a.lr, a.qparam_lr, a.clip_grad_norm) == (1, 40, 1280, 1e-5, None, 1)
+    assert (a.backend, a.calib_batches, a.distill_method, a.distill_alpha, a.temperature) == \
+        ("ONNXRuntime", 8, "kd", 0.9, 2.0)
+    assert (a.onnx_batch, a.onnx_length, a.latency_repeats, a.pretrained) == (8, 128, 20, True)
+    g = _args(["--data", "d", "--model", tiny_bert_dir + "/", "--qat-steps", "5", "-b", "4", "--qparam-lr", "1e-3",
+               "--onnx-length", "64", "--latency-repeats", "3", "--passage-lines", "2", "--train-per-class", "7",
+               "--test-per-class", "3", "--tokenizer", tiny_bert_dir, "--max-length", "64"])
+    assert (g.arch, g.train_images, g.qparam_lr, g.lr, g.float_epochs, g.max_length) == \
+        ("tiny_bert", 20, 1e-3, 2e-5, 0, 64)
+    assert (g.onnx_length, g.latency_repeats, g.passage_lines, g.train_per_class, g.test_per_class) == (64, 3, 2, 7, 3)
+    assert SUITE.arch(_args(["--model", "google-bert/bert-base-uncased"])) == "bert-base-uncased"
+    # QAT: AdamW, scales / zero points at --qparam-lr, 10 % warm-up (4 of 40 steps) then cosine
+    from ts_qat_pytorch.prepare_by_platform import BackendType, prepare_by_platform
+    tok, hf = check_and_load(tiny_bert_dir, 6, 32)
+    q = prepare_by_platform(EncoderClassifier(hf).eval(), BackendType.ONNXRuntime, prepare_config())
+    a.qparam_lr = 1e-3
+    opt, sched = SUITE.make_training(q, 40, a)
+    assert isinstance(opt, torch.optim.AdamW) and [g["lr"] for g in opt.param_groups] == [1e-5 * 0.25, 1e-3 * 0.25]
+    assert opt.param_groups[1]["weight_decay"] == 0.0 and len(opt.param_groups[1]["params"]) > 0
+    for _ in range(4):
+        opt.step(), sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-5)
+
+
 def test_bad_inputs_fail_early_with_clear_errors(tmp_path, capsys, minilm_dir, tiny_bert_dir):
-    out = ["--output-dir", str(tmp_path / "o"), "--smoke"]
+    out = ["--output-dir", str(tmp_path / "o"), "--smoke", "--cache-dir", str(tmp_path / "cache")]
     empty = tmp_path / "empty_model"
     empty.mkdir()
     _bad(["--model", str(empty), *out], capsys, "has no config.json")
     from transformers import GPT2Config
     GPT2Config(n_layer=1).save_pretrained(tmp_path / "gpt2")
     _bad(["--model", str(tmp_path / "gpt2"), *out], capsys, "supported families: BERT")
-    _bad(["--max-length", "1000", *out], capsys, "beyond the model's position embeddings (512")
+    _bad(["--max-length", "1000", "--onnx-length", "1000", *out], capsys,
+         "--max-length 1000 is beyond the model's position embeddings (512")
+    _bad(["--onnx-length", "1000", *out], capsys, "--onnx-length 1000 is beyond the model's position embeddings (512")
+    _bad(["--max-length", "200", *out], capsys, "--onnx-length 128 is shorter than --max-length 200")
+    _bad(["--qat-steps", "0", *out], capsys, "--qat-steps 0 must be >= 1")
+    _bad(["--qparam-lr", "nan", *out], capsys, "--qparam-lr nan must be a finite number > 0")
     tokdir = tmp_path / "tok"
     tokdir.mkdir()
     (tokdir / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"]) + "\n")
@@ -167,7 +222,19 @@ def test_bad_inputs_fail_early_with_clear_errors(tmp_path, capsys, minilm_dir, t
     _bad(["--data", str(d), "--model", tiny_bert_dir, *out], capsys, "no examples (the file is empty)")
     (d / "train.jsonl").write_text('{"text": "x", "label": "a"}\n{"text": "y"}\n')
     _bad(["--data", str(d), "--model", tiny_bert_dir, *out], capsys, "unlabeled example")
-    assert not (tmp_path / "o" / "encoder_int8.onnx").exists()
+    (d / "train.jsonl").write_text('{"text": "x", "label": "a"}\n')
+    _bad(["--data", str(d), "--model", tiny_bert_dir, *out], capsys, "train has 1 distinct label(s); need at least 2")
+    _bad(["--data", str(tmp_path / "nowhere"), "--model", tiny_bert_dir, *out], capsys, "no such folder")
+    assert not list((tmp_path / "o").rglob("*.onnx"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the absent-GPU error is tested where no GPU is visible")
+def test_device_flag_names_an_absent_gpu(tmp_path, capsys):
+    """--device is the runner's (cpu | 0 | 0,1 | cuda:1): a GPU that is not there is an error naming the fix."""
+    out = ["--smoke", "--output-dir", str(tmp_path / "o")]
+    _bad(["--device", "0", *out], capsys, "--device 0: GPU 0 is not there (no CUDA GPU is visible")
+    _bad(["--device", "cuda:1", *out], capsys, "use --device cpu")
+    _bad(["--device", "gpu", *out], capsys, "is not understood")
 
 
 @pytest.fixture(scope="module")
@@ -175,15 +242,17 @@ def smoke_run(tiny_bert_dir, tmp_path_factory):
     """main.py end to end on a tiny subset with a 2-layer random BERT (MiniLM's tokenizer)."""
     out = tmp_path_factory.mktemp("run")
     rc = suite_main.main(["--model", tiny_bert_dir, "--smoke", "--threads", "1", "--max-length", "32",
-                          "--onnx-length", "32", "--output-dir", str(out)])
-    return rc, out
+                          "--onnx-length", "32", "--output-dir", str(out), "--cache-dir", str(out / "cache"),
+                          "--device", "cpu"])
+    return rc, out / "transformers"
 
 
 def test_main_smoke_writes_metrics_and_onnx(smoke_run):
     rc, out = smoke_run
     assert rc == 0
-    m = load_metrics(out / "encoder_metrics.json")  # the suites' one schema
-    assert (m["suite"], m["arch"], m["backend"], m["metric"]) == ("transformers", "encoder", "ONNXRuntime", "accuracy")
+    m = load_metrics(out / "tiny_bert_metrics.json")  # the suites' one schema, written by the runner
+    assert (m["suite"], m["arch"], m["backend"], m["metric"]) == \
+        ("transformers", "tiny_bert", "ONNXRuntime", "accuracy")
     for k in ("float", "qat", "ort"):
         assert 0.0 <= m[k] <= 100.0 and m[k] == m["scores"][k]["accuracy"] and "macro_f1" in m["scores"][k]
     assert m["integer_kernels"]["QGemm"] == m["extras"]["split"]["linear"] == 2 * 6 + 2
@@ -191,60 +260,115 @@ def test_main_smoke_writes_metrics_and_onnx(smoke_run):
     assert m["integer_kernels"]["QLinearMatMul"] == m["integer_kernels"]["MatMulIntegerToFloat"] == 2
     assert m["extras"]["split"]["attention_matmuls"] == 2 * 2
     assert "QLinearAdd" not in m["integer_kernels"]  # the residual sums run as float Adds
-    assert m["extras"]["ort_latency"]["fp32_ms"] > 0 and m["extras"]["ort_latency"]["int8_ms"] > 0
-    assert {"setup", "float_train", "float_eval", "calibration", "qat_train", "qat_eval", "export", "ort_eval"} \
+    lat = m["extras"]["ort_latency"]
+    assert lat["fp32_ms"] > 0 and lat["int8_ms"] > 0 and (lat["batch"], lat["length"]) == (8, 32)
+    assert m["export"]["onnx_batch"] == 8 and m["export"]["input_names"] == ["input_ids", "attention_bias"]
+    assert m["extras"]["labels"] == list(data.NOVELS.values()) and m["extras"]["train_examples"] == 48
+    assert (m["run"]["qat_steps"], m["run"]["float_cached"], m["run"]["devices"]) == (2, False, "cpu")
+    assert {"float_train", "float_eval", "calibration", "qat_train", "qat_eval", "export", "ort_eval", "latency"} \
         <= set(m["times_s"])
     import onnx
-    onnx.checker.check_model(str(out / "encoder_int8.onnx"))
-    assert json.loads((out / "encoder_qparams.json").read_text())["tensors"]
+    files = m["files"]
+    assert files["onnx"] == str(out / "tiny_bert_onnx_quantization.onnx")
+    assert files["checkpoint"] == str(out / "tiny_bert_checkpoint.pth")
+    assert files["fp32_onnx"] == str(out / "tiny_bert_fp32.onnx")
+    assert files["float_hf"] == str(out / "tiny_bert_float_hf")
+    onnx.checker.check_model(files["onnx"])
+    assert json.loads((out / "tiny_bert_onnx_quantization_qparams.json").read_text())["tensors"]
+
+
+def test_float_model_is_saved_with_save_pretrained(smoke_run, tiny_bert_dir):
+    """<arch>_float_hf/ loads back with AutoModelForSequenceClassification / AutoTokenizer and gives the float
+    model's logits (the cached float fine-tune in the split, and its fp32 ONNX twin in onnxruntime)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from suites.transformers.evaluate import onnx_predict
+    from ts_qat_pytorch.onnx.verify import ort_session
+    rc, out = smoke_run
+    assert rc == 0
+    folder = out / "tiny_bert_float_hf"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= \
+        {p.name for p in folder.iterdir()}
+    hf = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert hf.config.id2label[4] == "Pride and Prejudice"
+    enc = tok(TEXTS[:1], return_tensors="pt")
+    tok0, hf0 = check_and_load(tiny_bert_dir, 6, 32)
+    assert enc["input_ids"].tolist() == tok0(TEXTS[:1])["input_ids"]
+    (cache,) = (out.parent / "cache").glob("tiny_bert_text_float_*.pth")  # the float fine-tune
+    float_split = EncoderClassifier(hf0).eval()
+    x = (enc["input_ids"], attention_bias(enc["attention_mask"]))
+    with torch.no_grad():
+        before = float_split(*x)
+        float_split.load_state_dict(torch.load(cache, weights_only=True)["state_dict"])
+        got, want = hf(**enc).logits, float_split(*x)
+    assert not torch.allclose(want, before)  # the fine-tune changed the model
+    assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
+    sess = ort_session(str(out / "tiny_bert_fp32.onnx"))
+    onnx_logits = onnx_predict(sess, enc["input_ids"].numpy(), enc["attention_mask"].numpy(), 8, 32)
+    assert np.abs(onnx_logits - got.numpy()).max() < 1e-4
 
 
 def test_exported_int8_model_agrees_with_fake_quant(smoke_run, tiny_bert_dir):
     """The QAT checkpoint of the smoke run, re-prepared, against its QDQ ONNX in onnxruntime."""
     from ts_qat_pytorch.onnx.verify import ort_session
     from ts_qat_pytorch.prepare_by_platform import BackendType, prepare_by_platform
+    from ts_qat_pytorch.utils.calibrate import calibrate
     from ts_qat_pytorch.utils.utils import load_qat_checkpoint
-    from suites.transformers.pipeline import calibrate
     rc, out = smoke_run
     assert rc == 0
     tok, hf = check_and_load(tiny_bert_dir, 6, 32)
     q = prepare_by_platform(EncoderClassifier(hf).eval(), BackendType.ONNXRuntime, prepare_config())
     enc = tok(TEXTS * 3, padding="max_length", max_length=32, truncation=True, return_tensors="pt")
     ids, mask = enc["input_ids"][:8], enc["attention_mask"][:8]
-    calibrate(q, [(ids, mask, None)], 1)
-    load_qat_checkpoint(str(out / "encoder_qat_checkpoint.pth"), q)
-    q.eval()
     bias = attention_bias(mask)
-    ort = ort_session(str(out / "encoder_int8.onnx")).run(None, {"input_ids": ids.numpy(),
-                                                                 "attention_bias": bias.numpy()})[0]
+    calibrate(q, [(ids, bias)], forward=lambda m, b: m(*b))
+    ck = load_qat_checkpoint(str(out / "tiny_bert_checkpoint.pth"), q)
+    assert ck["labels"] == list(data.NOVELS.values()) and ck["backend"] == "ONNXRuntime"
+    q.eval()
+    ort = ort_session(str(out / "tiny_bert_onnx_quantization.onnx")).run(None, {"input_ids": ids.numpy(),
+                                                                                "attention_bias": bias.numpy()})[0]
     with torch.no_grad():
         ref = q(ids, bias).numpy()
-    scale = json.loads((out / "encoder_qparams.json").read_text())
     assert np.abs(ort - ref).max() < 0.05 * (np.abs(ref).max() + 1e-6) + 1e-3, (ort, ref)
     assert (ort.argmax(1) == ref.argmax(1)).mean() >= 0.85
-    assert scale["tensors"]
 
 
-def _tiny_data(root):
-    root.mkdir(parents=True, exist_ok=True)
-    rows = [{"text": f"passage number {i} about {'tea' if i % 2 else 'war'}", "label": "ab"[i % 2]} for i in range(8)]
-    for split in ("train", "test"):
-        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(root)
+def test_distillation_teacher_is_the_float_model_or_teacher_path(smoke_run, tmp_path, capsys, tiny_bert_dir):
+    """--distill-method kd (the recipe's) distils from the float model; --teacher-path gives another teacher (the
+    split's float weights), checked against the student before long work."""
+    from suites.common import stages
+    a = _args(["--model", tiny_bert_dir, "--smoke"])
+    assert a.distill_method == "kd" and stages.choose_teacher(SUITE, a) == "float"
+    rc, out = smoke_run
+    (cache,) = (out.parent / "cache").glob("tiny_bert_text_float_*.pth")
+    argv = ["--data", _tiny_data(tmp_path / "data", "abcdef"), "--model", tiny_bert_dir, "--smoke", "--max-length",
+            "32", "--onnx-length", "32", "--no-export", "--output-dir", str(tmp_path / "o")]
+    teacher = tmp_path / "teacher.pth"
+    torch.save(torch.load(cache, weights_only=True)["state_dict"], teacher)  # the smoke run's float split
+    assert suite_main.main([*argv, "--teacher-path", str(teacher)]) == 0
+    m = load_metrics(tmp_path / "o" / "transformers" / "tiny_bert_metrics.json")
+    assert m["qat"] is not None and m["run"]["qat_steps"] == 2 and m["float"] is None  # --data: no fine-tune
+    _, hf3 = check_and_load(tiny_bert_dir, 3, 32, weights=False)
+    torch.save(EncoderClassifier(hf3).state_dict(), teacher)  # 3 classes, the data has 6
+    _bad([*argv, "--teacher-path", str(teacher)], capsys,
+         f"--teacher-path '{teacher}' does not fit the model: 'classifier.weight' is (3, 32) in the file and (6, 32)")
+    _bad([*argv, "--teacher-path", str(tmp_path / "none.pth")], capsys, "does not exist")
 
 
 def test_resume_is_checked_first_with_clear_errors(tmp_path, capsys, monkeypatch, tiny_bert_dir):
     """--resume (missing, empty, truncated, not QAT, another model's, another backend) fails before the data, the
     model and calibration; a --lr other than the checkpoint's is reported with both values."""
     from ts_qat_pytorch.prepare_by_platform import BackendType, prepare_by_platform
+    from ts_qat_pytorch.utils.calibrate import calibrate
     from ts_qat_pytorch.utils.utils import save_qat_checkpoint
     from suites.transformers.data import DataError
     from suites.transformers.model import ModelError
-    from suites.transformers.pipeline import calibrate
+    from suites.transformers.suite import check_resume, check_resume_fits
 
     def no_data(args):
         raise DataError("the data was read: --resume was not checked first")
-    monkeypatch.setattr(suite_main, "load_data", no_data)
+    monkeypatch.setattr(data, "load_examples", no_data)
     base = ["--model", tiny_bert_dir, "--smoke", "--output-dir", str(tmp_path / "o")]
     blob = tmp_path / "blob.pt"
     torch.save({"state_dict": {"w": torch.zeros(1000)}}, blob)
@@ -265,9 +389,9 @@ def test_resume_is_checked_first_with_clear_errors(tmp_path, capsys, monkeypatch
     torch.save({"state_dict": qsd, "backend": "ONNXRuntime", "epoch": 1,
                 "optimizer": {"state": {}, "param_groups": [{"lr": 1e-5, "initial_lr": 2e-5, "params": [0]}]},
                 "scheduler": {"base_lrs": [2e-5], "last_epoch": 2}}, tmp_path / "q.pth")
-    _bad([*base, "--resume", str(tmp_path / "q.pth"), "--lr", "3e-4"], capsys, "was not checked first")
     assert suite_main.main([*base, "--resume", str(tmp_path / "q.pth"), "--lr", "3e-4"]) == 2
     err = capsys.readouterr().err
+    assert "was not checked first" in err
     assert "--lr 0.0003 differs from the learning rate 2e-05 of --resume" in err
     assert "the checkpoint's 2e-05 is used" in err
     # against the loaded model (before the float stage and calibration): a real checkpoint of the split fits; one
@@ -276,20 +400,19 @@ def test_resume_is_checked_first_with_clear_errors(tmp_path, capsys, monkeypatch
     labels = list("abcdef")
     q = prepare_by_platform(EncoderClassifier(hf).eval(), BackendType.ONNXRuntime, prepare_config())
     enc = tok(TEXTS, padding="max_length", max_length=16, truncation=True, return_tensors="pt")
-    calibrate(q, [(enc["input_ids"], enc["attention_mask"], None)], 1)
-    save_qat_checkpoint(str(tmp_path / "real.pth"), q, epoch=1, labels=labels)
-    args = suite_main.resolve(suite_main.build_parser().parse_args(["--resume", str(tmp_path / "real.pth")]))
-    ck = suite_main.check_resume(args)
-    suite_main.check_resume_fits(ck, hf, labels, "real.pth")
+    calibrate(q, [(enc["input_ids"], attention_bias(enc["attention_mask"]))], forward=lambda m, b: m(*b))
+    save_qat_checkpoint(str(tmp_path / "real.pth"), q, epoch=1, labels=labels, backend="ONNXRuntime")
+    info = check_resume(_args(["--resume", str(tmp_path / "real.pth")]))
+    check_resume_fits(info, hf, labels, "real.pth")
     with pytest.raises(ModelError, match=r"trained on the labels \['a', 'b', .*'f'\], the data has \['x', 'y', 'z'\]"):
-        suite_main.check_resume_fits(ck, hf, ["x", "y", "z"], "real.pth")
+        check_resume_fits(info, hf, ["x", "y", "z"], "real.pth")
     from transformers import BertConfig, BertForSequenceClassification
     other = BertForSequenceClassification(BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1,
                                                      num_attention_heads=2, intermediate_size=32,
                                                      max_position_embeddings=64, num_labels=6))
     with pytest.raises(ModelError, match=r"does not fit the model .*word\.weight: \(30522, 32\) in the file, "
                                          r"\(30522, 16\) in the model"):
-        suite_main.check_resume_fits(ck, other, labels, "real.pth")
+        check_resume_fits(info, other, labels, "real.pth")
 
 
 def test_model_folder_without_weights_or_with_truncated_weights(tmp_path, capsys, tiny_bert_dir):
@@ -320,31 +443,72 @@ class _RunsCode:
 
 
 @pytest.mark.parametrize("force_no_weights_only", [False, True])
-def test_float_cache_is_loaded_with_weights_only(tmp_path, monkeypatch, force_no_weights_only):
-    """The float fine-tune cache loads with weights_only=True: a pickle that would run code is refused with a
-    clear error (also when TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1, which overrides only an unspecified weights_only)."""
-    import argparse
-    from suites.transformers.model import ModelError
+def test_float_cache_is_loaded_with_weights_only(tmp_path, monkeypatch, caplog, tiny_bert_dir,
+                                                  force_no_weights_only):
+    """The float fine-tune cache (keyed by the model, the recipe and the training texts) loads with
+    weights_only=True: a pickle that would run code is refused, never run (also when
+    TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1, which overrides only an unspecified weights_only), and the model is
+    fine-tuned again; a genuine cache is reused."""
+    from suites.common import stages
+    from suites.common.metrics import RunMetrics
     if force_no_weights_only:
         monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     else:
         monkeypatch.delenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", raising=False)
+    args = _args(["--data", _tiny_data(tmp_path / "data", "abcdef"), "--model", tiny_bert_dir, "--smoke",
+                  "--max-length", "32", "--float-epochs", "1", "--cache-dir", str(tmp_path / "cache")])
+    args.device, args.distributed = torch.device("cpu"), False  # what the runner's worker sets
+    SUITE.check(args)
+    ds = SUITE.datasets(args)
+    model = SUITE.build_model(args, args.arch, pretrained=True)
+    assert SUITE.finetunes_float(args)  # with --data too: a hub model comes with a new head
+    path, key = stages.float_cache_path(SUITE, args)
+    assert key["train"] == SUITE.train_digest and key["max_length"] == 32
     marker = tmp_path / "pwned"
     _RunsCode.MARKER = str(marker)
-    args = argparse.Namespace(float_epochs=1, smoke=False, max_length=32, float_lr=2e-4, batch_size=8, seed=0,
-                              cache_dir=str(tmp_path / "cache"), evaluate=False, resume="")
-    train = [("some text", 0, 0)]
-    path = suite_main.float_cache_path(args, "model", train)
-    torch.save({"weight": _RunsCode()}, path)
-    with pytest.raises(ModelError, match=r"the cached float fine-tune .* cannot be used .*delete it"):
-        suite_main.float_stage(torch.nn.Linear(1, 1), None, args, None, "model", train)
-    assert not marker.exists()
-    # a genuine cache (a state_dict of tensors) still loads
-    lin = torch.nn.Linear(2, 2)
-    torch.save(lin.state_dict(), path)
+    torch.save({"state_dict": {"weight": _RunsCode()}, "key": key}, path)
+    tuned = []
+    monkeypatch.setattr(SUITE, "float_finetune", lambda m, d, a: tuned.append(m))
+    m = RunMetrics(str(tmp_path / "m.json"), SUITE.name, args.arch, args.backend, SUITE.metric)
+    with caplog.at_level("WARNING", logger="suites"):
+        stages.float_finetune(SUITE, model, ds.train, args, m)
+    assert not marker.exists() and tuned == [model] and m.run["float_cached"] is False
+    assert "unusable" in caplog.text and "fine-tuning again" in caplog.text
+    # the fine-tune's own result was cached (a state_dict of tensors) and is reused
+    other = SUITE.build_model(args, args.arch, pretrained=False)
+    stages.float_finetune(SUITE, other, ds.train, args, m)
+    assert tuned == [model] and m.run["float_cached"] is True
+    assert torch.equal(other.word.weight, model.word.weight) and torch.equal(other.classifier.weight,
+                                                                             model.classifier.weight)
 
-    class _Stages:
-        run: dict = {}
-    other = torch.nn.Linear(2, 2)
-    suite_main.float_stage(other, None, args, _Stages(), "model", train)
-    assert torch.equal(other.weight, lin.weight)
+
+def test_new_suite_copies_the_transformers_suite(tmp_path):
+    """tools/new_suite.py textcls --from transformers: the copy imports and runs under its own name; Hugging Face's
+    transformers package is left alone."""
+    import subprocess
+    import sys
+    repo = __import__("pathlib").Path(__file__).resolve().parents[3]
+    root = tmp_path / "repo"
+    for rel in ("suites/__init__.py", "suites/common", "suites/transformers", "tests/__init__.py",
+                "tests/suites/__init__.py", "tests/suites/transformers", "tools/new_suite.py"):
+        src, dst = repo / rel, root / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, dst, **(
+            {"ignore": shutil.ignore_patterns("__pycache__")} if src.is_dir() else {}))
+    r = subprocess.run([sys.executable, str(root / "tools/new_suite.py"), "textcls", "--from", "transformers",
+                        "--root", str(root)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    new = root / "suites/textcls"
+    code = {p.name: p.read_text() for p in new.iterdir() if p.is_file()}
+    assert {"main.py", "suite.py", "model.py", "data.py", "rdata.py", "evaluate.py", "sessions.py"} <= set(code)
+    assert 'name = "textcls"' in code["suite.py"] and "class TextclsSuite(Suite):" in code["suite.py"]
+    assert not any("suites.transformers" in t or "suites/transformers" in t for t in code.values())
+    assert "from transformers import AutoConfig" in code["model.py"]  # the library keeps its name
+    assert "def textcls_qat(" in code["sessions.py"]
+    test = (root / "tests/suites/textcls/test_textcls_suite.py").read_text()
+    assert "from suites.textcls import main as suite_main" in test and "from transformers import" in test
+    run = subprocess.run([sys.executable, str(new / "main.py"), "--qat-steps", "0"], capture_output=True, text=True,
+                         cwd=root)
+    assert run.returncode == 2 and "error: --qat-steps 0 must be >= 1" in run.stderr, run.stderr
+    assert "outputs go to <output-dir>/textcls/" in subprocess.run(
+        [sys.executable, str(new / "main.py"), "--help"], capture_output=True, text=True, cwd=root).stdout

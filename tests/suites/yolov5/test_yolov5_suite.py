@@ -1,5 +1,6 @@
-"""YOLOv5 suite tests: model configs, the split network's QAT export, post-processing, COCO scoring, bad
-input, the restricted checkpoint unpickler and a tiny end-to-end run of train_qat.py / test.py."""
+"""YOLOv5 suite tests: model configs, post-processing, COCO scoring (mAP, PR curves, results JSON), bad input, the
+restricted checkpoint unpickler, the manual's command line on the runner (flags, devices, output folders) and tiny
+end-to-end runs of train_qat.py (suites/common/runner.py over suites/yolov5/suite.py) and test.py."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ import pickle
 import re
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +21,7 @@ from suites.yolov5 import ckpt as C
 from suites.yolov5 import datasets as D
 from suites.yolov5 import evaluate as E
 from suites.yolov5 import postprocess as PP
+from suites.yolov5.loss import YoloLoss
 from suites.yolov5.models import common
 from suites.yolov5.models.yolo import ConfigError, Model, count_params
 
@@ -103,6 +106,12 @@ def test_pycocotools_scoring_perfect_and_degraded():
     assert m < 0.8 and m50 >= 0.5
     wrong_class = [dict(d, category_id=3 - d["category_id"]) for d in perfect]
     assert E.coco_map(gt, wrong_class) == (0.0, 0.0)
+    # PR curves at IoU 0.5: perfect detections give precision 1 at every recall, AP 1 per class
+    px, curves, ap = E.pr_curves(dets, recs, 2)
+    assert sorted(curves) == [0, 1] and all(np.allclose(c, 1.0) for c in curves.values()) and ap == {0: 1.0, 1: 1.0}
+    half = {1: dets[1][:1], 2: dets[2]}  # class 0 found, one of the two class-1 boxes missed
+    px, curves, ap = E.pr_curves(half, recs, 2)
+    assert ap[0] == pytest.approx(1.0) and ap[1] == pytest.approx(0.5, abs=0.01) and curves[1][-1] == 0.0
 
 
 def _yolo_set(root, labels: dict, bad_image=None):
@@ -206,6 +215,8 @@ def test_unreadable_weights_and_bad_data_yaml_are_clear_errors(tmp_path, capsys)
         # the scripts: "error: ..." and exit code 2, no traceback
         assert train_qat.main(["--data", data, "--weights", path, "--output_dir", str(tmp_path / "o")]) == 2
         assert f"error: --weights '{path}' {msg}" in capsys.readouterr().err
+        assert train_qat.main(["--data", data, "--quantize", "--weights", path, "--output_dir", str(tmp_path)]) == 2
+        assert f"error: --weights '{path}' {msg}" in capsys.readouterr().err
         assert test_script.main(["--weights", path, "--data", data]) == 2
         assert f"error: --weights '{path}' {msg}" in capsys.readouterr().err
     onnx_trunc = tmp_path / "net.onnx"
@@ -215,6 +226,16 @@ def test_unreadable_weights_and_bad_data_yaml_are_clear_errors(tmp_path, capsys)
     assert train_qat.main(["--data", data, "--quantize", "--export-only", "--resume", str(tmp_path / "garbage.pt"),
                            "--output_dir", str(tmp_path / "o")]) == 2
     assert "error: --resume: checkpoint" in capsys.readouterr().err
+    assert train_qat.main(["--data", data, "--quantize", "--resume", str(good), "--output_dir", str(tmp_path)]) == 2
+    assert f"--resume '{good}' is not a QAT checkpoint" in capsys.readouterr().err  # float weights are not a resume
+    assert train_qat.main(["--data", data, "--resume", str(good), "--output_dir", str(tmp_path / "o")]) == 2
+    assert "error: --resume restores a QAT checkpoint (train_qat.py --quantize writes them): add --quantize" in \
+        capsys.readouterr().err
+    # a bare state_dict needs its config; --cfg gives it
+    torch.save(Model(TINY).state_dict(), tmp_path / "bare.pth")
+    with pytest.raises(C.CheckpointError, match="is a bare state_dict .*: give --cfg"):
+        C.load_weights(str(tmp_path / "bare.pth"))
+    assert C.build_from_weights(str(tmp_path / "bare.pth"), cfg=TINY).nc == 3
     assert C.load_weights(str(good))[0]["nc"] == 3  # the good file still loads
     # data YAML: a syntax error names the file and line; 'nc' missing or not an integer names the key
     bad = tmp_path / "bad.yaml"
@@ -230,6 +251,10 @@ def test_unreadable_weights_and_bad_data_yaml_are_clear_errors(tmp_path, capsys)
     bad.write_text("val: images\nnc: [1, 2\n")
     assert train_qat.main(["--data", str(bad), "--output_dir", str(tmp_path / "o")]) == 2
     assert "error: --data " in capsys.readouterr().err
+    bad.write_text("lr0: [0.01\n")  # the same for --hyp
+    assert train_qat.main(["--data", data, "--hyp", str(bad), "--output_dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "error: --hyp " in err and "not valid YAML" in err
     assert test_script.main(["--weights", str(good), "--data", str(bad)]) == 2
     assert "not valid YAML" in capsys.readouterr().err
 
@@ -303,36 +328,144 @@ def test_restricted_unpickler_refuses_other_globals(tmp_path):
         C.load_weights(str(path))
 
 
-def test_train_qat_and_test_scripts_end_to_end(tmp_path):
+
+
+def _args(argv):
+    """The runner's resolved flags of a train_qat.py command line (no work done)."""
+    from suites.common.cli import build_parser, resolve
+    from suites.yolov5.suite import SUITE
+    return resolve(SUITE, build_parser(SUITE).parse_args(argv))
+
+
+def test_the_manuals_command_line_on_the_runner(tmp_path, monkeypatch):
+    from suites.common.devices import parse_devices
+    from suites.common.suite import SuiteError
+    monkeypatch.chdir(tmp_path)
+    hyp = os.path.join(os.path.dirname(C.__file__), "data", "hyp.qat.yaml")
+    a = _args(["--data", "data/coco.yaml", "--device", "1,2,3,4,5,6,7", "--epochs", "10", "--batch-size", "49",
+               "--workers", "6", "--quantize", "--output_dir", "checkpoint_qat", "--hyp", hyp])
+    assert (a.not_qat, a.evaluate, a.epochs, a.batch_size, a.workers) == (False, False, 10, 49, 6)
+    assert a.out_dir == os.path.join("checkpoint_qat", "yolov5") and a.arch == "yolov5s" and a.img_size == 640
+    assert a.weights == "yolov5s.pt" and a.pretrained  # QAT on --data fine-tunes ./yolov5s.pt by default
+    assert (a.lr, a.optim, a.weight_decay, a.calib_batches, a.freeze_bn_epoch) == (5e-4, "sgd", 0.0, 16, 0)  # the hyp
+    assert [str(d) for d in parse_devices(a.device, a.gpu, visible=8)] == [f"cuda:{i}" for i in range(1, 8)]
+    with pytest.raises(SuiteError, match=r"--device 1,2,3,4,5,6,7: GPU 1, 2, 3, 4, 5, 6, 7 is not there \(no CUDA "
+                                         r"GPU is visible.*use --device cpu"):
+        parse_devices(a.device, a.gpu, visible=0)
+    # without --quantize: float training (the runner's --not-qat); --export-only is -e; --output-dir spelled either way
+    a = _args(["--data", "d.yaml", "--output-dir", "o", "--export-only", "--imgsz", "320"])
+    assert a.not_qat and a.evaluate and a.weights is None and a.out_dir == os.path.join("o", "yolov5")
+    assert a.img_size == 320 and _args(["--img", "96"]).img_size == 96 and _args(["--img-size", "64"]).img_size == 64
+    a = _args([])  # the embedded default: yolov5n (v6) at 128, 240 QAT steps of 32 when --quantize is given
+    assert (a.arch, a.img_size, a.epochs * a.train_images // a.batch_size, a.out_dir) == \
+        ("yolov5n-v6", 128, 240, os.path.join("checkpoint", "yolov5"))
+    assert _args(["--weights", "w/best.pt"]).arch == "best" and _args(["--cfg", "yolov5s", "--weights", "x.pt"]).arch \
+        == "yolov5s"
+    with pytest.raises(SuiteError, match="--img-size 100 must be a multiple of 32"):
+        _args(["--img", "100"])
+    with pytest.raises(SuiteError, match="--quantize and --not-qat contradict"):
+        _args(["--quantize", "--not-qat"])
+
+
+def test_project_name_exist_ok_like_ultralytics(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert _args(["--project", "p"]).out_dir == os.path.join("p", "exp")
+    os.makedirs(os.path.join("p", "exp"))
+    assert _args(["--project", "p"]).out_dir == os.path.join("p", "exp2")
+    os.makedirs(os.path.join("p", "exp2"))
+    assert _args(["--project", "p"]).out_dir == os.path.join("p", "exp3")
+    assert _args(["--project", "p", "--exist-ok"]).out_dir == os.path.join("p", "exp")
+    assert _args(["--name", "run"]).out_dir == os.path.join("runs", "train", "run")
+    a = _args(["--project", "p", "--name", "q"])
+    assert a.metrics == os.path.join("p", "q", "yolov5n-v6_metrics.json")
+
+
+def test_missing_default_weights_and_absent_gpu_are_clear_errors(tmp_path, monkeypatch, capsys):
+    from suites.yolov5 import train_qat
+    _yolo_set(tmp_path / "d", {"ok": "0 0.5 0.5 0.2 0.2\n"})
+    monkeypatch.chdir(tmp_path)
+    assert train_qat.main(["--data", str(tmp_path / "d" / "data.yaml"), "--quantize"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --weights 'yolov5s.pt' not found ({tmp_path / 'yolov5s.pt'})" in err and "give --weights" in err
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert train_qat.main(["--device", "0", "--quantize"]) == 2  # never a silent CPU fallback
+    assert "error: --device 0: GPU 0 is not there" in capsys.readouterr().err
+
+
+def test_distill_loss_is_detection_loss_plus_raw_map_mse():
+    from suites.yolov5.suite import Yolov5Suite
+    suite = Yolov5Suite()
+    m = Model(TINY)
+    suite.criterion = YoloLoss(m.detect.anchors, m.nc, {}, 64)
+    out = m(torch.rand(2, 3, 64, 64))
+    target = torch.tensor([[0, 1, 0.5, 0.5, 0.2, 0.2]])
+    args = types.SimpleNamespace(distill_alpha=0.5)
+    det = suite.loss(out, target)
+    assert torch.equal(suite.distill_loss(out, out, target, args), det)  # the teacher agrees: no extra term
+    shifted = tuple(o + 1.0 for o in out)  # MSE 1 per level, 2 levels, batch 2: + 0.5 * 2 * 2
+    assert torch.allclose(suite.distill_loss(out, shifted, target, args), det + 2.0)
+
+
+def test_train_qat_and_test_scripts_end_to_end(tmp_path, capsys):
     import yaml
+    from pycocotools.coco import COCO
+
     from suites.yolov5 import test as test_script
     from suites.yolov5 import train_qat
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(yaml.safe_dump(dict(TINY, nc=10)))
     out = tmp_path / "out"
     args = ["--cfg", str(cfg), "--scenes", "40", "12", "--float-steps", "2", "--batch-size", "4", "--img-size", "64",
-            "--cache-dir", str(tmp_path / "cache"), "--output_dir", str(out), "--val-batch-size", "6"]
-    assert train_qat.main(args + ["--quantize", "--steps", "2"]) == 0
-    m = load_metrics(out / "yolov5_metrics.json")  # the suites' one schema
+            "--cache-dir", str(tmp_path / "cache"), "--output_dir", str(out), "--val-batch-size", "6", "--threads", "1"]
+    qat = ["--quantize", "--epochs", "1", "--train-images", "8", "--calib-batches", "1"]
+    low = ["--conf-thres", "0.00001"]  # the untrained model's scores are ~1e-4: detections to save and score
+    assert train_qat.main(args + qat + low + ["--save-json"]) == 0
+    m = load_metrics(out / "yolov5" / "tiny_metrics.json")  # the suites' one schema, in <output-dir>/yolov5/
     assert (m["suite"], m["arch"], m["backend"], m["metric"]) == ("yolov5", "tiny", "TSQAT", "map50_95")
+    assert m["run"]["entry"] == "suites/yolov5/train_qat.py" and m["run"]["qat_steps"] == 2
     for stage in ("float", "qat", "ort"):
         assert 0.0 <= m[stage] <= 1.0 and m[stage] == m["scores"][stage]["map50_95"], stage
         assert 0.0 <= m["scores"][stage]["map50"] <= 1.0, stage
+        # the PR curve beside the metrics; --save-json: COCO results that pycocotools loads
+        assert os.path.getsize(m["extras"]["outputs"][f"{stage}_pr_curve"]) > 1000
+        pred = out / "yolov5" / f"tiny_{stage}_predictions.json"
+        assert m["extras"]["outputs"][f"{stage}_predictions"] == str(pred)
+        dets = json.loads(pred.read_text())
+        assert dets and set(dets[0]) == {"image_id", "category_id", "bbox", "score"} and len(dets[0]["bbox"]) == 4
+    gt = COCO(next((tmp_path / "cache").glob("yolov5_fashion_scenes_*/annotations/instances_val.json")))
+    assert len(gt.loadRes(str(out / "yolov5" / "tiny_ort_predictions.json")).getAnnIds()) == len(dets)
     assert m["run"]["float_cached"] is False and m["run"]["val_images"] == 12 and m["scores"]["ort"]["images"] == 12
     # the split network: every convolution (backbone, neck, Detect) runs as an integer kernel in onnxruntime,
     # and the exported file agrees with the PyTorch fake-quant network within four output quantization steps
     assert m["integer_kernels"]["QLinearConv"] == m["extras"]["conv_layers"] == 26 == m["quantized_layers"]
     assert m["export"]["max_abs_diff"] <= 4 * max(m["export"]["output_scale"]) + 1e-6
+    assert len(m["extras"]["out_ranges"]) == 2  # the Detect outputs' ranges clipped after calibration (hyp.qat.yaml)
     assert set(m["times_s"]) >= {"float_train", "float_eval", "calibration", "qat_train", "export", "ort_eval"}
     onnx_path = m["files"]["onnx"]
-    assert os.path.exists(onnx_path) and os.path.exists(m["files"]["qparams"])
+    assert all(os.path.exists(m["files"][k]) for k in ("onnx", "qparams", "onnx_meta"))
     # the same exported network scored by test.py (its _meta.json gives anchors and strides)
-    rc = test_script.main(["--weights", onnx_path, "--scenes", "40", "12", "--metrics", str(tmp_path / "t.json")])
-    assert rc == 0 and json.loads((tmp_path / "t.json").read_text())["map50_95"] == m["ort"]
+    rc = test_script.main(["--weights", onnx_path, "--scenes", "40", "12", "--metrics", str(tmp_path / "t.json"),
+                           "--save-json", "--device", "cpu", *low])
+    t = json.loads((tmp_path / "t.json").read_text())
+    assert rc == 0 and t["map50_95"] == m["ort"] and os.path.exists(t["pr_curve"])
+    assert json.loads(open(t["predictions"]).read()) == dets
+    # --resume continues the QAT checkpoint exactly (epoch, optimizer, schedule); --export-only evaluates + exports it
+    ckpt = str(out / "yolov5" / "tiny_checkpoint.pth")
+    assert train_qat.main(args + qat + ["--resume", ckpt, "--epochs", "2", "--metrics", str(tmp_path / "r.json")]) == 0
+    assert load_metrics(tmp_path / "r.json")["run"]["qat_steps"] == 4
+    assert train_qat.main(args + qat + ["--resume", ckpt, "--export-only", "--metrics", str(tmp_path / "e.json")]) == 0
+    e = load_metrics(tmp_path / "e.json")
+    assert e["qat"] is not None and e["ort"] is not None and "qat_train" not in e["times_s"]
+    # distillation from the float model (the default teacher) or --teacher-path
+    flt = str(next((tmp_path / "cache").glob("tiny_scenes_float_*.pth")))  # the float model (a state_dict)
+    assert train_qat.main(args + qat + ["--distill-method", "kd", "--teacher-path", flt, "--no-export",
+                                        "--metrics", str(tmp_path / "k.json")]) == 0
+    assert load_metrics(tmp_path / "k.json")["qat"] is not None
     # float-only run reuses the cached float model
-    assert train_qat.main(args + ["--metrics", str(tmp_path / "f.json")]) == 0
+    capsys.readouterr()
+    assert train_qat.main(args + low + ["--metrics", str(tmp_path / "f.json")]) == 0
     f = load_metrics(tmp_path / "f.json")
-    assert f["run"]["float_cached"] is True and f["float"] == m["float"] and f["qat"] is None
+    assert f["run"]["float_cached"] is True and f["float"] == m["float"] and f["qat"] is None and f["backend"] is None
     # user data (--data, YOLO-format labels): float training from the cached weights, then test.py on its checkpoint
     from PIL import Image
     root = tmp_path / "user"
@@ -342,30 +475,33 @@ def test_train_qat_and_test_scripts_end_to_end(tmp_path):
         Image.fromarray(np.full((48, 64, 3), 40 * i, np.uint8)).save(root / "images" / f"{i}.jpg")
         (root / "labels" / f"{i}.txt").write_text(f"{i} 0.5 0.5 0.25 0.5\n")
     (root / "data.yaml").write_text(f"path: {root}\ntrain: images\nval: images\nnc: 10\n")
-    cached = next((tmp_path / "cache" / "yolov5").glob("*.pt"))
-    assert train_qat.main(["--data", str(root / "data.yaml"), "--weights", str(cached), "--img-size", "64",
-                           "--epochs", "1", "--batch-size", "2", "--output_dir", str(tmp_path / "user_out")]) == 0
-    best = tmp_path / "user_out" / f"{cached.stem}_float_best.pt"  # named after --weights
+    cached = next((tmp_path / "cache").glob("tiny_scenes_float_*.pth"))
+    data = ["--data", str(root / "data.yaml"), "--cfg", str(cfg), "--img-size", "64"]
+    assert train_qat.main(data + ["--weights", str(cached), "--epochs", "1", "--batch-size", "2", "--threads", "1",
+                                  "--output_dir", str(tmp_path / "user_out")]) == 0
+    best = tmp_path / "user_out" / "yolov5" / "tiny_model_best_float.pth"
     assert best.exists()
-    assert test_script.main(["--weights", str(best), "--data", str(root / "data.yaml"), "--img-size", "64",
-                             "--metrics", str(tmp_path / "u.json")]) == 0
+    test = ["--weights", str(best), "--cfg", str(cfg), "--data", str(root / "data.yaml"), "--img-size", "64"]
+    assert test_script.main(test + ["--metrics", str(tmp_path / "u.json")]) == 0
     u = json.loads((tmp_path / "u.json").read_text())
     assert u["images"] == 4 and u["targets"] == 4
     (root / "labels" / "3.txt").write_text("12 0.5 0.5 0.25 0.5\n")
-    assert test_script.main(["--weights", str(best), "--data", str(root / "data.yaml"), "--img-size", "64"]) == 2
-    assert test_script.main(["--weights", str(best), "--data", str(root / "data.yaml"), "--img-size", "64",
-                             "--on-bad-label", "skip", "--metrics", str(tmp_path / "u.json")]) == 0
+    assert test_script.main(test) == 2
+    assert test_script.main(test + ["--on-bad-label", "skip", "--metrics", str(tmp_path / "u.json")]) == 0
     u = json.loads((tmp_path / "u.json").read_text())
     assert u["images"] == 3 and u["skipped"] == {"bad label": 1}
-    # bad config: a clear error, exit code 2
+    assert test_script.main(test + ["--device", "3"]) == 2
+    assert "error: --device 3: GPU 3 is not there" in capsys.readouterr().err
+    # bad config: a clear error before the data, exit code 2
     bad = json.loads(json.dumps(TINY))
     bad["head"][0][2] = "Conv3"
     cfg.write_text(yaml.safe_dump(bad))
-    assert train_qat.main(args + ["--no-float-cache"]) == 2
+    assert train_qat.main(args) == 2
+    assert "unknown module 'Conv3'" in capsys.readouterr().err
 
 
 def test_torchrun_two_processes_gloo(tmp_path):
-    """Distributed float + QAT under torchrun (gloo on CPU): DDP, DistributedSampler, rank 0 evaluates."""
+    """Distributed QAT under torchrun (gloo on CPU): DDP, the runner's sampler split, rank 0 evaluates and writes."""
     import subprocess
     import yaml
     cfg = tmp_path / "tiny.yaml"
@@ -373,12 +509,41 @@ def test_torchrun_two_processes_gloo(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(root, "suites", "yolov5", "train_qat.py"), "--cfg", str(cfg), "--scenes", "32", "8",
-           "--float-steps", "2", "--batch-size", "8", "--img-size", "64", "--quantize", "--steps", "2",
-           "--no-export", "--threads", "1", "--cache-dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path)]
+           "--float-steps", "2", "--batch-size", "8", "--img-size", "64", "--quantize", "--epochs", "1",
+           "--train-images", "16", "--calib-batches", "1", "--no-export", "--threads", "1", "--device", "cpu",
+           "--cache-dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    m = load_metrics(tmp_path / "yolov5_metrics.json")
+    m = load_metrics(tmp_path / "yolov5" / "tiny_metrics.json")
     assert m["run"]["world_size"] == 2 and m["run"]["qat_steps"] == 2 and m["qat"] is not None
     assert "onnx" not in m["files"]
-    assert (tmp_path / "tiny_qat_checkpoint.pth").exists()
-    assert r.stdout.count("QAT: [0/2]") == 1  # progress lines from rank 0 only
+    assert (tmp_path / "yolov5" / "tiny_checkpoint.pth").exists()
+    assert (r.stdout + r.stderr).count("Epoch: [0][0/2]") == 1  # progress lines from rank 0 only
+
+
+def test_new_suite_copies_yolov5(tmp_path):
+    """tools/new_suite.py det --from yolov5: every file of the suite (models/, data/ included), renamed; it imports."""
+    import shutil
+    import subprocess
+    repo = Path(__file__).resolve().parents[3]
+    root = tmp_path / "repo"
+    for rel in ("suites/__init__.py", "suites/common", "suites/yolov5", "tests/suites/__init__.py",
+                "tests/suites/yolov5", "tools/new_suite.py"):
+        src, dst = repo / rel, root / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, dst, **(
+            {"ignore": shutil.ignore_patterns("__pycache__")} if src.is_dir() else {}))
+    r = subprocess.run([sys.executable, str(root / "tools/new_suite.py"), "det", "--from", "yolov5", "--root",
+                        str(root)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    new = root / "suites" / "det"
+    own = {p.relative_to(repo / "suites" / "yolov5").as_posix().replace("yolov5", "det")
+           for p in (repo / "suites" / "yolov5").rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    assert {p.relative_to(new).as_posix() for p in new.rglob("*") if p.is_file()} == own
+    code = "\n".join(p.read_text() for p in new.rglob("*.py"))
+    assert "suites.yolov5" not in code and 'name = "det"' in code and "class DetSuite(Suite)" in code
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); from suites.det.suite import SUITE; "
+             "from suites.common.cli import build_parser, resolve; "
+             "a = resolve(SUITE, build_parser(SUITE).parse_args(['--quantize'])); print(SUITE.name, a.out_dir, a.arch)")
+    r = subprocess.run([sys.executable, "-c", probe, str(root)], capture_output=True, text=True, cwd=root)
+    assert r.returncode == 0 and r.stdout.split() == ["det", "checkpoint/det", "detn-v6"], r.stdout + r.stderr

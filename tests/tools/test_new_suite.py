@@ -1,55 +1,84 @@
-"""tools/new_suite.py: a suite made from imagenet runs at once under its own name (sessions, tests, outputs,
-regression entry), holds only the suite's own pieces, and its prose is untouched."""
+"""tools/new_suite.py: a suite made from each of the suites on the runner (imagenet, yolov5, transformers) runs at
+once under its own name (sessions, tests, outputs, regression entry), holds only the suite's own pieces, and its
+prose is untouched."""
+import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
-OWN = {"__init__.py", "main.py", "suite.py", "data.py", "sessions.py", "baselines.json", "regression.json", "README.md"}
+SHARED = ("suites/__init__.py", "suites/common", "tests/__init__.py", "tests/conftest.py", "tests/suites/__init__.py",
+          "noxfile.py", "pyproject.toml", "tools/new_suite.py", "tools/regression_gate.py")
+
+# template -> (new name, its class, its smoke test (pytest -k) or None, its smoke command (script, args) or None,
+#              what must stay as written (prose, library names) in a file of the copy)
+CASES = {
+    "imagenet": ("fashion", "FashionSuite", "smoke_pipeline", None, ("suite.py", "IMAGENET1K_V1")),
+    "yolov5": ("det", "DetSuite", None, ("train_qat.py", ["--smoke", "--quantize"]), ("README.md", "YOLOv5")),
+    "transformers": ("textcls", "TextclsSuite", "main_smoke", None, ("model.py", "from transformers import")),
+}
 
 
-def test_new_suite_runs_its_sessions_and_smoke_test_at_once(tmp_path):
+def _own_files(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+
+
+def _repo_copy(root: Path, src: str) -> None:
+    for rel in (*SHARED, f"suites/{src}", f"tests/suites/{src}"):
+        s, d = REPO / rel, root / rel
+        d.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if s.is_dir() else shutil.copy)(s, d, **(
+            {"ignore": shutil.ignore_patterns("__pycache__", "checkpoint")} if s.is_dir() else {}))
+
+
+@pytest.mark.parametrize("src", list(CASES))
+def test_new_suite_runs_its_sessions_and_smoke_at_once(tmp_path, src):
+    name, cls, smoke_test, smoke_cmd, (kept_file, kept_text) = CASES[src]
     root = tmp_path / "repo"
-    for rel in ("suites/__init__.py", "suites/common", "suites/imagenet", "tests/__init__.py", "tests/conftest.py",
-                "tests/suites/__init__.py", "tests/suites/imagenet", "noxfile.py", "pyproject.toml",
-                "tools/new_suite.py", "tools/regression_gate.py"):
-        src, dst = REPO / rel, root / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, dst, **(
-            {"ignore": shutil.ignore_patterns("__pycache__")} if src.is_dir() else {}))
-    r = subprocess.run([sys.executable, str(root / "tools/new_suite.py"), "fashion", "--from", "imagenet",
-                        "--root", str(root)], capture_output=True, text=True)
+    _repo_copy(root, src)
+    r = subprocess.run([sys.executable, str(root / "tools/new_suite.py"), name, "--from", src, "--root", str(root)],
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    new = root / "suites/fashion"
-    # only the suite's own pieces (the pipeline is suites/common/runner.py), a few hundred lines of Python
-    assert {p.name for p in new.iterdir()} == OWN
-    assert sum(len(p.read_text().splitlines()) for p in new.glob("*.py")) < 700
-    # identifiers and paths renamed, prose kept
-    code = {p.name: p.read_text() for p in [*new.iterdir(), *(root / "tests/suites/fashion").iterdir()] if p.is_file()}
-    assert not any("suites.imagenet" in t or "suites/imagenet" in t for t in code.values())
-    assert 'name = "fashion"' in code["suite.py"] and "class FashionSuite(Suite):" in code["suite.py"]
-    assert "IMAGENET1K_V1" in code["suite.py"] and "ImageNet weights" in code["README.md"]
-    assert "def fashion_qat(" in code["sessions.py"] and "checkpoint/fashion/mobilenet_v2_metrics.json" in code[
-        "README.md"]
-    test_file = root / "tests/suites/fashion/test_fashion_suite.py"
-    assert "from suites.fashion import main as suite_main" in test_file.read_text()
+    new = root / "suites" / name
+    # every file of the suite and nothing else (the pipeline is suites/common/runner.py), renamed where named by it
+    assert _own_files(new) == {f.replace(src, name) for f in _own_files(REPO / "suites" / src)}
+    code = {p.relative_to(new).as_posix(): p.read_text() for p in new.rglob("*") if p.is_file()}
+    tests = {p.name: p.read_text() for p in (root / "tests/suites" / name).iterdir() if p.is_file()}
+    assert not any(f"suites.{src}" in t or f"suites/{src}" in t for t in [*code.values(), *tests.values()])
+    assert f'name = "{name}"' in code["suite.py"] and f"class {cls}(Suite):" in code["suite.py"]
+    assert kept_text in code[kept_file]  # prose and library names stay
+    assert f"def {name}_qat(" in code["sessions.py"]
+    if src == "imagenet":  # a classification suite is a few hundred lines: only its own pieces
+        assert sum(len(t.splitlines()) for f, t in code.items() if f.endswith(".py")) < 700
     # nox discovers the new sessions, the regression gate its entry, without edits elsewhere
     listing = subprocess.run([sys.executable, "-m", "nox", "-f", str(root / "noxfile.py"), "-l"],
                              capture_output=True, text=True, cwd=root)
     assert listing.returncode == 0, listing.stderr
-    for s in ("fashion_qat", "fashion_float_eval", "fashion_export", "fashion_regression", "imagenet_qat"):
+    for s in (f"{name}_qat", f"{name}_float_eval", f"{name}_export", f"{name}_regression", f"{src}_qat"):
         assert s in listing.stdout
     gate = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, 'tools'); import regression_gate as g;"
                            " print([p.name for p in g.discover(g.ROOT / 'suites')])"], capture_output=True, text=True,
                           cwd=root)
-    assert "'fashion'" in gate.stdout and "'imagenet'" in gate.stdout, gate.stderr
-    # its smoke test passes, running the new suite's own code with outputs in <output-dir>/fashion/
-    t = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "smoke_pipeline",
-                        str(test_file)], capture_output=True, text=True, cwd=root)
-    assert t.returncode == 0, t.stdout[-3000:] + t.stderr[-2000:]
-    assert "1 passed" in t.stdout
+    assert f"'{name}'" in gate.stdout and f"'{src}'" in gate.stdout, gate.stderr
+    # the copy's smoke run: its own code, outputs in <output-dir>/<name>/, the metrics naming the new suite
+    if smoke_cmd:
+        script, args = smoke_cmd
+        out = tmp_path / "out"
+        run = subprocess.run([sys.executable, str(new / script), *args, "--threads", "1", "--output-dir", str(out)],
+                             capture_output=True, text=True, cwd=root)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        metrics = [json.loads(p.read_text()) for p in (out / name).glob("*_metrics.json")]
+        assert metrics and metrics[0]["suite"] == name and metrics[0]["ort"] is not None
+    if smoke_test:
+        test_file = root / "tests/suites" / name / f"test_{name}_suite.py"
+        t = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-k",
+                            smoke_test, str(test_file)], capture_output=True, text=True, cwd=root)
+        assert t.returncode == 0, t.stdout[-3000:] + t.stderr[-2000:]
+        assert " passed" in t.stdout and "failed" not in t.stdout
     # a second copy under the same name is refused
-    again = subprocess.run([sys.executable, str(root / "tools/new_suite.py"), "fashion", "--root", str(root)],
-                           capture_output=True, text=True)
+    again = subprocess.run([sys.executable, str(root / "tools/new_suite.py"), name, "--from", src, "--root",
+                            str(root)], capture_output=True, text=True)
     assert again.returncode != 0 and "exists already" in again.stderr

@@ -480,35 +480,3 @@ def test_float_cache_is_loaded_with_weights_only(tmp_path, monkeypatch, caplog, 
     assert tuned == [model] and m.run["float_cached"] is True
     assert torch.equal(other.word.weight, model.word.weight) and torch.equal(other.classifier.weight,
                                                                              model.classifier.weight)
-
-
-def test_new_suite_copies_the_transformers_suite(tmp_path):
-    """tools/new_suite.py textcls --from transformers: the copy imports and runs under its own name; Hugging Face's
-    transformers package is left alone."""
-    import subprocess
-    import sys
-    repo = __import__("pathlib").Path(__file__).resolve().parents[3]
-    root = tmp_path / "repo"
-    for rel in ("suites/__init__.py", "suites/common", "suites/transformers", "tests/__init__.py",
-                "tests/suites/__init__.py", "tests/suites/transformers", "tools/new_suite.py"):
-        src, dst = repo / rel, root / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, dst, **(
-            {"ignore": shutil.ignore_patterns("__pycache__")} if src.is_dir() else {}))
-    r = subprocess.run([sys.executable, str(root / "tools/new_suite.py"), "textcls", "--from", "transformers",
-                        "--root", str(root)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    new = root / "suites/textcls"
-    code = {p.name: p.read_text() for p in new.iterdir() if p.is_file()}
-    assert {"main.py", "suite.py", "model.py", "data.py", "rdata.py", "evaluate.py", "sessions.py"} <= set(code)
-    assert 'name = "textcls"' in code["suite.py"] and "class TextclsSuite(Suite):" in code["suite.py"]
-    assert not any("suites.transformers" in t or "suites/transformers" in t for t in code.values())
-    assert "from transformers import AutoConfig" in code["model.py"]  # the library keeps its name
-    assert "def textcls_qat(" in code["sessions.py"]
-    test = (root / "tests/suites/textcls/test_textcls_suite.py").read_text()
-    assert "from suites.textcls import main as suite_main" in test and "from transformers import" in test
-    run = subprocess.run([sys.executable, str(new / "main.py"), "--qat-steps", "0"], capture_output=True, text=True,
-                         cwd=root)
-    assert run.returncode == 2 and "error: --qat-steps 0 must be >= 1" in run.stderr, run.stderr
-    assert "outputs go to <output-dir>/textcls/" in subprocess.run(
-        [sys.executable, str(new / "main.py"), "--help"], capture_output=True, text=True, cwd=root).stdout

@@ -66,3 +66,30 @@ def test_a_metrics_file_outside_the_schema_fails_its_suite(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 1 and "regression gate: FAIL" in r.stdout
     assert "old: metrics file" in r.stdout and "is not a suite metrics file of schema 1" in r.stdout
+
+
+def test_extra_runs_run_only_when_asked_with_their_own_baselines(tmp_path):
+    _suite(tmp_path, "alpha", 91.0, 91.2)
+    cfg = json.loads((tmp_path / "alpha" / "regression.json").read_text())
+    cfg["extra"] = [{"name": "low_bit", "args": ["--acc", "70.0"], "baselines": "baselines_low_bit.json"},
+                    {"name": "other", "args": ["--acc", "60.0"], "baselines": "baselines_other.json"}]
+    (tmp_path / "alpha" / "regression.json").write_text(json.dumps(cfg))
+    for name, value in (("low_bit", 70.2), ("other", 65.0)):  # "other" claims 65: measured 60 fails
+        (tmp_path / "alpha" / f"baselines_{name}.json").write_text(json.dumps(
+            [{"metric": "scores.qat.top1", "value": value, "tolerance": 0.5, "direction": "higher"}]))
+
+    def gate(*extra):
+        out = tmp_path / "r.json"
+        r = subprocess.run([sys.executable, str(TOOL), "--suites-root", str(tmp_path), "--out", str(out), *extra],
+                           capture_output=True, text=True)
+        return r, {x["suite"]: x["verdict"] for x in json.loads(out.read_text())["rows"]} if out.exists() else {}
+
+    r, rows = gate()  # the default run only
+    assert r.returncode == 0 and rows == {"alpha": "PASS"}, r.stdout + r.stderr
+    r, rows = gate("--extra", "low_bit")
+    assert r.returncode == 0 and rows == {"alpha": "PASS", "alpha/low_bit": "PASS"}, r.stdout + r.stderr
+    r, rows = gate("--extra")  # all of them: the failing one fails the gate
+    assert r.returncode == 1 and rows["alpha/other"] == "FAIL" and rows["alpha/low_bit"] == "PASS"
+    assert "3 runs" in r.stdout
+    r, _ = gate("--extra", "nope")
+    assert r.returncode == 2 and "--extra nope: no such run" in r.stderr

@@ -168,7 +168,9 @@ def run(suite: Suite, args) -> int:
         S.float_finetune(suite, model, data.train, args, m)
     model.to(args.device, memory_format=torch.channels_last if suite.channels_last else torch.contiguous_format)
     control = qat and args.max_drop is not None and not args.evaluate
-    if args.embedded or finetuned or (args.evaluate and not qat) or control:
+    # the float model's metric: what QAT is measured against (the metrics' qat_minus_float), and -e --not-qat's result
+    if args.embedded or finetuned or control or (args.evaluate and not qat) or (qat and not args.resume
+                                                                                and not args.evaluate):
         if D.is_main():
             S.evaluate_stage(suite, model, val_loader, args, m, "float")
     if not qat:

@@ -348,7 +348,7 @@ def test_distillation_teacher_is_the_float_model_or_teacher_path(smoke_run, tmp_
     torch.save(torch.load(cache, weights_only=True)["state_dict"], teacher)  # the smoke run's float split
     assert suite_main.main([*argv, "--teacher-path", str(teacher)]) == 0
     m = load_metrics(tmp_path / "o" / "transformers" / "tiny_bert_metrics.json")
-    assert m["qat"] is not None and m["run"]["qat_steps"] == 2 and m["float"] is None  # --data: no fine-tune
+    assert m["qat"] is not None and m["run"]["qat_steps"] == 2 and m["float"] is not None  # measured before QAT
     _, hf3 = check_and_load(tiny_bert_dir, 3, 32, weights=False)
     torch.save(EncoderClassifier(hf3).state_dict(), teacher)  # 3 classes, the data has 6
     _bad([*argv, "--teacher-path", str(teacher)], capsys,

@@ -147,6 +147,28 @@ def test_sensitivity_search_result_prepares_calibrates_and_exports(tmp_path):
     assert (abs(outs[0] - ref[0]) / r.output_scale[0]).max() <= 1.0
 
 
+def test_a_non_positive_trace_estimate_is_not_a_free_layer(monkeypatch):
+    """A Hutchinson estimate <= 0 is noise, not "no sensitivity": the layer is scored by its measured loss increase
+    (as method "loss" scores it), so the allocation does not hand it the fewest bits for free."""
+    import ts_qat_pytorch.mix_precision.sensitivity as S
+    torch.manual_seed(0)
+    q = prepare_by_platform(TinyResNet().eval(), "Experimental")
+    batches = [torch.randn(4, 3, 8, 8) for _ in range(2)]
+    measured = layer_sensitivity(q, batches, candidates=(2, 4, 8), method="loss")
+    i = max(range(len(measured.layers)), key=lambda j: measured.weight[measured.layers[j]][2])
+    real = S.hutchinson_trace
+
+    def noisy(loss, params, *a, **k):  # the estimate of the layer that 2 bits hurt most comes out negative
+        est = real(loss, params, *a, **k)
+        return [-abs(e) if j == i else e for j, e in enumerate(est)]
+
+    monkeypatch.setattr(S, "hutchinson_trace", noisy)
+    sens = layer_sensitivity(q, batches, candidates=(2, 4, 8), n_samples=2)
+    bad = sens.layers[i]
+    assert sens.fallback == [bad] and sens.trace[bad] < 0
+    assert sens.weight[bad] == measured.weight[bad] and sens.weight[bad][2] > 0  # not 0: not a free layer
+
+
 def test_accuracy_control_stops_as_soon_as_the_drop_is_within_budget():
     sens = {"a": 5.0, "b": 9.0, "c": 1.0, "d": 7.0}
     built = []

@@ -9,7 +9,10 @@ weights W are quantized at b bits,
 
 with Tr(H) the trace of the loss Hessian with respect to W (n weights), estimated by Hutchinson's method:
 E[v^T H v] over Rademacher vectors v, each H v one Hessian-vector product (autograd with create_graph, as
-PyHessian computes it). A negative estimate (a non-convex point) counts as 0.
+PyHessian computes it). An estimate that is not positive says nothing about the layer (noise of few vectors, above
+all with one vector for all layers, or a non-convex point); counted as 0 it would make the layer "free" and the
+allocation would give it the fewest bits (measured: the largest layers of mobilenet_v2 at 2 bits). Such a layer is
+scored by the measured loss increase instead (method "loss"); ``Sensitivity.fallback`` names them.
 
 method "loss": the loss measured with that one layer's weights quantized at b bits, the others float, minus the
 float loss (clamped at 0).
@@ -58,6 +61,7 @@ class Sensitivity:
     act_candidates: tuple[int, ...] = ()
     activation: dict[str, dict[int, float]] = field(default_factory=dict)  # layer -> bits -> loss increase
     trace: dict[str, float] = field(default_factory=dict)  # "hessian": mean Hessian trace per weight
+    fallback: list[str] = field(default_factory=list)  # "hessian": layers scored by the measured loss (trace <= 0)
 
     def ranking(self, bits: int | None = None) -> list[str]:
         """Layers, most sensitive first, at ``bits`` (default: the lowest candidate)."""
@@ -229,20 +233,25 @@ def layer_sensitivity(model: nn.Module, batches: Iterable[Any], candidates: Iter
         for p in params:
             p.requires_grad_(False)
         for n, p, tr in zip(layers, params, traces):
-            mean_tr = max(tr, 0.0) / p.numel()
             result.trace[n] = tr / p.numel()
-            result.weight[n] = {b: 0.5 * mean_tr * float(delta[n][b].pow(2).sum()) for b in cands}
-    else:
-        for n in layers:
-            w = mods[n].weight
-            saved = w.detach().clone()
-            result.weight[n] = {}
-            for b in cands:
-                with torch.no_grad():
-                    w.add_(delta[n][b])
-                result.weight[n][b] = max(loss_now() - base, 0.0)
-                with torch.no_grad():
-                    w.copy_(saved)
+            if tr > 0:
+                result.weight[n] = {b: 0.5 * tr / p.numel() * float(delta[n][b].pow(2).sum()) for b in cands}
+            else:
+                result.fallback.append(n)
+        if result.fallback:
+            logger.warning("sensitivity: the Hessian trace estimate of %d layer(s) is not positive (%s); they are "
+                           "scored by the measured loss increase (more --mp-samples / blockwise estimates make this "
+                           "rarer)", len(result.fallback), ", ".join(result.fallback[:6]))
+    for n in layers if method == "loss" else result.fallback:
+        w = mods[n].weight
+        saved = w.detach().clone()
+        result.weight[n] = {}
+        for b in cands:
+            with torch.no_grad():
+                w.add_(delta[n][b])
+            result.weight[n][b] = max(loss_now() - base, 0.0)
+            with torch.no_grad():
+                w.copy_(saved)
     for n in layers if acands else ():
         result.activation[n] = {}
         for b in acands:

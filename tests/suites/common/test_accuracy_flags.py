@@ -29,7 +29,8 @@ def test_ptq_recon_only_records_calibrated_and_reconstructed_and_saves_the_model
     rc, m = _run(TinySuite(), out, "--ptq-recon", "--epochs", "0", "--ptq-config", '{"max_count": 10}')
     assert rc == 0
     ptq = m["extras"]["ptq"]
-    assert ptq["config"] == {"pattern": "block", "prob": 0.5, "max_count": 10, "round_mode": "learned_hard_sigmoid"}
+    assert ptq["config"] == {"pattern": "block", "prob": 0.5, "max_count": 10, "scale_lr": 2e-3,
+                             "round_mode": "learned_hard_sigmoid"}
     assert ptq["units"] == 2 and len(ptq["per_unit"]) == 2 and ptq["seconds"] > 0
     assert ptq["loss_after"] <= ptq["loss_before"]
     assert ptq["calibrated"] is not None and ptq["reconstructed"] == m["qat"]  # PTQ only: the result is the model

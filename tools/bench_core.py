@@ -38,7 +38,7 @@ import torch.nn.functional as F
 import torchvision
 
 from ts_qat_pytorch.convert_export import convert_export
-from ts_qat_pytorch.onnx.verify import ort_session
+from ts_qat_pytorch.onnx.verify import interleaved_times, ort_session
 from ts_qat_pytorch.prepare_by_platform import BackendType, prepare_by_platform
 from ts_qat_pytorch.utils.state import enable_calibration, enable_quantization
 from ts_qat_pytorch.utils.utils import atomic_write_bytes
@@ -203,14 +203,7 @@ def ort_latency(arch, batch, res, reps):
         _ort_quantize_static(files["fp32"], files["ort_quantize_static"], x)
         sess = {k: ort_session(f, threads=threads) for k, f in files.items()}
         feeds = {k: {s.get_inputs()[0].name: x.numpy()} for k, s in sess.items()}
-        for k in sess:
-            sess[k].run(None, feeds[k])
-        times = {k: [] for k in sess}
-        for _ in range(reps):
-            for k in sess:
-                t = time.perf_counter()
-                sess[k].run(None, feeds[k])
-                times[k].append(time.perf_counter() - t)
+        times = interleaved_times(sess, feeds, reps)
     ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     return {"ms": ms, "speedup": {k: ms["fp32"] / v for k, v in ms.items() if k != "fp32"},
             "integer_kernels": kernels}

@@ -17,7 +17,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -99,17 +98,10 @@ def _feeds(sess) -> dict:
 
 
 def bench(int8_path: str, fp32_path: str, reps: int) -> dict:
-    from ts_qat_pytorch.onnx.verify import ort_session
+    from ts_qat_pytorch.onnx.verify import interleaved_times, ort_session
     sess = {"fp32": ort_session(fp32_path), "int8": ort_session(int8_path)}
     feeds = {k: _feeds(s) for k, s in sess.items()}
-    for k in sess:
-        sess[k].run(None, feeds[k])
-    times = {k: [] for k in sess}
-    for _ in range(reps):
-        for k in sess:
-            t = time.perf_counter()
-            sess[k].run(None, feeds[k])
-            times[k].append(time.perf_counter() - t)
+    times = interleaved_times(sess, feeds, reps)
     f, i = statistics.median(times["fp32"]), statistics.median(times["int8"])
     shapes = [list(v.shape) for v in feeds["int8"].values()]
     return {"input_shape": shapes[0] if len(shapes) == 1 else shapes, "fp32_ms": f * 1e3, "int8_ms": i * 1e3,

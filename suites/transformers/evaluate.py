@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if _REPO not in sys.path:
@@ -73,7 +72,7 @@ def score_onnx(sess, tokenizer, examples: list, num_labels: int, max_length: int
 def ort_latency(paths: dict[str, str], batch: int, length: int, threads: int | None, repeats: int = 10) -> dict:
     """Median wall time (ms) of one (batch, length) forward of each model in onnxruntime, after warm-up. The models
     take turns run by run, so a noisy neighbour on the machine slows both alike and the ratio stays honest."""
-    from ts_qat_pytorch.onnx.verify import ort_session
+    from ts_qat_pytorch.onnx.verify import interleaved_times, ort_session
     g = np.random.default_rng(0)
     ids = g.integers(1000, 2000, (batch, length)).astype(np.int64)
     sessions, feeds = {}, {}
@@ -81,15 +80,8 @@ def ort_latency(paths: dict[str, str], batch: int, length: int, threads: int | N
         sessions[k] = ort_session(path, threads=threads)
         names = [i.name for i in sessions[k].get_inputs()]
         feeds[k] = {names[0]: ids, names[1]: np.zeros((batch, 1, 1, length), np.float32)}
-        for _ in range(2):
-            sessions[k].run(None, feeds[k])
-    ts = {k: [] for k in paths}
-    for _ in range(repeats):
-        for k in paths:
-            t = time.perf_counter()
-            sessions[k].run(None, feeds[k])
-            ts[k].append(1000 * (time.perf_counter() - t))
-    return {k: round(float(np.median(v)), 2) for k, v in ts.items()}
+    ts = interleaved_times(sessions, feeds, repeats, warmup=2)
+    return {k: round(1000 * float(np.median(v)), 2) for k, v in ts.items()}
 
 
 def main(argv=None) -> int:

@@ -51,6 +51,23 @@ def run_in_batches(sess, x: np.ndarray, batch: int | None = None) -> list[np.nda
     return [np.concatenate([c[i] for c in chunks]) for i in range(len(chunks[0]))] if chunks else []
 
 
+def interleaved_times(sessions: dict, feeds: dict, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Wall times (seconds) of ``repeats`` runs of each onnxruntime session on its feed, after ``warmup`` runs each.
+    The sessions take turns run by run, so a noisy neighbour on the machine slows them alike and their ratio stays
+    honest."""
+    import time
+    for _ in range(warmup):
+        for k in sessions:
+            sessions[k].run(None, feeds[k])
+    times = {k: [] for k in sessions}
+    for _ in range(repeats):
+        for k in sessions:
+            t = time.perf_counter()
+            sessions[k].run(None, feeds[k])
+            times[k].append(time.perf_counter() - t)
+    return times
+
+
 def optimized_op_counts(path: str) -> Counter:
     """Op types of the graph onnxruntime actually runs (after ORT_ENABLE_ALL)."""
     with tempfile.TemporaryDirectory() as d:

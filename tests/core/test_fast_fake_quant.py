@@ -126,6 +126,79 @@ def test_divide_channels_matches_eager_division():
         torch.testing.assert_close(sf.grad, sr.grad, rtol=1e-6, atol=1e-6 * sr.grad.abs().max().item())
 
 
+def _bn(c: int, dim: int, momentum=0.1) -> nn.Module:
+    torch.manual_seed(5)
+    bn = (nn.BatchNorm1d if dim < 4 else nn.BatchNorm2d)(c, momentum=momentum)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+        bn.running_var.fill_(2.0)
+    return bn
+
+
+def _eager_folded(y, s, b, bn, act):
+    view = [1, -1] + [1] * (y.dim() - 2)
+    t = y / s.reshape(view) + (b.reshape(view) if b is not None else 0)
+    out = bn(t)
+    return act(out) if act is not None else out
+
+
+@pytest.mark.parametrize("shape,act,bias,momentum", [
+    ((8, 32, 14, 14), nn.ReLU6(), False, 0.1), ((16, 64), None, True, 0.1), ((4, 16, 100), nn.ReLU(), True, None),
+    ((2, 8, 5, 5), nn.SiLU(), False, 0.1), ((4, 8, 6, 6), nn.Hardtanh(-1.0, 2.0), True, 0.3)])
+def test_folded_batch_norm_matches_the_eager_rescale_and_batch_norm(shape, act, bias, momentum):
+    """The BN-folding layers' training rescale + BatchNorm (+ ReLU / ReLU6 / Hardtanh) kernel against the eager
+    ops: outputs, input / gamma / beta gradients and the running statistics to float32 rounding; the s gradient
+    (a sum that cancels to almost nothing: BatchNorm undoes the scale but for eps) against float64, which the
+    kernel's closed form meets where the eager float32 sum does not."""
+    torch.manual_seed(0)
+    c = shape[1]
+    y, s, g = torch.randn(shape) * 3 + 1, torch.rand(c) + 0.5, torch.randn(shape)
+    b = torch.randn(c) if bias else None
+    runs = {}
+    for kind in ("kernel", "eager", "float64"):
+        dt = torch.float64 if kind == "float64" else torch.float32
+        bn = _bn(c, len(shape), momentum).to(dt)
+        yl, sl = y.to(dt).clone().requires_grad_(), s.to(dt).clone().requires_grad_()
+        bl = b.to(dt).clone().requires_grad_() if b is not None else None
+        for _ in range(2):  # twice: the running statistics' update (and momentum=None's cumulative average)
+            if kind == "kernel":
+                out, applied = K.folded_batch_norm(yl, sl, bl, bn, act)
+                assert applied == (not isinstance(act, nn.SiLU))
+                out = out if applied else act(out)
+                assert out.grad_fn.name() in ("_FoldedBatchNormBackward", "SiluBackward0")
+            else:
+                out = _eager_folded(yl, sl, bl, bn, act)
+        out.backward(g.to(dt))
+        runs[kind] = dict(out=out.detach(), dy=yl.grad, ds=sl.grad, dgamma=bn.weight.grad, dbeta=bn.bias.grad,
+                          mean=bn.running_mean, var=bn.running_var, n=bn.num_batches_tracked)
+    k, e, d = runs["kernel"], runs["eager"], runs["float64"]
+    assert k["n"] == e["n"] == 2
+    for name in ("out", "dy", "dgamma", "dbeta", "mean", "var"):
+        torch.testing.assert_close(k[name], e[name], rtol=1e-5, atol=1e-5 * e[name].abs().max().item(), msg=name)
+    err_k, err_e = (k["ds"].double() - d["ds"]).abs().max(), (e["ds"].double() - d["ds"]).abs().max()
+    assert err_k <= 1e-4 * d["ds"].abs().max() and err_k <= err_e, (err_k, err_e)
+
+
+def test_folded_batch_norm_second_order_and_where_it_steps_aside():
+    """create_graph (Hessian-vector products) runs the eager maths; a BatchNorm in eval mode (a user freezing it
+    with bn.eval()), one value per channel and torch's kernels switched off all take the eager ops."""
+    torch.manual_seed(1)
+    y, s = torch.randn(4, 8, 5, 5, requires_grad=True), torch.rand(8) + 0.5
+    hv = []
+    for fused in (True, False):
+        bn = _bn(8, 4)
+        out = K.folded_batch_norm(y, s, None, bn, nn.ReLU6())[0] if fused else _eager_folded(y, s, None, bn,
+                                                                                             nn.ReLU6())
+        (gy,) = torch.autograd.grad((out ** 3).sum(), y, create_graph=True)
+        (h,) = torch.autograd.grad(gy.square().sum(), y)
+        hv.append(h)
+    torch.testing.assert_close(hv[0], hv[1], rtol=1e-4, atol=1e-4 * hv[1].abs().max().item())
+    bn = _bn(8, 4).eval()
+    assert K.folded_batch_norm(y, s, None, bn, None) is None
+    assert K.folded_batch_norm(torch.randn(1, 8), s, None, _bn(8, 2), None) is None
+
+
 class _Net(nn.Module):
     def __init__(self):
         super().__init__()
@@ -168,7 +241,8 @@ def test_prepared_model_step_same_with_and_without_the_kernels(monkeypatch, fq):
         if flag == "1":  # the fused path really ran
             names = {type(fn).__name__ for fn in _grad_fns(out)}
             assert names & {"_LearnableFakeQuantBackward", "_FixedFakeQuantBackward"}, names
-            assert "_ChannelScaleBackward" in names, names  # the BN-folding weight scale and rescale
+            assert "_ChannelScaleBackward" in names, names  # the BN-folding weight scale
+            assert "_FoldedBatchNormBackward" in names, names  # the rescale, BatchNorm and ReLU in one kernel
         out.square().sum().backward()
         results.append((out.detach(), xi.grad, {n: p.grad.clone() for n, p in q.named_parameters()
                                                  if p.grad is not None}))
@@ -176,7 +250,11 @@ def test_prepared_model_step_same_with_and_without_the_kernels(monkeypatch, fq):
     assert torch.equal(o1, o0)
     torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-7)
     assert p1.keys() == p0.keys()
-    for n in p1:
+    # the conv's bias is a shift before BatchNorm's batch statistics: its gradient is 0, exactly with the kernel,
+    # rounding noise on the eager ops
+    assert torch.equal(p1["conv.bias"], torch.zeros_like(p1["conv.bias"]))
+    assert p0["conv.bias"].abs().max() < 1e-5 * p0["conv.bn.bias"].abs().max()
+    for n in set(p1) - {"conv.bias"}:
         torch.testing.assert_close(p1[n], p0[n], rtol=1e-5, atol=1e-5 * p0[n].abs().max().item() + 1e-9, msg=n)
 
 

@@ -33,8 +33,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["available", "divide_channels", "fake_quant_fixed", "fake_quant_learnable", "multiply_channels",
-           "usable_for"]
+__all__ = ["available", "divide_channels", "fake_quant_fixed", "fake_quant_learnable", "folded_batch_norm",
+           "multiply_channels", "usable_for"]
 
 # Semantics follow torch's CPU kernels exactly (quantized/cpu/kernels/QuantizedOpKernels.cpp):
 #   forward   q = z + rint(x * (1/s)), y = (clamp(q, qmin, qmax) - z) * s          (float arithmetic)
@@ -228,6 +228,131 @@ void tsq_backward_input_rows(const float* x, const float* g, float* dx, int64_t 
         }
     }
 }
+
+/* Training-mode BatchNorm of the BN-folding QAT layers' rescaled output t = y / s[c] (+ b[c]), computed on the
+   convolution's output y itself: BatchNorm is invariant to a per-channel scale and shift but for eps, so
+       BN(t) = (y - mean_y) / sqrt(var_y + eps * s^2) * gamma + beta.
+   Per channel (each thread owns whole channels): the mean, then the squared deviations (double sums of float
+   blocks), then one pass writes out = clamp(y * alpha + shift, lo, hi) (the fused ReLU / ReLU6, when on).
+   The running statistics move as BatchNorm's do for t (unbiased variance). */
+void tsq_bn_fold_forward(const float* y, float* out, int64_t outer, int64_t C, int64_t inner, const float* s,
+                         const float* b, const float* gamma, const float* beta, float eps, float eaf, float* rmean,
+                         float* rvar, int clamp, float lo, float hi, int nt, float* mean_out, float* invstd_out) {
+    int64_t n = outer * C * inner, N = outer * inner;
+    #pragma omp parallel for num_threads(nt) schedule(static) if(n >= PAR_MIN)
+    for (int64_t c = 0; c < C; c++) {
+        double sum = 0.0, sq = 0.0;
+        for (int64_t o = 0; o < outer; o++) {
+            const float* yr = y + (o * C + c) * inner;
+            for (int64_t k0 = 0; k0 < inner; k0 += BLK) {
+                int64_t m = (inner - k0 < BLK) ? inner - k0 : BLK;
+                float fs = 0.0f;
+                #pragma omp simd reduction(+:fs)
+                for (int64_t k = 0; k < m; k++) fs += yr[k0 + k];
+                sum += fs;
+            }
+        }
+        const double mean = sum / (double)N;
+        const float mf = (float)mean;
+        for (int64_t o = 0; o < outer; o++) {
+            const float* yr = y + (o * C + c) * inner;
+            for (int64_t k0 = 0; k0 < inner; k0 += BLK) {
+                int64_t m = (inner - k0 < BLK) ? inner - k0 : BLK;
+                float fs = 0.0f;
+                #pragma omp simd reduction(+:fs)
+                for (int64_t k = 0; k < m; k++) { float d = yr[k0 + k] - mf; fs += d * d; }
+                sq += fs;
+            }
+        }
+        const double var = sq / (double)N, sc = s[c];
+        const float inv = (float)(1.0 / sqrt(var + (double)eps * sc * sc));
+        const float alpha = (gamma ? gamma[c] : 1.0f) * inv;
+        const float shift = (beta ? beta[c] : 0.0f) - mf * alpha;
+        for (int64_t o = 0; o < outer; o++) {
+            const float* yr = y + (o * C + c) * inner;
+            float* outr = out + (o * C + c) * inner;
+            #pragma omp simd
+            for (int64_t k = 0; k < inner; k++) {
+                float v = yr[k] * alpha + shift;
+                if (clamp) { v = (v < lo) ? lo : v; v = (v > hi) ? hi : v; }
+                outr[k] = v;
+            }
+        }
+        mean_out[c] = mf;
+        invstd_out[c] = inv;
+        if (rmean) {
+            const double mt = mean / sc + (b ? b[c] : 0.0f);
+            const double vt = var * (double)N / (double)(N - 1) / (sc * sc);
+            rmean[c] = (float)((1.0 - eaf) * rmean[c] + eaf * mt);
+            rvar[c] = (float)((1.0 - eaf) * rvar[c] + eaf * vt);
+        }
+    }
+}
+
+/* Its backward: the activation's mask from the output (lo < out < hi is the input's test too), BatchNorm's input
+   gradient on y, and the gamma / beta / s gradients (s enters through eps * s^2 only). Two passes per channel:
+   the sums of g and g * (y - mean), then dy. */
+void tsq_bn_fold_backward(const float* g, const float* y, const float* out, float* dy, int64_t outer, int64_t C,
+                          int64_t inner, const float* s, const float* mean, const float* invstd, const float* gamma,
+                          float eps, float lo, float hi, int nt, float* dgamma, float* dbeta, float* ds) {
+    int64_t n = outer * C * inner, N = outer * inner;
+    #pragma omp parallel for num_threads(nt) schedule(static) if(n >= PAR_MIN)
+    for (int64_t c = 0; c < C; c++) {
+        const float mf = mean[c], inv = invstd[c], gm = gamma ? gamma[c] : 1.0f;
+        double sg = 0.0, sgx = 0.0;
+        for (int64_t o = 0; o < outer; o++) {
+            int64_t base = (o * C + c) * inner;
+            for (int64_t k0 = 0; k0 < inner; k0 += BLK) {
+                int64_t m = (inner - k0 < BLK) ? inner - k0 : BLK;
+                const float* gb = g + base + k0;
+                const float* yb = y + base + k0;
+                float fg = 0.0f, fgx = 0.0f;
+                if (out) {
+                    const float* ob = out + base + k0;
+                    #pragma omp simd reduction(+:fg, fgx)
+                    for (int64_t k = 0; k < m; k++) {
+                        float gi = (ob[k] > lo && ob[k] < hi) ? gb[k] : 0.0f;
+                        fg += gi;
+                        fgx += gi * (yb[k] - mf);
+                    }
+                } else {
+                    #pragma omp simd reduction(+:fg, fgx)
+                    for (int64_t k = 0; k < m; k++) {
+                        fg += gb[k];
+                        fgx += gb[k] * (yb[k] - mf);
+                    }
+                }
+                sg += fg;
+                sgx += fgx;
+            }
+        }
+        const float k1 = (float)(sg / (double)N);
+        const float k2 = (float)(sgx / (double)N * inv * inv);
+        const float a = gm * inv;
+        for (int64_t o = 0; o < outer; o++) {
+            int64_t base = (o * C + c) * inner;
+            const float* gb = g + base;
+            const float* yb = y + base;
+            float* db = dy + base;
+            if (out) {
+                const float* ob = out + base;
+                #pragma omp simd
+                for (int64_t k = 0; k < inner; k++) {
+                    float gi = (ob[k] > lo && ob[k] < hi) ? gb[k] : 0.0f;
+                    db[k] = (gi - k1 - (yb[k] - mf) * k2) * a;
+                }
+            } else {
+                #pragma omp simd
+                for (int64_t k = 0; k < inner; k++) db[k] = (gb[k] - k1 - (yb[k] - mf) * k2) * a;
+            }
+        }
+        const double dg = sgx * inv;
+        dgamma[c] = (float)dg;
+        dbeta[c] = (float)sg;
+        /* d invstd / d s = -eps * s * invstd^3, and dL/d invstd = gamma * sum(g * (y - mean)) */
+        ds[c] = (float)(-(double)eps * s[c] * gm * sgx * inv * inv * inv);
+    }
+}
 """
 
 # -ffp-contract=off: no fused multiply-adds, so every product and sum rounds as in torch's kernels.
@@ -279,7 +404,9 @@ def _build() -> ctypes.CDLL:
     lib.tsq_backward_learnable_rows.argtypes = [fp, fp, fp, i64, i64, i64, fp, fp, f, f, i32, ctypes.c_double, fp, fp]
     lib.tsq_backward_input_rows.argtypes = [fp, fp, fp, i64, i64, i64, fp, fp, f, f, i32]
     lib.tsq_channel_scale_backward.argtypes = [fp, fp, fp, i64, i64, i64, fp, i32, i32, fp]
-    for fn in (lib.tsq_channel_scale_backward, lib.tsq_forward, lib.tsq_forward_flat, lib.tsq_backward_input, lib.tsq_backward_learnable_flat,
+    lib.tsq_bn_fold_forward.argtypes = [fp, fp, i64, i64, i64, fp, fp, fp, fp, f, f, fp, fp, i32, f, f, i32, fp, fp]
+    lib.tsq_bn_fold_backward.argtypes = [fp, fp, fp, fp, i64, i64, i64, fp, fp, fp, fp, f, f, f, i32, fp, fp, fp]
+    for fn in (lib.tsq_bn_fold_forward, lib.tsq_bn_fold_backward, lib.tsq_channel_scale_backward, lib.tsq_forward, lib.tsq_forward_flat, lib.tsq_backward_input, lib.tsq_backward_learnable_flat,
                lib.tsq_backward_learnable_rows, lib.tsq_backward_input_rows):
         fn.restype = None
     return lib
@@ -527,6 +654,116 @@ def multiply_channels(w: torch.Tensor, s: torch.Tensor, axis: int) -> torch.Tens
 
     The forward is torch's product; the backward is one pass (eager: a product, another product, a sum)."""
     return _channel_scale(w, s, axis, divide=False)
+
+
+_BN_TYPES = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
+
+
+def _act_bounds(act) -> tuple[float, float] | None:
+    """(lo, hi) of an activation that is a clamp (ReLU, ReLU6, Hardtanh), which the BN kernel applies itself;
+    None for no activation; False for another one (applied after, by the layer)."""
+    if act is None:
+        return None
+    if type(act) is torch.nn.ReLU:
+        return 0.0, float("inf")
+    if type(act) in (torch.nn.ReLU6, torch.nn.Hardtanh):
+        return float(act.min_val), float(act.max_val)
+    return False
+
+
+def _f32(t):
+    return t is None or (t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous())
+
+
+class _FoldedBatchNorm(torch.autograd.Function):
+    """``act(bn(y / s + b))`` with batch statistics, in two kernel calls (see ``folded_batch_norm``)."""
+
+    @staticmethod
+    def forward(ctx, y, s, bias, gamma, beta, bn, act, bounds, eaf):
+        outer, c, inner = _rows(y, 1)
+        out = torch.empty_like(y)
+        mean, invstd = torch.empty(c), torch.empty(c)
+        sd = s.detach()
+        track = bn.running_mean is not None
+        lo, hi = bounds if bounds else (0.0, 0.0)
+        _library().tsq_bn_fold_forward(
+            _ptr(y), _ptr(out), outer, c, inner, _ptr(sd), _ptr(bias) if bias is not None else None,
+            _ptr(gamma) if gamma is not None else None, _ptr(beta) if beta is not None else None, float(bn.eps),
+            float(eaf), _ptr(bn.running_mean) if track else None, _ptr(bn.running_var) if track else None,
+            int(bool(bounds)), lo, hi, _threads(), _ptr(mean), _ptr(invstd))
+        ctx.save_for_backward(y, s, bias, gamma, beta, out if bounds else None)
+        ctx.stats = (mean, invstd, float(bn.eps), act, bounds)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        y, s, bias, gamma, beta, out = ctx.saved_tensors
+        mean, invstd, eps, act, bounds = ctx.stats
+        if torch.is_grad_enabled():  # create_graph (Hessian-vector products): the same maths in differentiable ops
+            return _folded_batch_norm_backward_eager(g, y, s, bias, gamma, beta, eps, act, ctx.needs_input_grad)
+        g = g.contiguous()
+        outer, c, inner = _rows(y, 1)
+        dy = torch.empty_like(y)
+        dgamma, dbeta, ds = torch.empty(c), torch.empty(c), torch.empty(c)
+        lo, hi = bounds if bounds else (0.0, 0.0)
+        _library().tsq_bn_fold_backward(
+            _ptr(g), _ptr(y), _ptr(out) if out is not None else None, _ptr(dy), outer, c, inner, _ptr(s.detach()),
+            _ptr(mean), _ptr(invstd), _ptr(gamma.detach()) if gamma is not None else None, eps, lo, hi, _threads(),
+            _ptr(dgamma), _ptr(dbeta), _ptr(ds))
+        need = ctx.needs_input_grad
+        return (dy if need[0] else None, ds.reshape(s.shape) if need[1] else None,
+                torch.zeros_like(bias) if need[2] else None,  # a shift before batch statistics: no gradient
+                dgamma if need[3] else None, dbeta if need[4] else None, None, None, None, None)
+
+
+def _reference_folded_batch_norm(y, s, bias, gamma, beta, eps, act, running=(None, None), momentum=0.0):
+    t = y / _channel_view(s, y.dim(), 1)
+    if bias is not None:
+        t = t + _channel_view(bias, y.dim(), 1)
+    out = torch.nn.functional.batch_norm(t, running[0], running[1], gamma, beta, True, momentum, eps)
+    return act(out) if act is not None else out
+
+
+def _folded_batch_norm_backward_eager(g, y, s, bias, gamma, beta, eps, act, need):
+    with torch.enable_grad():
+        out = _reference_folded_batch_norm(y, s, bias, gamma, beta, eps, act)
+        inputs = [t for t, n in zip((y, s, bias, gamma, beta), need) if n]
+        grads = iter(torch.autograd.grad(out, inputs, g, create_graph=True, allow_unused=True))
+    return (*[next(grads) if n else None for n in need[:5]], None, None, None, None)
+
+
+def folded_batch_norm(y: torch.Tensor, s: torch.Tensor, bias, bn, act) -> tuple[torch.Tensor, bool] | None:
+    """The training forward of a BN-folding QAT layer after its convolution: ``act(bn(y / s + bias))`` with the
+    batch's statistics, as (output, whether ``act`` was applied), or None where the fused path does not apply
+    (then the caller runs the eager ops).
+
+    BatchNorm normalises each channel, so ``bn(y / s + bias)`` is ``(y - mean_y) / sqrt(var_y + eps * s^2) *
+    gamma + beta``: one kernel reads y twice for the statistics and writes the output once, applying a ReLU /
+    ReLU6 / Hardtanh activation in the same pass; the backward is two passes (sums, then the input gradient) and
+    gives the gamma, beta and s gradients from the same sums. Eager ops make twelve passes over the activation
+    for the same result (the rescale, BatchNorm and the activation, forward and backward). Same maths as the
+    eager ops: outputs and gradients agree to float32 rounding (the statistics are summed in float64). The
+    running statistics move as ``bn``'s would (momentum, or the cumulative average with ``momentum=None``)."""
+    if type(bn) not in _BN_TYPES or not bn.training or not bn.track_running_stats or bn.running_mean is None:
+        return None
+    if y.dim() < 2 or y.numel() <= y.shape[1] or not usable_for(y, per_channel=True):
+        return None  # one value per channel: BatchNorm's own error says so
+    gamma, beta = (bn.weight, bn.bias) if bn.affine else (None, None)
+    if not all(_f32(t) for t in (s, bias, gamma, beta, bn.running_mean, bn.running_var)) or s.dim() != 1:
+        return None
+    bounds = _act_bounds(act)
+    if bounds is False:
+        bounds = None
+        applied = False
+    else:
+        applied = True
+    eaf = 0.0 if bn.momentum is None else bn.momentum
+    if bn.num_batches_tracked is not None:  # as nn.BatchNorm's forward
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            eaf = 1.0 / float(bn.num_batches_tracked)
+    out = _FoldedBatchNorm.apply(y, s, bias, gamma, beta, bn, act if applied else None, bounds, eaf)
+    return out, applied
 
 
 def _match_layout(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,9 @@ The weight is fake-quantized *after* folding the BN scale into it, exactly as it
     y   = conv(x, fq(W * s)) / s  (+ b)      then BatchNorm(y) with batch statistics while training,
                                             running statistics in eval or once frozen.
 
+While training on the CPU, the rescale, BatchNorm and a ReLU / ReLU6 after it run as one kernel on the
+convolution's output (``cpu_kernels.folded_batch_norm``: BatchNorm undoes the per-channel scale but for eps).
+
 In eval mode, and once ``freeze_bn_stats`` stops the BN statistics from moving (late in QAT), the
 layer computes the deployed folded form directly: conv(x, fq(W * s)) + (b - mean) * s + beta.
 """
@@ -16,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...fake_quantize.cpu_kernels import divide_channels, multiply_channels
+from ...fake_quantize.cpu_kernels import divide_channels, folded_batch_norm, multiply_channels
 from .modules import Conv1d, Conv2d, ConvTranspose1d, ConvTranspose2d, Linear, deployed_bias
 
 
@@ -57,6 +60,10 @@ class _FusedMixin:
         else:
             s = self._bn_scale()
             y = self._raw(x, self.weight_fake_quant(multiply_channels(self.weight, s, self.weight_ch_axis)), None)
+            fused = folded_batch_norm(y, s, self.bias, self.bn, self.act)  # the CPU kernel: rescale, BN, ReLU(6)
+            if fused is not None:
+                y, act_done = fused
+                return y if act_done else self.act(y)
             y = divide_channels(y, s)  # one pass backward on the CPU (fake_quantize/cpu_kernels.py)
             if self.bias is not None:
                 y = y + self._out_view(self.bias, y)

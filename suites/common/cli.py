@@ -34,7 +34,7 @@ RUNNER_DEFAULTS = dict(
     epochs=1, batch_size=32, lr=1e-4, optim="adam", weight_decay=0.0, workers=0, print_freq=100, calib_batches=32,
     train_images=None, val_images=None, val_batch_size=None, float_epochs=0, float_images=None, float_lr=1e-3,
     backend="TSQAT", distill_method=None, distill_alpha=0.95, temperature=6.0, freeze_bn_epoch=None,
-    clip_grad_norm=None, onnx_batch=1,
+    clip_grad_norm=None, onnx_batch=1, qparam_lr=None, warmup_steps=0,
 )
 
 
@@ -74,6 +74,12 @@ def build_parser(suite: Suite) -> argparse.ArgumentParser:
     g.add_argument("--optim", default=None, choices=["sgd", "adam", "adamw"],
                    help="optimizer (adam means AdamW)" + d("optim"))
     g.add_argument("--clip-grad-norm", type=float, default=None, help="clip the gradient norm" + d("clip_grad_norm"))
+    g.add_argument("--qparam-lr", type=float, default=None,
+                   help="learning rate of the quantizers' learned scales / zero points (default: --lr). Adam moves "
+                        "each parameter by about its rate per step, whatever its size: a 4-bit weight scale of 0.01 "
+                        "at a weight's 5e-4 moves 5 %% a step" + d("qparam_lr"))
+    g.add_argument("--warmup-steps", type=int, default=None, metavar="N",
+                   help="QAT: linear LR warm-up over N steps before the cosine" + d("warmup_steps"))
     g.add_argument("--amp", action="store_true", help="automatic mixed precision (bf16 on CPU, fp16 on CUDA)")
     g.add_argument("--freeze-bn-epoch", type=int, default=None,
                    help="freeze BN statistics from this epoch (-1: never)" + d("freeze_bn_epoch"))
@@ -349,9 +355,11 @@ def _json(text: str, source: str):
 def check_ranges(suite: Suite, args: argparse.Namespace) -> None:
     """Numbers that would fail late (the opset at the first export, after an epoch) or silently train nonsense
     (a negative or NaN learning rate): errors before any work."""
-    for flag, v in (("--lr", args.lr), ("--float-lr", args.float_lr)):
-        if not (math.isfinite(v) and v > 0):
-            raise SuiteError(f"{flag} {v} must be a finite number > 0 (e.g. --lr 1e-4)")
+    for flag, v in (("--lr", args.lr), ("--float-lr", args.float_lr), ("--qparam-lr", args.qparam_lr)):
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise SuiteError(f"{flag} {v} must be a finite number > 0 (e.g. {flag} 1e-4)")
+    if args.warmup_steps < 0:
+        raise SuiteError(f"--warmup-steps {args.warmup_steps} must be >= 0")
     if args.workers < 0:
         raise SuiteError(f"-j/--workers {args.workers} must be >= 0 (0: load data in the main process)")
     suite.check_args(args)

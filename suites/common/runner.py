@@ -34,8 +34,8 @@ from suites.common.cli import build_parser, resolve, set_log_level, threads
 from suites.common.devices import describe, parse_devices
 from suites.common.metrics import RunMetrics
 from suites.common.suite import Suite, SuiteError
-from suites.common.training import (EpochSubsetSampler, cosine_schedule, loader, make_optimizer, report_skips,
-                                    seed_everything, set_rng_state, skipped_images, train_epoch)
+from suites.common.training import (EpochSubsetSampler, cosine_schedule, loader, make_optimizer, qat_param_groups,
+                                    report_skips, seed_everything, set_rng_state, skipped_images, train_epoch)
 from ts_qat_pytorch.utils.calibrate import calibrate
 from ts_qat_pytorch.utils.state import freeze_bn_stats
 
@@ -284,13 +284,14 @@ def calibrate_stage(suite: Suite, q, data, calib_loader, args, m: RunMetrics | N
 
 
 def make_training(suite: Suite, q, steps_per_epoch: int, args):
-    """The QAT (optimizer, LR scheduler): the suite's (Suite.make_training), else --optim / --lr / --wd with a
-    per-step cosine to 0."""
+    """The QAT (optimizer, LR scheduler): the suite's (Suite.make_training), else --optim / --lr / --wd (the
+    quantizers' scales at --qparam-lr) with --warmup-steps of linear warm-up and a per-step cosine to 0."""
     made = suite.make_training(q, steps_per_epoch, args)
     if made is not None:
         return made
-    optimizer = make_optimizer(q.parameters(), args.optim, args.lr, args.momentum, args.weight_decay)
-    return optimizer, cosine_schedule(optimizer, steps_per_epoch * args.epochs)
+    optimizer = make_optimizer(qat_param_groups(q, args.lr, args.qparam_lr), args.optim, args.lr, args.momentum,
+                               args.weight_decay)
+    return optimizer, cosine_schedule(optimizer, steps_per_epoch * args.epochs, args.warmup_steps)
 
 
 def record_qat(suite: Suite, q, scores, val_loader, args, m: RunMetrics) -> float:

@@ -119,6 +119,19 @@ def make_optimizer(params, optim: str, lr: float, momentum: float = 0.9, wd: flo
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=wd, nesterov=nesterov)
 
 
+def qat_param_groups(model, lr: float, qparam_lr: float | None):
+    """Weights at ``lr``; the quantizers' learned scales / zero points at ``qparam_lr`` (None: ``lr``, one group).
+    Adam moves a parameter by about its learning rate per step, whatever its size: the rate that suits weights can
+    be far too fast for a 4-bit weight scale of 0.01, or too slow for an activation scale (--qparam-lr)."""
+    if not qparam_lr or qparam_lr == lr:
+        return model.parameters()
+    from ts_qat_pytorch.fake_quantize import QuantizeBase
+    qparams = {id(p) for m in model.modules() if isinstance(m, QuantizeBase) for p in m.parameters(recurse=False)}
+    rest = [p for p in model.parameters() if id(p) not in qparams and p.requires_grad]
+    quant = [p for p in model.parameters() if id(p) in qparams and p.requires_grad]
+    return [{"params": rest, "lr": lr}, {"params": quant, "lr": qparam_lr, "weight_decay": 0.0}]
+
+
 def _is_groups(params) -> bool:
     return isinstance(params, list) and bool(params) and isinstance(params[0], dict)
 

@@ -57,20 +57,6 @@ def warmup_steps(steps: int) -> int:
     return max(1, steps // 10)
 
 
-def qat_param_groups(model, lr: float, qparam_lr: float | None):
-    """Weights at ``lr``; the quantizers' learned scales / zero points at ``qparam_lr`` (None: ``lr``). Adam moves
-    a parameter by about its learning rate per step, so at a weight's rate (1e-5) a 40-step QAT barely moves an
-    activation scale of ~0.05. Moving them faster did not help the embedded default: scales at 1e-3 scored 78.67
-    against 79.50 (README)."""
-    if not qparam_lr or qparam_lr == lr:
-        return model.parameters()
-    from ts_qat_pytorch.fake_quantize import QuantizeBase
-    qparams = {id(p) for m in model.modules() if isinstance(m, QuantizeBase) for p in m.parameters(recurse=False)}
-    rest = [p for p in model.parameters() if id(p) not in qparams]
-    quant = [p for p in model.parameters() if id(p) in qparams]
-    return [{"params": rest, "lr": lr}, {"params": quant, "lr": qparam_lr, "weight_decay": 0.0}]
-
-
 def check_resume(args) -> dict:
     """--resume first of all (before the data, the model and calibration): readable with torch.load(weights_only=True)
     (missing, empty, truncated: named), a QAT checkpoint of this suite's encoder split, of the run's backend. Returns
@@ -136,9 +122,6 @@ class TransformersSuite(Suite):
         p.add_argument("--qat-steps", type=int, default=None,
                        help="QAT steps per epoch: --train-images N x --batch-size (embedded 40; default: the whole "
                             "training set)")
-        p.add_argument("--qparam-lr", type=float, default=None,
-                       help="learning rate of the quantizers' scales / zero points (default: --lr; 1e-3 measured "
-                            "worse on the embedded default)")
         p.add_argument("--onnx-length", type=int, default=128, help="sequence length baked into the ONNX files")
         p.add_argument("--latency-repeats", type=int, default=20, help="runs of the fp32-vs-int8 latency median")
 
@@ -154,8 +137,6 @@ class TransformersSuite(Suite):
         if args.onnx_length < args.max_length:
             raise ModelError(f"--onnx-length {args.onnx_length} is shorter than --max-length {args.max_length}; "
                              f"give --onnx-length >= {args.max_length}")
-        if args.qparam_lr is not None and not (np.isfinite(args.qparam_lr) and args.qparam_lr > 0):
-            raise SuiteError(f"--qparam-lr {args.qparam_lr} must be a finite number > 0 (e.g. 1e-3)")
         if args.qat_steps and args.train_images is None:
             args.train_images = args.qat_steps * args.batch_size
         if not args.model_path:
@@ -243,11 +224,11 @@ class TransformersSuite(Suite):
             train_epoch(self, dl, net, opt, sched, ep, args, prefix="Float")
 
     def make_training(self, model, steps_per_epoch: int, args):
-        from suites.common.training import cosine_schedule, make_optimizer
+        from suites.common.training import cosine_schedule, make_optimizer, qat_param_groups
         opt = make_optimizer(qat_param_groups(model, args.lr, args.qparam_lr), args.optim, args.lr, args.momentum,
                              args.weight_decay)
         steps = steps_per_epoch * args.epochs
-        return opt, cosine_schedule(opt, steps, warmup_steps(steps))
+        return opt, cosine_schedule(opt, steps, args.warmup_steps or warmup_steps(steps))
 
     # ---- batches and metric
     def inputs(self, batch, device, memory_format=torch.contiguous_format):

@@ -79,6 +79,38 @@ def test_the_whole_pipeline_of_a_tiny_suite(tmp_path, capsys):
         runner.main(Broken(), ["--output-dir", str(tmp_path / "b"), "--device", "cpu", "--no-export"])
 
 
+def test_qparam_lr_and_warmup_steps_shape_the_qat_optimizer(capsys):
+    """--qparam-lr: the quantizers' scales / zero points in their own group at that rate (no weight decay), the
+    weights at --lr; --warmup-steps: the LR rises linearly over those steps, then the cosine; bad values are
+    errors before any work."""
+    from suites.common import cli
+    from ts_qat_pytorch.prepare_by_platform import BackendType, prepare_by_platform
+    suite = TinySuite()
+    args = cli.resolve(suite, cli.build_parser(suite).parse_args(["--qparam-lr", "2e-5", "--warmup-steps", "4",
+                                                                   "--wd", "0.01"]))
+    q = prepare_by_platform(suite.build_model(args, "tiny", False).eval(), BackendType.TSQAT)
+    opt, sched = runner.make_training(suite, q, 4, args)
+    weights, qparams = opt.param_groups
+    assert (weights["lr"], qparams["lr"]) == (pytest.approx(1e-3 / 4), pytest.approx(2e-5 / 4))
+    assert (weights["weight_decay"], qparams["weight_decay"]) == (0.01, 0.0)
+    assert {id(p) for p in qparams["params"]} == {id(q.get_parameter(n)) for n, _ in q.named_parameters()
+                                                  if n.endswith(".scale")}
+    for _ in range(3):
+        opt.step(), sched.step()
+    assert weights["lr"] == pytest.approx(1e-3) and qparams["lr"] == pytest.approx(2e-5)
+    for _ in range(2):
+        opt.step(), sched.step()
+    assert weights["lr"] < 1e-3 and qparams["lr"] < 2e-5  # the cosine (over 2 epochs x 4 steps)
+    # without the flags: one group at --lr, no warm-up
+    args = cli.resolve(suite, cli.build_parser(suite).parse_args([]))
+    opt, _ = runner.make_training(suite, q, 4, args)
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["lr"] == 1e-3
+    for bad, msg in ((["--qparam-lr", "nan"], "--qparam-lr nan must be a finite number > 0"),
+                     (["--warmup-steps", "-1"], "--warmup-steps -1 must be >= 0")):
+        with pytest.raises(SuiteError, match=re.escape(msg)):
+            cli.resolve(suite, cli.build_parser(suite).parse_args(bad))
+
+
 def test_a_missing_gpu_is_an_error_naming_the_fix(tmp_path, capsys):
     assert runner.main(TinySuite(), ["--output-dir", str(tmp_path), "--device", "7"]) == 2
     err = capsys.readouterr().err

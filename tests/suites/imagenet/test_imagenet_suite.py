@@ -249,6 +249,24 @@ def test_flags_are_range_checked_before_any_work(tmp_path, capsys):
     assert "error: --lr nan must be a finite number > 0" in capsys.readouterr().err
 
 
+def test_low_bit_recipes():
+    """The embedded recipe below 8 bits: 2 000 steps at 5e-4; from a --ptq-recon model half of them at 1e-3, the
+    scales at 2e-5, after a 100-step warm-up; 8 bits keep the int8 touch-up; given flags win."""
+    from suites.common.cli import build_parser, resolve
+    from suites.imagenet.suite import SUITE
+
+    def run(*argv):
+        a = resolve(SUITE, build_parser(SUITE).parse_args(list(argv)))
+        return a.epochs, a.train_images, a.lr, a.qparam_lr, a.warmup_steps
+    w4a4 = ("--backend", "Experimental", "--w-bit", "4", "--a-bit", "4")
+    assert run() == (1, 6400, 5e-5, None, 0)
+    assert run("--ptq-recon") == (1, 6400, 5e-5, None, 0)
+    assert run(*w4a4) == (4, 32000, 5e-4, None, 0)
+    assert run(*w4a4, "--ptq-recon") == (2, 32000, 1e-3, 2e-5, 100)
+    assert run(*w4a4, "--ptq-recon", "--epochs", "1", "--lr", "5e-4", "--qparam-lr", "1e-4", "--warmup-steps",
+               "0") == (1, 32000, 5e-4, 1e-4, 0)
+
+
 def test_num_classes_must_match_the_data(tmp_path, capsys):
     """-nc larger than the data's class folders is an error naming what the data has (it was a warning)."""
     import torchvision

@@ -9,7 +9,8 @@ These kernels compute exactly torch's numbers with the fewest passes the maths a
 
 Nothing else is kept for the backward: x itself, which torch's learnable kernels keep too (no mask, no
 intermediate tensors). The sums are per-thread partials in float64 added in thread order, so a step is
-deterministic for a given thread count.
+deterministic for a given thread count. The BN-folding QAT layers' weight fold and, while training with batch
+statistics, their output rescale + BatchNorm + ReLU(6) (``folded_batch_norm``) have kernels here too.
 
 The C source below is compiled once per machine with the system C compiler (about a second) into the cache
 folder ($TS_QAT_CACHE, else ~/.cache/ts_qat_pytorch) and called through ctypes, which releases the GIL. Where
@@ -752,11 +753,8 @@ def folded_batch_norm(y: torch.Tensor, s: torch.Tensor, bias, bn, act) -> tuple[
     if not all(_f32(t) for t in (s, bias, gamma, beta, bn.running_mean, bn.running_var)) or s.dim() != 1:
         return None
     bounds = _act_bounds(act)
-    if bounds is False:
-        bounds = None
-        applied = False
-    else:
-        applied = True
+    applied = bounds is not False  # no activation, or one the kernel applies
+    bounds = bounds or None
     eaf = 0.0 if bn.momentum is None else bn.momentum
     if bn.num_batches_tracked is not None:  # as nn.BatchNorm's forward
         bn.num_batches_tracked.add_(1)

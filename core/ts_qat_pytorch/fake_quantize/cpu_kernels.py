@@ -717,11 +717,12 @@ class _FoldedBatchNorm(torch.autograd.Function):
                 dgamma if need[3] else None, dbeta if need[4] else None, None, None, None, None)
 
 
-def _reference_folded_batch_norm(y, s, bias, gamma, beta, eps, act, running=(None, None), momentum=0.0):
+def _reference_folded_batch_norm(y, s, bias, gamma, beta, eps, act):
+    """The eager maths of ``folded_batch_norm`` (batch statistics, no running-statistics update)."""
     t = y / _channel_view(s, y.dim(), 1)
     if bias is not None:
         t = t + _channel_view(bias, y.dim(), 1)
-    out = torch.nn.functional.batch_norm(t, running[0], running[1], gamma, beta, True, momentum, eps)
+    out = torch.nn.functional.batch_norm(t, None, None, gamma, beta, True, 0.0, eps)
     return act(out) if act is not None else out
 
 
@@ -741,7 +742,7 @@ def folded_batch_norm(y: torch.Tensor, s: torch.Tensor, bias, bn, act) -> tuple[
     BatchNorm normalises each channel, so ``bn(y / s + bias)`` is ``(y - mean_y) / sqrt(var_y + eps * s^2) *
     gamma + beta``: one kernel reads y twice for the statistics and writes the output once, applying a ReLU /
     ReLU6 / Hardtanh activation in the same pass; the backward is two passes (sums, then the input gradient) and
-    gives the gamma, beta and s gradients from the same sums. Eager ops make twelve passes over the activation
+    gives the gamma, beta and s gradients from the same sums. Eager ops make a dozen passes over the activation
     for the same result (the rescale, BatchNorm and the activation, forward and backward). Same maths as the
     eager ops: outputs and gradients agree to float32 rounding (the statistics are summed in float64). The
     running statistics move as ``bn``'s would (momentum, or the cumulative average with ``momentum=None``)."""

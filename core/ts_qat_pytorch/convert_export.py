@@ -17,9 +17,11 @@ opset_version  13..21, default 18 (the manual's).
 batch_size     the batch dimension baked into the file (a positive int; default: the dummy input's);
                ``dynamic_batch=True`` makes it symbolic instead (legacy exporter).
 exporter       "dynamo" (torch's current exporter, default) or "legacy" (see onnx/exporter.py).
-weight_dtype   how signed weights are stored: "auto" (default: uint8 shifted by 128 for full 8-bit weights,
-               exact in onnxruntime on every x86 CPU; int8 for weights of 7 bits or fewer), "int8", "uint8".
-               The JSON records the file's encoding per tensor (onnx_dtype, onnx_zero_point).
+weight_dtype   how signed weights are stored: "int8" (default; "auto" is the same): the scheme's integers with
+               zero point 0, as integer initializers read by a DequantizeLinear (onnx/storage.py); "uint8":
+               shifted by 128, for onnxruntime on x86 CPUs without VNNI (onnx/qdq.py says why; the
+               verification warns on such a CPU). The JSON records each tensor's storage (onnx_dtype,
+               onnx_zero_point).
 verify         run onnx.checker and onnxruntime on the result and compare with PyTorch (default True).
 """
 from __future__ import annotations
@@ -39,8 +41,10 @@ from .onnx.gather import gather_before_dequantize
 from .onnx.freeze import freeze_for_export
 from .onnx.naming import apply_canonical_names
 from .onnx.qdq import QDQ
+from .onnx.storage import constants_as_initializers, explicit_zero_points, store_weights_as_integers
 from .onnx.qparams import write_qparams_json
 from .onnx import signature
+from .onnx import verify as verify_mod
 from .onnx.verify import INTEGER_MATMUL_KERNELS, check_model, count_integer_kernels, run_onnx
 from .utils.utils import atomic_write_bytes
 
@@ -62,6 +66,7 @@ class ExportResult:
     integer_matmul_kernels: int = 0            # the conv / gemm / matmul part of integer_kernels
     max_abs_diff: list[float] = field(default_factory=list)  # ORT vs PyTorch, per output
     output_scale: list[float | None] = field(default_factory=list)  # quantization step of each output
+    cpu_may_saturate: bool = False             # int8 weights on an x86 CPU without VNNI (see weight_dtype)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,10 +83,18 @@ def _names(given: Sequence[str] | None, default: list[str], what: str) -> list[s
     return names
 
 
+def _file_path(path, what: str, example: str) -> str:
+    """``path`` as a str; a directory is refused up front, not by the final rename after all the work."""
+    path = os.fspath(path)
+    if os.path.isdir(path) or not os.path.basename(path):
+        raise ValueError(f"{what} {path!r} is a directory; give a file path such as {os.path.join(path, example)!r}")
+    return path
+
+
 def _reference_outputs(frozen: fx.GraphModule, args: tuple, input_names: list[str], prepared: fx.GraphModule):
     try:
         with torch.no_grad():
-            return frozen(*args)
+            return frozen(*signature.fresh_copy(args))  # a forward may add keys to a dict input
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:
         raise signature.bad_input_error(prepared, args, input_names, exc) from exc
 
@@ -102,10 +115,15 @@ def convert_export(model: torch.nn.Module, dummy_input=None, onnx_path: str = "m
                    opset_version: int = 18, batch_size: int | None = None, qparams_path: str | None = None,
                    exporter: str = "dynamo", dynamic_batch: bool = False,
                    input_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None,
-                   verify: bool = True, weight_dtype: str = "auto") -> ExportResult:
+                   verify: bool = True, weight_dtype: str = "int8") -> ExportResult:
     gm = getattr(model, "module", model)
     if not isinstance(gm, fx.GraphModule):
         raise TypeError(f"convert_export needs a model prepared by prepare_by_platform, got {type(gm).__name__}")
+    onnx_path = _file_path(onnx_path, "onnx_path", "model.onnx")
+    stem = os.path.splitext(os.path.basename(onnx_path))[0]
+    what = "qparams_path" if qparams_path else "qparams_path (default: next to onnx_path)"
+    qparams_path = _file_path(qparams_path or os.path.splitext(onnx_path)[0] + "_qparams.json", what,
+                              f"{stem}_qparams.json")
     args = signature.bind_dummy_input(gm, dummy_input, batch_size)
     frozen, stub_names, qparams = freeze_for_export(gm, weight_dtype)  # a copy: the caller's model is untouched
     frozen = frozen.cpu().eval()
@@ -115,23 +133,25 @@ def convert_export(model: torch.nn.Module, dummy_input=None, onnx_path: str = "m
     ref = signature.leaves(_reference_outputs(frozen, args, input_names, gm))
     output_names = _names(output_names, signature.output_names([p for p, _ in ref]), "output_names")
 
-    onnx_path = os.fspath(onnx_path)
     os.makedirs(os.path.dirname(os.path.abspath(onnx_path)), exist_ok=True)
     tmp_path = onnx_path + ".partial"
     try:
-        model_proto, used = _exporter.export(frozen, args, tmp_path, opset_version, input_names, output_names,
-                                             exporter=exporter, dynamic_batch=dynamic_batch)
+        # a fresh copy: the graph's inputs are the dummy's leaves as given, not keys the forward added
+        model_proto, used = _exporter.export(frozen, signature.fresh_copy(args), tmp_path, opset_version,
+                                             input_names, output_names, exporter=exporter, dynamic_batch=dynamic_batch)
     finally:
         for p in (tmp_path, tmp_path + ".data"):
             if os.path.exists(p):
                 os.unlink(p)
     onnx_names = apply_canonical_names(model_proto, stub_names)
-    int32_biases = quantize_biases(model_proto)  # Linear biases as int32 + DequantizeLinear (onnx/bias.py)
+    constants_as_initializers(model_proto)
+    store_weights_as_integers(model_proto)  # integer weights + DequantizeLinear (onnx/storage.py)
+    int32_biases = quantize_biases(model_proto)  # Conv / Linear biases as int32 + DequantizeLinear (onnx/bias.py)
     gather_before_dequantize(model_proto)  # embeddings: dequantize the looked-up rows, not the table (onnx/gather.py)
+    explicit_zero_points(model_proto)  # rknn-toolkit2 needs them (onnx/storage.py)
     model_proto.doc_string = f"QDQ model exported by ts_qat_pytorch (backend {qparams.get('backend')})"
     atomic_write_bytes(onnx_path, model_proto.SerializeToString())
 
-    qparams_path = qparams_path or os.path.splitext(onnx_path)[0] + "_qparams.json"
     _record_encoding(frozen, stub_names, qparams)
     # graph inputs and outputs keep their names (onnx/naming.py): key the JSON by the file's names
     qparams["tensors"] = {onnx_names.get(k, k): v for k, v in qparams["tensors"].items()}
@@ -149,6 +169,9 @@ def convert_export(model: torch.nn.Module, dummy_input=None, onnx_path: str = "m
     result = ExportResult(onnx_path, qparams_path, used, opset_version, input_names, output_names, n_layers,
                           output_scale=_output_scales(frozen, [p for p, _ in ref]))
     if verify:
+        full_int8 = any(t["kind"] == "weight" and t.get("onnx_dtype") == "int8" and t["quant_max"] - t["quant_min"] > 127
+                        for t in qparams["tensors"].values())
+        result.cpu_may_saturate = full_int8 and verify_mod.cpu_has_vnni() is False
         _verify(result, {n: t.numpy() for n, (_, t) in zip(input_names, inputs)}, [t for _, t in ref])
     return result
 
@@ -164,6 +187,13 @@ def _verify(result: ExportResult, feeds: dict[str, np.ndarray], ref: list[torch.
                            for o, r in zip(outs, ref)]
     result.integer_kernels = count_integer_kernels(result.onnx_path)
     result.integer_matmul_kernels = sum(v for k, v in result.integer_kernels.items() if k in INTEGER_MATMUL_KERNELS)
+    if result.cpu_may_saturate:
+        steps = [d / s if s else d for d, s in zip(result.max_abs_diff, result.output_scale)]
+        logger.warning("this CPU has no VNNI (AVX512-VNNI / AVX-VNNI): onnxruntime's uint8 x int8 kernels add pairs "
+                       "of products in int16 and can saturate with full 8-bit int8 weights (here max |ORT - PyTorch| "
+                       "= %s output steps). The file is right for NPUs and VNNI CPUs; for onnxruntime on this machine "
+                       "export with weight_dtype='uint8', or train 7-bit weights with the ONNXRuntime backend.",
+                       ["%.3g" % v for v in steps])
     logger.info("exported %s (%s exporter, opset %d): %d quantized layers, integer kernels %s, "
                 "max |ORT - PyTorch| %s", result.onnx_path, result.exporter, result.opset_version,
                 result.quantized_layers, result.integer_kernels,

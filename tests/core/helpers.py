@@ -8,6 +8,7 @@ import onnx
 import torch
 
 from ts_qat_pytorch.convert_export import convert_export
+from ts_qat_pytorch.onnx.storage import quantized_tensors
 from ts_qat_pytorch.onnx.verify import ort_session
 from ts_qat_pytorch.prepare_by_platform import BackendType, prepare_by_platform
 from ts_qat_pytorch.utils.state import enable_calibration, enable_quantization
@@ -42,8 +43,8 @@ def export_and_run(q, inputs, path, **kw):
 
 
 def onnx_quantize_inputs(path) -> set[str]:
-    m = onnx.load(str(path))
-    return {n.input[0] for n in m.graph.node if n.op_type == "QuantizeLinear"}
+    """The tensors the file quantizes: activations entering a QuantizeLinear, integer weights."""
+    return set(quantized_tensors(onnx.load(str(path))))
 
 
 def qparams(path) -> dict:

@@ -3,6 +3,7 @@ inputs, the caller's model and input left untouched, and non-finite quantization
 import copy
 import json
 import math
+import re
 
 import numpy as np
 import onnx
@@ -65,6 +66,26 @@ class BatchDict(ImageAndMask):
 
     def forward(self, batch):
         return self.conv(batch["image"]) * batch["mask"]
+
+
+def _store(d, key, value):
+    d[key] = value
+    return value
+
+
+torch.fx.wrap("_store")  # fx cannot trace item assignment on a traced dict: keep it a call in the graph
+
+
+class AddsKey(nn.Module):
+    """A detector-style forward that stores an intermediate result in its dict input (MQBench's det models)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        _store(x, "y_z", torch.relu(self.conv(x["y"])))
+        return self.head(x["y_z"])
 
 
 def _image(shape=IMG, seed=0):
@@ -157,6 +178,39 @@ def test_wrong_dummy_input_shape_is_a_value_error_naming_it(tmp_path):
         convert_export(q, (1, 4, 16, 16), str(tmp_path / "x.onnx"))
     assert f"calibrated or traced with x: {calibrated}" in str(err.value)  # the shape it was calibrated with
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+def test_forward_that_adds_a_key_to_its_dict_input_exports_the_given_inputs(exporter, tmp_path):
+    q = prepare_and_calibrate(AddsKey().eval(), ({"y": _image()},))
+    x = {"y": _image(seed=1)}
+    r = convert_export(q, (x,), str(tmp_path / "det.onnx"), exporter=exporter)
+    assert r.exporter == exporter
+    assert list(x) == ["y"]  # the caller's dict: the forward's key went into a copy
+    assert r.input_names == ["x_y"]
+    assert [i.name for i in onnx.load(r.onnx_path).graph.input] == ["x_y"]
+    with torch.no_grad():
+        ref = q({"y": x["y"]})
+    _assert_close(_ort(r.onnx_path, {"x_y": x["y"]})["output"], ref, r.output_scale[0])
+
+
+def test_onnx_path_that_is_a_directory_is_refused_before_any_work(tmp_path):
+    q = prepare_by_platform(TwoConvs().eval())  # not even calibrated: the argument is checked first
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ValueError, match=rf"onnx_path '{re.escape(str(out))}' is a directory.*"
+                                         rf"{re.escape(str(out / 'model.onnx'))}"):
+        convert_export(q, _image(), str(out))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and not list(out.iterdir())
+
+
+def test_qparams_path_that_is_a_directory_is_refused_before_any_work(tmp_path):
+    q = prepare_by_platform(TwoConvs().eval())
+    (tmp_path / "json").mkdir()
+    with pytest.raises(ValueError, match=rf"qparams_path '{re.escape(str(tmp_path / 'json'))}' is a directory.*"
+                                         rf"{re.escape(str(tmp_path / 'json' / 'm_qparams.json'))}"):
+        convert_export(q, _image(), str(tmp_path / "m.onnx"), qparams_path=str(tmp_path / "json"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["json"]  # no ONNX file written either
 
 
 @pytest.mark.parametrize("batch_size", [0, -2])

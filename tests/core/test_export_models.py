@@ -10,7 +10,7 @@ import torchvision
 
 from ts_qat_pytorch.convert_export import convert_export
 
-from .helpers import export_and_run, prepare_and_calibrate, qparams
+from .helpers import export_and_run, onnx_quantize_inputs, prepare_and_calibrate, qparams
 from .models import TinyBert
 
 IMG = (4, 3, 64, 64)
@@ -58,9 +58,7 @@ def test_model_family_exports_integer_model_that_agrees(name, tmp_path):
     assert np.median(steps) <= (4.0 if name == "timm_vit_tiny" else 1.0)
     # the JSON names exactly the tensors the ONNX file quantizes
     names = set(qparams(r.qparams_path)["tensors"])
-    import onnx
-    q_inputs = {n.input[0] for n in onnx.load(r.onnx_path).graph.node if n.op_type == "QuantizeLinear"}
-    assert names == q_inputs
+    assert names == onnx_quantize_inputs(r.onnx_path)
 
 
 @pytest.mark.parametrize("opset", [13, 21])

@@ -15,7 +15,7 @@ from ts_qat_pytorch.fake_quantize import QuantizeBase
 from ts_qat_pytorch.quantization.op_table import (FLOAT_WARN, INDEX, OP_TABLE, PASSTHROUGH, QUANTIZED,
                                                   markdown_table)
 
-from .helpers import export_and_run, prepare_and_calibrate
+from .helpers import export_and_run, onnx_quantize_inputs, prepare_and_calibrate
 
 
 class Wrap(nn.Module):
@@ -276,7 +276,7 @@ def test_operator_row(row, case_id, factory, spec, exporter, tmp_path, caplog):
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
     if treatment in (QUANTIZED, PASSTHROUGH) and row not in ("RoIPool",):
         # every weight and every quantized tensor is in the JSON, under its ONNX name
-        names = {i for n in onnx.load(r.onnx_path).graph.node if n.op_type == "QuantizeLinear" for i in n.input[:1]}
+        names = onnx_quantize_inputs(r.onnx_path)
         import json
         with open(r.qparams_path) as f:
             assert set(json.load(f)["tensors"]) <= names

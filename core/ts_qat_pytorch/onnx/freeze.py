@@ -18,7 +18,7 @@ STUB_PREFIX = "qdq__"
 
 def _qdq(fq: QuantizeBase, weight_dtype: str) -> QDQ:
     scale, zp = fq.qparams()
-    as_uint8 = weight_dtype == "uint8" or (weight_dtype == "auto" and fq.quant_max - fq.quant_min > 127)
+    as_uint8 = weight_dtype == "uint8"
     return QDQ(scale, zp, fq.quant_min, fq.quant_max, fq.scheme.signed, fq.ch_axis, as_uint8=as_uint8)
 
 
@@ -26,8 +26,8 @@ def _qdq(fq: QuantizeBase, weight_dtype: str) -> QDQ:
 def freeze_for_export(gm: fx.GraphModule, weight_dtype: str = "auto") -> tuple[fx.GraphModule, dict[str, str], dict]:
     """Returns (export module, {stub module name: canonical tensor name}, qparams JSON dict). ``gm`` is not modified.
 
-    weight_dtype: container of signed weights: "int8", "uint8" (shifted by 128), or "auto": uint8 when
-    the weights use the full 8 bits (exact in onnxruntime on every x86 CPU), int8 when they fit 7 bits.
+    weight_dtype: container of signed weights: "int8" (the scheme's own integers, zero point 0; "auto" is the
+    same) or "uint8" (shifted by 128: onnxruntime on x86 CPUs without VNNI, see qdq.py).
     """
     if weight_dtype not in ("auto", "int8", "uint8"):
         raise ValueError(f"weight_dtype must be 'auto', 'int8' or 'uint8', got {weight_dtype!r}")

@@ -5,11 +5,12 @@ as scalars, which is what onnxruntime needs to fuse Add/Concat/pooling into inte
 Widths below 8 bits are carried by a Clip in front of the 8-bit QuantizeLinear: the same numbers
 as the narrow quantizer, in a container onnxruntime runs everywhere.
 
-Signed 8-bit weights are written as uint8 with the zero point shifted by 128 (the same real values)
-unless they fit 7 bits. Why: on x86 CPUs without VNNI, onnxruntime's uint8 x int8 kernels sum pairs of
-products in int16 with saturation; here that moved mobilenet_v2's logits by 60 output steps, against 16
-with uint8 x uint8. uint8 x uint8 is exact but, on such CPUs, no faster than float; 7-bit weights
-(the ONNXRuntime backend) keep the fast uint8 x int8 kernels exact.
+Signed weights are stored as the scheme's int8 integers with zero point 0, the convention of onnxruntime's
+quantize_static, TensorRT and NPU converters. ``as_uint8`` (export option ``weight_dtype="uint8"``) shifts them
+by 128 into uint8 instead: on x86 CPUs without VNNI, onnxruntime's uint8 x int8 kernels sum pairs of products
+in int16 with saturation, which moved mobilenet_v2's logits by 60 output steps (16 with uint8 x uint8).
+uint8 x uint8 is exact there but no faster than float; 7-bit weights (the ONNXRuntime backend) keep the fast
+uint8 x int8 kernels exact on every x86 CPU.
 """
 from __future__ import annotations
 

@@ -110,6 +110,12 @@ def bind_dummy_input(gm: fx.GraphModule, dummy_input, batch_size: int | None) ->
     return pytree.tree_map_only(torch.Tensor, prepare, args)
 
 
+def fresh_copy(args: tuple) -> tuple:
+    """New containers and tensors with the same values, for one forward run: a forward may add keys to a dict
+    argument (detection models) or write into its tensors, and the bound arguments must stay as given."""
+    return pytree.tree_map(lambda leaf: leaf.clone() if isinstance(leaf, torch.Tensor) else leaf, args)
+
+
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 

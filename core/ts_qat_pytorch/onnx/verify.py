@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import tempfile
 from collections import Counter
 
@@ -21,6 +22,19 @@ INTEGER_KERNELS = frozenset({
 # The subset that replaces a conv / linear / matmul layer.
 INTEGER_MATMUL_KERNELS = frozenset({"QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvInteger",
                                     "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QLinearConvTranspose"})
+
+
+def cpu_has_vnni() -> bool | None:
+    """Whether this x86 CPU has AVX512-VNNI or AVX-VNNI (None on other processors). Without it, onnxruntime's
+    uint8 x int8 kernels add pairs of products in int16 with saturation, so full 8-bit int8 weights can be off."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return None
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return None
+    return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
 def ort_session(path: str, optimize: bool = True, threads: int | None = None, optimized_path: str | None = None):

@@ -40,10 +40,52 @@ def run_py(session: nox.Session, *args: str, **env: str) -> None:
     session.run(shared_python(session), *args, external=True, env={"PYTHONUNBUFFERED": "1", **env})
 
 
+# rknn-toolkit2 (Rockchip's NPU converter and simulator) pins numpy <= 1.26.4, onnx <= 1.18, protobuf <= 4.25.4 and
+# torch <= 2.4: it gets its own environment. Its ONNX path never calls torch (the worker stands in for it), so torch,
+# a multi-GB download, is left out (--no-deps for the toolkit itself).
+RKNN_ENV = ROOT / ".nox" / "rknn-env"
+RKNN_TOOLKIT = "rknn-toolkit2==2.5.0"
+RKNN_DEPS = ["numpy==1.26.4", "onnx==1.18.0", "protobuf==4.25.4", "onnxruntime==1.20.1", "scipy==1.17.1",
+             "opencv-python-headless==4.11.0.86", "fast-histogram==0.14", "psutil", "ruamel.yaml", "tqdm"]
+
+
+def rknn_python(session: nox.Session) -> str:
+    """The rknn-toolkit2 environment's interpreter, created on first use."""
+    py = RKNN_ENV / "bin" / "python"
+    stamp = RKNN_ENV / ".installed"
+    want = " ".join([RKNN_TOOLKIT, *RKNN_DEPS])
+    if not py.exists():
+        session.run(sys.executable, "-m", "venv", str(RKNN_ENV), external=True)
+    if not stamp.exists() or stamp.read_text() != want:
+        pip = [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+        session.run(*pip, "--no-deps", RKNN_TOOLKIT, external=True)
+        session.run(*pip, *RKNN_DEPS, external=True)
+        stamp.write_text(want)
+    return str(py)
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The test suite (core and suites' smoke tests). Extra args go to pytest."""
-    run_py(session, "-m", "pytest", *(session.posargs or ["-q", "-n", "auto", "--durations=15", "tests"]))
+    """The test suite (core and suites' smoke tests; the rknn-toolkit2 import test in its own environment). Extra
+    args go to pytest."""
+    run_py(session, "-m", "pytest", *(session.posargs or ["-q", "-n", "auto", "--durations=15", "tests"]),
+           TS_QAT_RKNN_PYTHON=rknn_python(session))
+
+
+@nox.session
+def deploy_check(session: nox.Session) -> None:
+    """A deployment toolchain imports an exported file and runs it (rknn-toolkit2's NPU simulator, own environment):
+    `-- imagenet` (a suite: its export session plus --deploy rknn: QAT / onnxruntime / RKNN on its evaluation set,
+    under "deploy" in the metrics JSON), `-- model.onnx [tools/deploy_check.py flags]`, or `-- --smoke`."""
+    env = {"TS_QAT_RKNN_PYTHON": rknn_python(session)}
+    if not session.posargs:
+        session.error(f"name a suite ({', '.join(sorted(SUITES))}), an ONNX file or --smoke: nox -s deploy_check -- "
+                      "imagenet")
+    first, rest = session.posargs[0], list(session.posargs[1:])
+    if first in SUITES:
+        run_py(session, *SUITES[first].export_command(rest), "--deploy", "rknn", *rest, **env)
+    else:
+        run_py(session, str(ROOT / "tools" / "deploy_check.py"), *session.posargs, **env)
 
 
 @nox.session
@@ -66,9 +108,11 @@ def new_suite(session: nox.Session) -> None:
 
 
 # Suite sessions: each suites/<name>/sessions.py registers its own.
+SUITES = {}
 for _path in sorted(ROOT.glob("suites/*/sessions.py")):
     _spec = importlib.util.spec_from_file_location(f"_suite_sessions_{_path.parent.name}", _path)
     _mod = importlib.util.module_from_spec(_spec)
     _mod.run_py = run_py
     _mod.ROOT = ROOT
     _spec.loader.exec_module(_mod)
+    SUITES[_path.parent.name] = _mod

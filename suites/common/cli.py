@@ -167,6 +167,10 @@ def build_parser(suite: Suite) -> argparse.ArgumentParser:
     g.add_argument("--opset-version", type=int, default=18, help="ONNX opset of the export (13..21)")
     g.add_argument("--no-export", action="store_true", help="no ONNX export (checkpoints only)")
     g.add_argument("--no-ort-eval", action="store_true", help="skip the onnxruntime evaluation")
+    g.add_argument("--deploy", nargs="+", default=[], choices=["rknn"], metavar="TARGET",
+                   help="also import the exported file into a deployment toolchain and evaluate it there: rknn "
+                        "(rknn-toolkit2's NPU simulator; needs $TS_QAT_RKNN_PYTHON, `nox -s deploy_check` sets it)")
+    g.add_argument("--deploy-platform", default="rk3588", help="the NPU the rknn target builds for")
     g.add_argument("--profile", action="store_true",
                    help="per-layer float vs fake-quant comparison (table, <arch>_profile.csv and .png)")
     g.add_argument("--sensitivity", action="store_true",

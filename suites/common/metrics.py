@@ -29,7 +29,7 @@ from suites.common.suite import Metric
 SCHEMA = 1
 KEYS = ("schema", "suite", "arch", "backend", "metric", "direction", "float", "qat", "ort", "qat_minus_float",
         "ort_minus_qat", "times_s", "integer_kernels", "integer_kernels_total", "integer_matmul_kernels",
-        "quantized_layers", "scores", "files", "export", "run", "extras")
+        "quantized_layers", "scores", "files", "export", "deploy", "run", "extras")
 STAGES = ("float", "qat", "ort")
 
 
@@ -40,6 +40,7 @@ class RunMetrics:
         self.data: dict = {k: None for k in KEYS}
         self.data.update(schema=SCHEMA, suite=suite, arch=arch, backend=backend, metric=metric.name,
                          direction=metric.direction, times_s={}, integer_kernels={}, scores={}, files={}, export={},
+                         deploy={},
                          run={"entry": entry or _entry(suite), "argv": list(sys.argv[1:] if argv is None else argv)},
                          extras={})
 
@@ -97,6 +98,19 @@ class RunMetrics:
                                    max_abs_diff=max(r.max_abs_diff) if r.max_abs_diff else None,
                                    output_scale=list(getattr(r, "output_scale", []) or []))
 
+    def record_deploy(self, target: str, values: dict, **facts) -> None:
+        """A deployment target's evaluation of the exported file (``values`` as the suite's evaluate returns them),
+        beside the QAT and onnxruntime figures: ``deploy[target]`` with the headline value and its gaps."""
+        if self.metric.name not in values:
+            raise KeyError(f"the {target} evaluation returned {sorted(values)} but not the suite's metric "
+                           f"{self.metric.name!r}")
+        v = values[self.metric.name]
+        rec = {self.metric.name: v, "scores": dict(values), **facts}
+        for ref in ("qat", "ort"):
+            if self.data[ref] is not None:
+                rec[f"minus_{ref}"] = round(v - self.data[ref], self.digits)
+        self.data["deploy"][target] = rec
+
     def finish(self, baselines: str | None = None) -> int:
         """Write the file, log the summary and compare with ``baselines`` (a baselines.json): the exit code, 1 when
         a metric regressed. Every suite's last step."""
@@ -107,6 +121,7 @@ class RunMetrics:
         summary = ", ".join(f"{k} {fmt(d[k])}" for k in STAGES if d[k] is not None)
         kernels = f", integer kernels {d['integer_kernels_total']} ({d['integer_matmul_kernels']} conv/gemm/matmul)" \
             if d["integer_kernels_total"] is not None else ""
+        summary += "".join(f", {t} {fmt(r[self.metric.name])}" for t, r in (d.get("deploy") or {}).items())
         self.log(f"=> metrics: {self.metric.name} {summary or '-'}{kernels}; times (s) {d['times_s']}")
         self.log(f"=> metrics written to {self.path}")
         if not baselines:

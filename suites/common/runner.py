@@ -144,6 +144,14 @@ def run(suite: Suite, args) -> int:
     if args.resume:
         C.check_resume(args)
         resumed_layers(args, m)
+    if args.deploy:
+        from ts_qat_pytorch.deploy import DeployError, find_python
+        if args.no_export:
+            raise SuiteError("--deploy imports the exported file: drop --no-export")
+        try:
+            find_python()
+        except DeployError as exc:
+            raise SuiteError(str(exc)) from exc
     args.teacher_source = S.choose_teacher(suite, args)  # a teacher that cannot be used is refused here
     data = suite.datasets(args)
     os.makedirs(args.out_dir, exist_ok=True)

@@ -8,6 +8,7 @@ import copy
 import json
 import logging
 import os
+import time
 
 import torch
 from torch import nn
@@ -230,16 +231,49 @@ def export_stage(suite: Suite, q, args, m):
 
 
 def ort_stage(suite: Suite, val_loader, args, m) -> None:
-    """The exported int8 model in onnxruntime (CPU, all graph optimisations) on the validation set."""
-    if args.no_ort_eval:
-        return
-    from ts_qat_pytorch.onnx.verify import ort_session
+    """The exported int8 model in onnxruntime (CPU, all graph optimisations) on the validation set, then in each
+    --deploy target."""
+    if not args.no_ort_eval:
+        from ts_qat_pytorch.onnx.verify import ort_session
+        path = m.files["onnx"]
+        with m.timed("ort_eval"):
+            sess = ort_session(path, threads=torch.get_num_threads())
+            scores = suite.evaluate_onnx(sess, val_loader, args, "ORT int8")
+        m.score("ort", scores)
+        say(f"=> ORT int8 {suite.describe(scores)} ({path})")
+    for target in args.deploy:
+        deploy_stage(suite, target, val_loader, args, m)
+
+
+DEPLOY_LABEL = {"rknn": "RKNN"}
+
+
+def deploy_stage(suite: Suite, target: str, val_loader, args, m) -> None:
+    """The exported file imported by a deployment toolchain (ts_qat_pytorch.deploy) and the suite's metric on the
+    validation set as that toolchain runs it: the metrics' ``deploy[target]``, beside QAT and onnxruntime."""
+    from ts_qat_pytorch.deploy import DeployError, close_session, open_session
     path = m.files["onnx"]
-    with m.timed("ort_eval"):
-        sess = ort_session(path, threads=torch.get_num_threads())
-        scores = suite.evaluate_onnx(sess, val_loader, args, "ORT int8")
-    m.score("ort", scores)
-    say(f"=> ORT int8 {suite.describe(scores)} ({path})")
+    label = f"{DEPLOY_LABEL.get(target, target)} {args.deploy_platform}"
+    with m.timed(f"deploy_{target}"):
+        try:
+            sess = open_session(path, target, platform=args.deploy_platform)
+        except DeployError as exc:  # recorded with the run's other figures, then the run fails
+            m.data["deploy"][target] = {"platform": args.deploy_platform, "error": str(exc)}
+            m.write()
+            raise SuiteError(str(exc)) from exc
+        try:
+            say(f"=> {label}: imported and built {os.path.basename(path)} in {sess.build_s:.1f} s (log: "
+                f"{sess.log_path})")
+            t0 = time.time()
+            scores = suite.evaluate_onnx(sess, val_loader, args, label)
+        finally:
+            close_session(sess)
+    m.record_deploy(target, scores, platform=args.deploy_platform, build_s=round(sess.build_s, 2),
+                    eval_s=round(time.time() - t0, 2), file_bytes=os.path.getsize(path),
+                    toolkit_version=getattr(sess, "toolkit_version", None), log=sess.log_path)
+    rec = m["deploy"][target]
+    gaps = ", ".join(f"{v:+.{suite.digits}f} vs {k[6:].upper()}" for k, v in rec.items() if k.startswith("minus_"))
+    say(f"=> {label} {suite.describe(scores)}{f' ({gaps})' if gaps else ''}")
 
 
 # ---- analysis

@@ -38,11 +38,16 @@ def segmentation_qat(session: nox.Session) -> None:
 def segmentation_export(session: nox.Session) -> None:
     """Export the last QAT checkpoint (checkpoint/segmentation/lraspp_mobilenet_v2_s4_checkpoint.pth, from
     segmentation_qat) to int8 ONNX and evaluate it in onnxruntime; without it, PTQ-calibrate the float model."""
+    run_py(session, *export_command(session.posargs), *session.posargs)
+
+
+def export_command(posargs) -> list[str]:
+    """The export session's program and flags (also what `nox -s deploy_check -- segmentation` runs, plus --deploy)."""
     ckpt = ROOT / "checkpoint" / "segmentation" / "lraspp_mobilenet_v2_s4_checkpoint.pth"
     args = ["--evaluate"]
-    if ckpt.exists() and "--resume" not in session.posargs:
+    if ckpt.exists() and "--resume" not in posargs:
         args += ["--resume", str(ckpt)]
-    run_py(session, _main(), *_out(), *args, *session.posargs)
+    return [_main(), *_out(), *args]
 
 
 @nox.session

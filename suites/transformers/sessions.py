@@ -38,11 +38,16 @@ def transformers_qat(session: nox.Session) -> None:
 def transformers_export(session: nox.Session) -> None:
     """Export the last QAT checkpoint (checkpoint/transformers/minilm_checkpoint.pth, from transformers_qat) to QDQ
     ONNX and evaluate it in onnxruntime; without that checkpoint, PTQ-calibrate the float model instead."""
+    run_py(session, *export_command(session.posargs), *session.posargs)
+
+
+def export_command(posargs) -> list[str]:
+    """The export session's program and flags (also what `nox -s deploy_check -- transformers` runs, plus --deploy)."""
     ckpt = ROOT / "checkpoint" / "transformers" / "minilm_checkpoint.pth"
     args = ["--evaluate"]
-    if ckpt.exists() and "--resume" not in session.posargs:
+    if ckpt.exists() and "--resume" not in posargs:
         args += ["--resume", str(ckpt)]
-    run_py(session, _main(), *_out(), *args, *session.posargs)
+    return [_main(), *_out(), *args]
 
 
 @nox.session

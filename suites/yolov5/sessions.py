@@ -39,11 +39,16 @@ def yolov5_qat(session: nox.Session) -> None:
 def yolov5_export(session: nox.Session) -> None:
     """Export the last QAT checkpoint (checkpoint/yolov5/yolov5n-v6_checkpoint.pth, from yolov5_qat) to int8 QDQ
     ONNX and evaluate it in onnxruntime; without that checkpoint, PTQ-calibrate the float model instead."""
+    run_py(session, *export_command(session.posargs), *session.posargs)
+
+
+def export_command(posargs) -> list[str]:
+    """The export session's program and flags (also what `nox -s deploy_check -- yolov5` runs, plus --deploy)."""
     ckpt = ROOT / "checkpoint" / "yolov5" / "yolov5n-v6_checkpoint.pth"
     args = ["--quantize", "--export-only", "--metrics", str(ROOT / "checkpoint" / "yolov5" / "export_metrics.json")]
-    if ckpt.exists() and "--resume" not in session.posargs:
+    if ckpt.exists() and "--resume" not in posargs:
         args += ["--resume", str(ckpt)]
-    run_py(session, _script(), *_out(), *args, *session.posargs)
+    return [_script(), *_out(), *args]
 
 
 @nox.session

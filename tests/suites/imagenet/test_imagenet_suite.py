@@ -396,3 +396,28 @@ def test_tools_read_the_metrics_file_not_the_suite(smoke_run, tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     b = json.loads((tmp_path / "b.json").read_text())
     assert b["imagenet"]["arch"] == ARCH and b["imagenet"]["int8_ms"] > 0 and b["imagenet"]["fp32_ms"] > 0
+
+
+@pytest.mark.skipif(not os.environ.get("TS_QAT_RKNN_PYTHON"),
+                    reason="no rknn-toolkit2 environment ($TS_QAT_RKNN_PYTHON; nox -s tests sets it)")
+def test_deploy_rknn_evaluates_the_exported_file_beside_qat_and_onnxruntime(smoke_run):
+    """`nox -s deploy_check -- imagenet` runs this: the export session plus --deploy rknn."""
+    rc, out = smoke_run
+    rc = suite_main.main(SMOKE + ["--output-dir", str(out), "--cache-dir", str(out / "cache"), "--evaluate",
+                                  "--resume", str(out / "imagenet" / f"{ARCH}_checkpoint.pth"), "--val-images", "64",
+                                  "--deploy", "rknn", "--metrics", str(out / "deploy.json")])
+    assert rc == 0
+    m = load_metrics(out / "deploy.json")
+    rec = m["deploy"]["rknn"]
+    assert rec["platform"] == "rk3588" and rec["build_s"] > 0 and rec["file_bytes"] > 0
+    assert 0.0 <= rec["top1"] <= 100.0 and rec["top1"] == rec["scores"]["top1"]
+    assert rec["minus_ort"] == round(rec["top1"] - m["ort"], 3)
+    assert abs(rec["minus_ort"]) <= 10.0  # 64 images: the NPU's integers agree with onnxruntime's
+
+
+def test_deploy_without_the_rknn_environment_is_refused_before_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TS_QAT_RKNN_PYTHON", raising=False)
+    rc = suite_main.main(SMOKE + ["--output-dir", str(tmp_path), "--deploy", "rknn"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "nox -s deploy_check" in err and "Float:" not in err

@@ -13,7 +13,7 @@ dummy_input    a tensor, a tuple (one entry per forward argument; an entry may b
                ``batch_image``; ``output``, ``output_0_1``, a dict's keys (``out``, ``aux``).
 onnx_path      where the ONNX file goes; the JSON goes to ``qparams_path`` (default: next to it,
                ``<name>_qparams.json``).
-opset_version  13..21, default 18 (the manual's).
+opset_version  13..21, default 18 (the manual's); 21 with 16-bit activations (uint16 QDQ, onnx/wide.py).
 batch_size     the batch dimension baked into the file (a positive int; default: the dummy input's);
                ``dynamic_batch=True`` makes it symbolic instead (legacy exporter).
 exporter       "dynamo" (torch's current exporter, default) or "legacy" (see onnx/exporter.py).
@@ -46,6 +46,7 @@ from .onnx.qparams import write_qparams_json
 from .onnx import signature
 from .onnx import verify as verify_mod
 from .onnx.verify import INTEGER_MATMUL_KERNELS, check_model, count_integer_kernels, run_onnx
+from .onnx.wide import check_export_opset, widen_quantizers
 from .utils.utils import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
@@ -119,6 +120,7 @@ def convert_export(model: torch.nn.Module, dummy_input=None, onnx_path: str = "m
     gm = getattr(model, "module", model)
     if not isinstance(gm, fx.GraphModule):
         raise TypeError(f"convert_export needs a model prepared by prepare_by_platform, got {type(gm).__name__}")
+    check_export_opset(gm, opset_version)  # 16-bit activations need opset 21: refuse before any work
     onnx_path = _file_path(onnx_path, "onnx_path", "model.onnx")
     stem = os.path.splitext(os.path.basename(onnx_path))[0]
     what = "qparams_path" if qparams_path else "qparams_path (default: next to onnx_path)"
@@ -144,6 +146,7 @@ def convert_export(model: torch.nn.Module, dummy_input=None, onnx_path: str = "m
             if os.path.exists(p):
                 os.unlink(p)
     onnx_names = apply_canonical_names(model_proto, stub_names)
+    widen_quantizers(model_proto, frozen, stub_names)  # 16-bit activations: uint16 / int16 Q/DQ (onnx/wide.py)
     constants_as_initializers(model_proto)
     store_weights_as_integers(model_proto)  # integer weights + DequantizeLinear (onnx/storage.py)
     int32_biases = quantize_biases(model_proto)  # Conv / Linear biases as int32 + DequantizeLinear (onnx/bias.py)
@@ -210,7 +213,7 @@ def _record_encoding(frozen: fx.GraphModule, stub_names: dict[str, str], qparams
         q = stubs.get(tensor)
         if isinstance(q, QDQ):
             zp = q.zero_point.tolist() if isinstance(q.zero_point, torch.Tensor) else [q.zero_point]
-            entry.update(onnx_dtype="uint8" if q.cmin == 0 else "int8", onnx_zero_point=[int(z) for z in zp])
+            entry.update(onnx_dtype=q.onnx_dtype, onnx_zero_point=[int(z) for z in zp])
 
 
 def _is_embedding(gm: fx.GraphModule, entry: dict) -> bool:

@@ -50,7 +50,8 @@ def prepare_by_platform(model: nn.Module, backend: BackendType | str = BackendTy
         extra_qconfig_dict:   w_observer, a_observer, w_fakequantize, a_fakequantize, w_qscheme, a_qscheme
                               (dicts of bit, symmetry, per_channel, pot_scale), *_params.
         extra_quantizer_dict: exclude_module_name, exclude_node_name (stay float), additional_function_type,
-                              additional_module_type (also quantized).
+                              additional_module_type (also quantized), float_outputs, shared_concat_scales
+                              (True / False over the backend's default).
         extra_fuse_dict:      {"additional_fuser_method_mapping": {(layer type, norm type[, activation type]):
                               fused QAT class or fuser(layer, bn, act, weight_qconfig, bn_name)}}: extra fusion
                               patterns (fuser_method_mappings.fusion_table).
@@ -60,7 +61,9 @@ def prepare_by_platform(model: nn.Module, backend: BackendType | str = BackendTy
         concrete_args:        fixed values for forward arguments (flags that drive control flow).
         module_qconfig:       {layer name: extra_qconfig_dict-style dict}: per-layer settings laid over the
                               model-wide ones (mixed precision, e.g. W4A4 with 8-bit first and last layers);
-                              the layer's weight, input and output quantizers follow them.
+                              the layer's weight, input and output quantizers follow them. A block's name
+                              (e.g. "features.3") applies to each layer in it; TSQAT takes a_qscheme bit 16
+                              (W8A16, exported at opset_version=21).
     """
     cfg = dict(prepare_custom_config_dict or {})
     unknown = sorted(set(cfg) - set(PREPARE_CUSTOM_CONFIG_KEYS))
@@ -87,7 +90,7 @@ def prepare_by_platform(model: nn.Module, backend: BackendType | str = BackendTy
     gm = quantizer.prepare(gm, qconfig)
     if cfg.get("module_qconfig"):
         apply_module_qconfig(gm, backend_qconfig, cfg.get("extra_qconfig_dict"), cfg["module_qconfig"],
-                             quantizer.allowed_bits)
+                             quantizer.allowed_bits, getattr(quantizer, "wide_activation_bits", ()))
     gm.qat_backend = getattr(backend, "value", backend)
     gm.qat_qconfig = qconfig
     gm.qat_prepare_config = recordable_config(cfg)

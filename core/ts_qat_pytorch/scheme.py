@@ -11,6 +11,8 @@ TSQAT (default, INT8)
     activations  uint8, asymmetric, per tensor, range [0, 255], scale and zero point from an
                  EMA min/max observer during calibration; the scale is then learned (LSQ) and
                  the zero point stays fixed (an integer, as deployed).
+    W8A16 layers activations of chosen layers (module_qconfig, a_qscheme bit 16) in uint16, range
+                 [0, 65535], weights unchanged; exported as 16-bit QuantizeLinear/DequantizeLinear (opset 21).
 
 ONNXRuntime (INT8 activations, 7-bit weights)
     as TSQAT with weights in [-64, 63]: onnxruntime's fast uint8 x int8 kernels on x86 CPUs without
@@ -35,7 +37,7 @@ __all__ = ["QuantScheme"]
 class QuantScheme:
     """How one tensor is quantized.
 
-    bit:         integer width, 2..8 (16 is accepted for the JSON only).
+    bit:         integer width, 2..8; 16 for activations where the backend allows it (TSQAT: W8A16 layers).
     symmetry:    zero point fixed (0 for signed, quant_min for unsigned).
     per_channel: one scale per slice along ``ch_axis``.
     pot_scale:   scales rounded up to powers of two.

@@ -27,6 +27,10 @@ class TSQATQuantizer(ModelQuantizer):
     """INT8 deployment on integer accelerators and onnxruntime (QDQ)."""
 
     allowed_bits = range(8, 9)
+    # W8A16 layers where 8-bit activations lose too much (AIMET-style): uint16 QDQ at opset 21, run by onnxruntime
+    wide_activation_bits = (16,)
+    # NPU converters (RKNN, ...) want a concat's inputs and output on one grid: a copy, no requantization
+    shared_concat_scales = True
 
 
 # Experimental: the same scheme with 2..8 bits chosen separately for weights and activations

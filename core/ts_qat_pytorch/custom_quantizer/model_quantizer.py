@@ -6,6 +6,8 @@ Passes, in order, each a method a backend may override:
   2. ``swap``: remaining conv/linear/embedding layers -> QAT layers with weight fake quantization.
   3. ``insert_act_quantizers``: activation fake quantizers where the operator table says the deployed
      graph needs integers (quantization/op_table.py), one quantizer per tensor.
+  4. ``share_concat_scales`` (backends with ``shared_concat_scales``): the inputs and output of each torch.cat
+     share one quantizer, so the deployed concat is a memory copy.
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ from ..quantization.qconfig import QConfig, resolve_dotted
 logger = logging.getLogger(__name__)
 
 EXTRA_QUANTIZER_KEYS = ("exclude_module_name", "exclude_node_name", "additional_function_type",
-                        "additional_module_type", "float_outputs")
+                        "additional_module_type", "float_outputs", "shared_concat_scales")
+_BOOL_KEYS = ("float_outputs", "shared_concat_scales")
 # Layers whose integer kernel can write float directly (onnxruntime: QGemm without an output scale,
 # MatMulIntegerToFloat), so a float consumer needs no QuantizeLinear/DequantizeLinear pair in between.
 _FLOAT_OUTPUT_ROWS = ("Linear", "matmul")
@@ -40,10 +43,17 @@ class ModelQuantizer:
 
     # The bit widths a backend accepts; subclasses narrow or widen it.
     allowed_bits = range(8, 9)
+    # Activation widths accepted beyond allowed_bits, never for weights (16: W8A16 layers, exported as 16-bit
+    # QuantizeLinear/DequantizeLinear at opset 21).
+    wide_activation_bits: tuple[int, ...] = ()
     # Linear / matmul outputs that only float operations (or the model's output) consume stay float
     # (extra_quantizer_dict "float_outputs" overrides). Off for integer accelerators, whose kernels write
     # integers; on for onnxruntime, whose QGemm / MatMulIntegerToFloat write float at no cost.
     float_outputs = False
+    # The inputs and output of a torch.cat share one quantizer (extra_quantizer_dict "shared_concat_scales"
+    # overrides): NPU converters (RKNN, ...) and integer runtimes then copy the inputs without requantizing.
+    # Off where the runtime requantizes per input anyway (onnxruntime's QLinearConcat): separate grids fit tighter.
+    shared_concat_scales = False
     # (layer type, norm type or None, has activation) -> fused QAT class; a backend may set its own table
     fusion_patterns = FUSION_PATTERNS
 
@@ -57,20 +67,22 @@ class ModelQuantizer:
         self.exclude_node_name = set(extra.get("exclude_node_name", []))
         self.additional_function_type = tuple(resolve_dotted(f) for f in extra.get("additional_function_type", []))
         self.additional_module_type = tuple(resolve_dotted(m) for m in extra.get("additional_module_type", []))
-        if extra.get("float_outputs") is not None:
-            if not isinstance(extra["float_outputs"], bool):
-                raise ValueError(f"extra_quantizer_dict['float_outputs'] must be True or False, got "
-                                 f"{extra['float_outputs']!r}")
-            self.float_outputs = extra["float_outputs"]
+        for key in _BOOL_KEYS:
+            if extra.get(key) is not None:
+                if not isinstance(extra[key], bool):
+                    raise ValueError(f"extra_quantizer_dict['{key}'] must be True or False, got {extra[key]!r}")
+                setattr(self, key, extra[key])
 
     # -- entry point -------------------------------------------------------------------------------
     def prepare(self, gm: fx.GraphModule, qconfig: QConfig) -> fx.GraphModule:
-        qconfig.check_bits(self.allowed_bits)
+        qconfig.check_bits(self.allowed_bits, self.wide_activation_bits)
         self._check_exclusions(gm)
         self._extend_exclusions(gm)
         self.fuse(gm, qconfig)
         self.swap(gm, qconfig)
         self.insert_act_quantizers(gm, qconfig)
+        if self.shared_concat_scales:
+            self.share_concat_scales(gm)
         gm.delete_all_unused_submodules()
         gm.graph.lint()
         gm.recompile()
@@ -343,13 +355,111 @@ class ModelQuantizer:
             quantized_copy[tail] = q
             origin[node] = origin[tail] = origin[q]
 
+    # -- pass 4: one grid per concatenation ---------------------------------------------------------
+    def share_concat_scales(self, gm: fx.GraphModule) -> None:
+        """Each quantized torch.cat's input and output quantizers become one module, called at every site, so
+        calibration sees all of them and QAT learns one scale. Concats that share a quantizer (an input feeding
+        two concats, a concat of concats) end up in one group. Inputs on no activation grid (integers, weights,
+        per-channel quantizers) keep their own."""
+        parent: dict[str, str] = {}
+
+        def find(name: str) -> str:
+            while parent.setdefault(name, name) != name:
+                parent[name] = parent[parent[name]]
+                name = parent[name]
+            return name
+
+        last_output: dict[str, str] = {}  # any member -> the output quantizer of the last concat joining it
+        copies: set[str] = set()  # outputs of concats whose every input is in the group: no values of their own
+        for node in gm.graph.nodes:
+            row = self._row(gm, node) if node.op == "call_function" else None
+            if row is None or row.name != "cat" or self.is_excluded(node):
+                continue
+            out = self._output_quantizer(gm, node)
+            if out is None:  # the concat's output stays float: nothing to copy into
+                continue
+            members = [out] + [str(a.target) for a in node.all_input_nodes
+                               if self._shareable(gm, a) and not self._known_integer(gm, a.args[0])]
+            if len(members) == len(node.all_input_nodes) + 1:
+                copies.add(out)
+            for m in members[1:]:
+                parent[find(m)] = find(out)
+            for m in members:
+                last_output[m] = out
+        groups: dict[str, list[str]] = {}
+        for name in parent:
+            groups.setdefault(find(name), []).append(name)
+        survivor_of: dict[str, str] = {}
+        position = self._graph_position(gm)
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            # named after the concat that closes the group (the last in graph order), one of its own names
+            survivor = max((last_output[m] for m in members), key=position.__getitem__)
+            keep = gm.get_submodule(survivor)
+            bounds = [gm.get_submodule(m).max_scale for m in members if m not in copies]
+            # a bounded activation's cap (a Clip folded into QuantizeLinear) holds only if every source has one
+            keep.max_scale = None if not bounds or any(b is None for b in bounds) else max(bounds)
+            survivor_of.update({m: survivor for m in members if m != survivor})
+            logger.debug("concat: %s share one quantizer, %s", sorted(members), survivor)
+        if not survivor_of:
+            return
+        old = {id(gm.get_submodule(m)): gm.get_submodule(s) for m, s in survivor_of.items()}
+        for node in gm.graph.nodes:
+            if node.op == "call_module" and node.target in survivor_of:
+                node.target = survivor_of[node.target]
+        for mod in gm.modules():  # layers that keep their input quantizer for the int32 bias (nn/qat: deployed_bias)
+            ref = mod.__dict__.get("input_fake_quant")
+            if ref is not None and id(ref) in old:
+                mod.__dict__["input_fake_quant"] = old[id(ref)]
+        sites: dict[str, int] = {}
+        for node in gm.graph.nodes:
+            if node.op == "call_module":
+                sites[str(node.target)] = sites.get(str(node.target), 0) + 1
+        for survivor in set(survivor_of.values()):
+            gm.get_submodule(survivor).shared_sites = sites[survivor]
+        logger.info("shared concat scales: %d quantizers merged into %d", len(survivor_of) + len(
+            set(survivor_of.values())), len(set(survivor_of.values())))
+
+    @staticmethod
+    def _graph_position(gm: fx.GraphModule) -> dict[str, int]:
+        """Quantizer name -> position of its first call in the graph."""
+        pos: dict[str, int] = {}
+        for i, node in enumerate(gm.graph.nodes):
+            if node.op == "call_module":
+                pos.setdefault(str(node.target), i)
+        return pos
+
+    def _shareable(self, gm: fx.GraphModule, node: fx.Node) -> bool:
+        """A call of a per-tensor activation quantizer."""
+        mod = self._module(gm, node)
+        return isinstance(mod, QuantizeBase) and not mod.is_weight and not mod.scheme.per_channel
+
+    def _output_quantizer(self, gm: fx.GraphModule, node: fx.Node) -> str | None:
+        """The quantizer of a node's output, past a ReLU-like activation it absorbs; None when it stays float."""
+        cur = node
+        while True:
+            users = list(cur.users)
+            for u in users:
+                if self._shareable(gm, u) and u.args[0] is cur:
+                    return str(u.target)
+            if len(users) != 1 or not self._is_fusable_act(gm, users[0]) or users[0].args[0] is not cur:
+                return None
+            cur = users[0]
+
+    def _known_integer(self, gm: fx.GraphModule, node) -> bool:
+        """Integer by construction (argmax, the indices of max / topk): its quantizer never sees a float."""
+        if not isinstance(node, fx.Node):
+            return False
+        if self.classify(gm, node) == INDEX:
+            return True
+        return node.op == "call_function" and node.target is operator.getitem and _selects_indices(node)
+
     @staticmethod
     def _getitem_origin(node: fx.Node, origin) -> str | None:
-        src, idx = node.args[0], node.args[1]
-        if isinstance(src, fx.Node) and src.op in ("call_function", "call_method"):
-            name = getattr(src.target, "__name__", src.target)
-            if name in ("min", "max", "topk", "sort") and idx != 0:
-                return None  # indices
+        src = node.args[0]
+        if _selects_indices(node):
+            return None
         return origin.get(src) if isinstance(src, fx.Node) else None
 
     def _is_tensor(self, gm, node: fx.Node, is_tensor: dict) -> bool:
@@ -369,6 +479,14 @@ class ModelQuantizer:
         if node.op == "call_method":
             return node.target not in SHAPE_METHODS
         return True  # call_module
+
+
+def _selects_indices(getitem: fx.Node) -> bool:
+    """``torch.max(x, dim)[1]`` and the like: the integer half of a (values, indices) result."""
+    src, idx = getitem.args[0], getitem.args[1]
+    if isinstance(src, fx.Node) and src.op in ("call_function", "call_method"):
+        return getattr(src.target, "__name__", src.target) in ("min", "max", "topk", "sort") and idx != 0
+    return False
 
 
 def _roi_like(gm, node) -> bool:

@@ -40,10 +40,16 @@ class QuantizeBase(nn.Module):
         self.non_float = False  # has been given integer tensors (ids, masks): it stays a no-op
         self.nonfinite_batches = 0  # calibration batches ignored because they held NaN / inf
         self.observed_shape: tuple[int, ...] | None = None  # the last calibration tensor's shape (export errors)
+        # Call sites per forward pass of a quantizer shared by several tensors (a concat's inputs and output):
+        # it observes once per pass, the union of them, so a moving average sees one range instead of alternating.
+        self.shared_sites = 1
+        self._round: list[torch.Tensor] = []  # this pass's tensors so far (shared_sites > 1)
 
     # -- switches -----------------------------------------------------------------------------
     def enable_observer(self, enabled: bool = True):
         self.observer_enabled = bool(enabled)
+        if not enabled:
+            self._round = []  # a pass cut short must not leak into a later calibration
         return self
 
     def disable_observer(self):
@@ -75,6 +81,13 @@ class QuantizeBase(nn.Module):
         """Feed the observer and adopt its qparams. A tensor holding NaN or inf is ignored (with a warning):
         one diverged batch must not wipe the statistics of the others."""
         self.observed_shape = tuple(x.shape)
+        if self.shared_sites > 1:
+            x = self._join_round(x)
+            if x is None:
+                return
+        self._observe_now(x)
+
+    def _observe_now(self, x: torch.Tensor) -> None:
         if not bool(torch.isfinite(x).all()):
             self.nonfinite_batches += 1
             n = self.nonfinite_batches
@@ -88,6 +101,19 @@ class QuantizeBase(nn.Module):
             scale, zero_point = self.activation_post_process.calculate_qparams()
             self._adopt_qparams(scale, zero_point)
             self.initialized = True
+
+    def _join_round(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Collect one call site's tensor; the flattened union once every site of the pass is in, else None.
+        Any ``shared_sites`` consecutive calls hold each site once, so a pass cut short only shifts which
+        passes are observed together."""
+        self._round.append(x.detach().float().reshape(-1).clone())
+        if len(self._round) < self.shared_sites:
+            return None
+        return self._take_round()
+
+    def _take_round(self) -> torch.Tensor:
+        union, self._round = torch.cat(self._round), []
+        return union
 
     def _adopt_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
         raise NotImplementedError
@@ -131,6 +157,10 @@ class QuantizeBase(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not x.is_floating_point():  # ids, masks, indices: never quantized
             self.non_float = True
+            if self.observer_enabled and self.shared_sites > 1:  # still a site of the pass: keep the count
+                union = self._join_round(x.new_empty(0, dtype=torch.float32))
+                if union is not None:
+                    self._observe_now(union)
             return x
         if self.observer_enabled:
             self.observe(x.detach())
@@ -139,6 +169,8 @@ class QuantizeBase(nn.Module):
         if not self.initialized:
             if self.is_weight:  # the data is the weight itself: no calibration batch needed
                 self.observe(x.detach())
+            elif self._round:  # a shared quantizer's first pass with fake quantization on: use what it has seen
+                self._observe_now(self._take_round())
             self.check_initialized(self.qualname)
         if x.dtype != torch.float32:  # AMP: torch's fake-quant kernels want float32 inputs
             return self.fake_quant(x.float()).to(x.dtype)

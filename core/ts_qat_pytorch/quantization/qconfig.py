@@ -87,11 +87,18 @@ class QConfig:
             w_observer_params=dict(d.get("w_observer_params") or {}),
             a_observer_params=dict(d.get("a_observer_params") or {}))
 
-    def check_bits(self, allowed: range) -> None:
-        for what, s in (("w_qscheme", self.w_scheme), ("a_qscheme", self.a_scheme)):
-            if s.bit not in allowed:
-                raise ValueError(f"{what} bit={s.bit} is not supported by this backend; allowed: "
-                                 f"{allowed.start}..{allowed.stop - 1}")
+    def check_bits(self, allowed: range, wide_activations: tuple[int, ...] = ()) -> None:
+        """Refuse widths outside ``allowed``; activations may also take the ``wide_activations`` widths."""
+        wide = tuple(wide_activations)
+        for what, s, extra in (("w_qscheme", self.w_scheme, ()), ("a_qscheme", self.a_scheme, wide)):
+            if s.bit in allowed or s.bit in extra:
+                continue
+            msg = f"{what} bit={s.bit} is not supported by this backend; allowed: {allowed.start}..{allowed.stop - 1}"
+            if wide and what == "a_qscheme":
+                msg += f", or {' / '.join(map(str, wide))} for activations (exported at opset_version=21)"
+            elif s.bit in wide:
+                msg += f" ({s.bit} bits are for activations only: set it in a_qscheme)"
+            raise ValueError(msg)
 
     @staticmethod
     def _build(fq_cls, scheme, obs_cls, obs_params, fq_params, channels) -> QuantizeBase:

@@ -99,6 +99,11 @@ def check_scheme_record(record: Any, model: nn.Module, source: str = "checkpoint
            f"prepare_by_platform(model, {record.get('backend')!r}, <the prepare_custom_config_dict used for "
            "training>)")
     shown = problems[:8] + ([f"... and {len(problems) - 8} more"] if len(problems) > 8 else [])
+    if any(n not in current["quantizers"] for n in record.get("quantizers") or {}) and any(
+            getattr(m, "shared_sites", 1) > 1 for m in model.modules()):
+        # the model shares one quantizer per concat; a checkpoint from before that has one per tensor
+        shown.append("the model's concatenations share one quantizer each: for a checkpoint trained with one per "
+                     "tensor, prepare with extra_quantizer_dict={'shared_concat_scales': False}")
     raise ValueError(
         f"{source} was trained with another quantization scheme than the model it is loaded into:\n  "
         + "\n  ".join(shown)

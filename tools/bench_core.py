@@ -38,7 +38,7 @@ import torch.nn.functional as F
 import torchvision
 
 from ts_qat_pytorch.convert_export import convert_export
-from ts_qat_pytorch.onnx.verify import interleaved_times, ort_session
+from ts_qat_pytorch.onnx.verify import cpu_has_vnni, interleaved_times, ort_session
 from ts_qat_pytorch.prepare_by_platform import BackendType, prepare_by_platform
 from ts_qat_pytorch.utils.state import enable_calibration, enable_quantization
 from ts_qat_pytorch.utils.utils import atomic_write_bytes
@@ -201,12 +201,13 @@ def ort_latency(arch, batch, res, reps):
             kernels[backend] = convert_export(q, x, files[backend], batch_size=batch).integer_kernels
         files["ort_quantize_static"] = os.path.join(d, "ort_qs.onnx")
         _ort_quantize_static(files["fp32"], files["ort_quantize_static"], x)
+        sizes = {k: os.path.getsize(f) for k, f in files.items()}
         sess = {k: ort_session(f, threads=threads) for k, f in files.items()}
         feeds = {k: {s.get_inputs()[0].name: x.numpy()} for k, s in sess.items()}
         times = interleaved_times(sess, feeds, reps)
     ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     return {"ms": ms, "speedup": {k: ms["fp32"] / v for k, v in ms.items() if k != "fp32"},
-            "integer_kernels": kernels}
+            "integer_kernels": kernels, "file_bytes": sizes, "cpu_has_vnni": cpu_has_vnni()}
 
 
 def main(argv=None):
@@ -222,6 +223,7 @@ def main(argv=None):
     p.add_argument("--devices", nargs="+", default=None, help="train-step devices (default: cpu, and cuda if present)")
     p.add_argument("--amp", action="store_true", help="also time train steps under autocast (fp16 CUDA, bf16 CPU)")
     p.add_argument("--train-only", action="store_true", help="only the train-step timings (no memory, no ORT)")
+    p.add_argument("--ort-only", action="store_true", help="only the onnxruntime latencies and file sizes")
     p.add_argument("--profile", action="store_true", help="print torch.profiler's ops by self time of one float, "
                    "one eager-kernel QAT and one QAT train step per model")
     p.add_argument("--out", default="runs/bench_core.json")
@@ -240,7 +242,7 @@ def main(argv=None):
         res = results["models"][arch] = {}
         if a.profile:
             profile_steps(arch, a.batch, a.res)
-        for dev in devices:
+        for dev in ([] if a.ort_only else devices):
             for amp in ([False, True] if a.amp else [False]):
                 tag = f"{dev}, AMP" if amp else dev
                 print(f"[bench] {arch}: train steps on {tag} (batch {a.batch}, {a.res}x{a.res}) ...", flush=True)
@@ -253,17 +255,25 @@ def main(argv=None):
                                      f"{t[k + '_ratio']:.2f}x", target))
         if a.train_only:
             continue
-        print(f"[bench] {arch}: peak memory ...", flush=True)
-        res["memory_cpu"] = m = peak_memory(arch, a.batch, a.res)
-        rows.append((arch, "QAT/float step peak memory", f"{m['qat_step_mb']:.0f} / {m['float_step_mb']:.0f} MB",
-                     f"{m['ratio']:.2f}x", "<= 1.3"))
+        if not a.ort_only:
+            print(f"[bench] {arch}: peak memory ...", flush=True)
+            res["memory_cpu"] = m = peak_memory(arch, a.batch, a.res)
+            rows.append((arch, "QAT/float step peak memory", f"{m['qat_step_mb']:.0f} / {m['float_step_mb']:.0f} MB",
+                         f"{m['ratio']:.2f}x", "<= 1.3"))
         print(f"[bench] {arch}: onnxruntime latency ...", flush=True)
         res["ort"] = o = ort_latency(arch, a.ort_batch, a.ort_res, a.ort_reps)
         rows.append((arch, f"ORT fp32 (b{a.ort_batch}, {a.ort_res}px)", f"{o['ms']['fp32']:.1f} ms", "1.00x", ""))
         for k, sp in o["speedup"].items():
             label = {"TSQAT": "this project, TSQAT", "ONNXRuntime": "this project, ONNXRuntime backend",
                      "ort_quantize_static": "onnxruntime quantize_static (reference)"}[k]
-            rows.append((arch, f"  ORT int8: {label}", f"{o['ms'][k]:.1f} ms", f"{sp:.2f}x faster", ""))
+            target = f">= quantize_static ({o['speedup']['ort_quantize_static']:.2f}x)" if k == "TSQAT" else ""
+            rows.append((arch, f"  ORT int8: {label}", f"{o['ms'][k]:.1f} ms", f"{sp:.2f}x faster", target))
+        qs = o["file_bytes"]["ort_quantize_static"]
+        for k, b in o["file_bytes"].items():
+            rows.append((arch, f"  file: {k}", f"{b / 1e6:.2f} MB", f"{b / qs:.2f}x quantize_static",
+                         "<= 1.1" if k == "TSQAT" else ""))
+        vnni = {True: "with VNNI", False: "WITHOUT VNNI (int8 kernels may saturate)", None: "not x86"}[o["cpu_has_vnni"]]
+        rows.append((arch, "  CPU", vnni, "", ""))
     w = [max(len(str(r[i])) for r in rows + [("model", "measure", "value", "ratio", "target")]) for i in range(5)]
     header = ("model", "measure", "value", "ratio", "target")
     print("\n" + "  ".join(h.ljust(w[i]) for i, h in enumerate(header)))

@@ -41,7 +41,8 @@ from .onnx.gather import gather_before_dequantize
 from .onnx.freeze import freeze_for_export
 from .onnx.naming import apply_canonical_names
 from .onnx.qdq import QDQ
-from .onnx.storage import constants_as_initializers, explicit_zero_points, store_weights_as_integers
+from .onnx.storage import (constants_as_initializers, explicit_zero_points, fold_weight_transposes,
+                           store_weights_as_integers, weight_layouts)
 from .onnx.qparams import write_qparams_json
 from .onnx import signature
 from .onnx import verify as verify_mod
@@ -149,6 +150,7 @@ def convert_export(model: torch.nn.Module, dummy_input=None, onnx_path: str = "m
     widen_quantizers(model_proto, frozen, stub_names)  # 16-bit activations: uint16 / int16 Q/DQ (onnx/wide.py)
     constants_as_initializers(model_proto)
     store_weights_as_integers(model_proto)  # integer weights + DequantizeLinear (onnx/storage.py)
+    fold_weight_transposes(model_proto)  # stored as the MatMul reads them (onnx/storage.py)
     int32_biases = quantize_biases(model_proto)  # Conv / Linear biases as int32 + DequantizeLinear (onnx/bias.py)
     gather_before_dequantize(model_proto)  # embeddings: dequantize the looked-up rows, not the table (onnx/gather.py)
     explicit_zero_points(model_proto)  # rknn-toolkit2 needs them (onnx/storage.py)
@@ -158,6 +160,9 @@ def convert_export(model: torch.nn.Module, dummy_input=None, onnx_path: str = "m
     _record_encoding(frozen, stub_names, qparams)
     # graph inputs and outputs keep their names (onnx/naming.py): key the JSON by the file's names
     qparams["tensors"] = {onnx_names.get(k, k): v for k, v in qparams["tensors"].items()}
+    for name, layout in weight_layouts(model_proto).items():  # the file's own layout of each integer weight
+        if name in qparams["tensors"]:
+            qparams["tensors"][name].update(layout)
     qparams.update(onnx_file=os.path.basename(onnx_path), opset_version=opset_version, exporter=used,
                    inputs=input_names, outputs=output_names, int32_biases=int32_biases)
     write_qparams_json(qparams, qparams_path)

@@ -87,3 +87,39 @@ def test_verification_names_the_uint8_option_on_a_cpu_that_saturates(tmp_path, m
     with caplog.at_level(logging.WARNING, logger="ts_qat_pytorch"):
         r, *_ = _export(tmp_path)
     assert not r.cpu_may_saturate and not any("VNNI" in rec.getMessage() for rec in caplog.records)
+
+
+class LinearOn3D(nn.Module):
+    """Linears on a (batch, tokens, features) tensor: torch's exporter writes MatMul(x, Transpose(W))."""
+
+    def __init__(self):
+        super().__init__()
+        self.ln, self.fc, self.out = nn.LayerNorm(32), nn.Linear(32, 48), nn.Linear(48, 8)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.fc(self.ln(x))))
+
+
+def test_matmul_weights_are_stored_as_the_matmul_reads_them(tmp_path):
+    """No Transpose between a weight's DequantizeLinear and its MatMul (rknn-toolkit2 took the transposed tensor for
+    a float16 weight); the per-channel axis moves with the layout, and the JSON says how the file stores it."""
+    import json
+    torch.manual_seed(0)
+    x = torch.randn(1, 16, 32)
+    q = prepare_and_calibrate(LinearOn3D().eval(), (x,))
+    r, outs, ref = export_and_run(q, (x,), tmp_path / "lin.onnx")
+    m = onnx.load(r.onnx_path)
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    producer = {o: n for n in m.graph.node for o in n.output}
+    matmuls = [n for n in m.graph.node if n.op_type == "MatMul"]
+    assert len(matmuls) == 2
+    for mm in matmuls:
+        dq = producer[mm.input[1]]
+        assert dq.op_type == "DequantizeLinear" and dq.input[0] in inits
+        assert next(a.i for a in dq.attribute if a.name == "axis") == 1
+    assert inits["fc.weight"].shape == (32, 48) and inits["fc.weight"].dtype == np.int8
+    with open(r.qparams_path) as f:
+        w = json.load(f)["tensors"]["fc.weight"]
+    assert (w["axis"], w["onnx_axis"], w["onnx_shape"]) == (0, 1, [32, 48])
+    assert not [n for n in m.graph.node if n.op_type == "Transpose"]
+    np.testing.assert_allclose(outs[0], ref[0], atol=1e-5)

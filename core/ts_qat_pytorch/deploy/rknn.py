@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import select
 import struct
 import subprocess
 import sys
@@ -75,7 +76,7 @@ class RknnSession:
     it as a context manager) to stop the worker."""
 
     def __init__(self, path: str, platform: str = "rk3588", optimization_level: int = 3, python: str | None = None,
-                 log_path: str | None = None):
+                 log_path: str | None = None, build_timeout_s: float = 600.0):
         python = find_python(python)
         try:
             model = onnx.load(path, load_external_data=False)
@@ -89,6 +90,13 @@ class RknnSession:
         self._log = open(self.log_path, "wb")
         self._proc = subprocess.Popen([python, _WORKER, os.path.abspath(path), platform, str(optimization_level)],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log)
+        ready, _, _ = select.select([self._proc.stdout], [], [], build_timeout_s)
+        if not ready:  # seen: rknn-toolkit2's graph fusion running for hours on GELU blocks
+            self._proc.kill()
+            self._proc.wait()
+            self._log.close()
+            raise DeployError(f"rknn-toolkit2 did not finish importing and building {path} for {platform} in "
+                              f"{build_timeout_s:.0f} s (build_timeout_s); its log: {self.log_path}{_tail(self.log_path)}")
         status = self._receive()
         info = json.loads(status.decode()) if status else {"ok": False, "stage": "start", "error": "no answer"}
         if not info.get("ok"):

@@ -112,6 +112,49 @@ def store_weights_as_integers(model: onnx.ModelProto) -> dict[str, str]:
     return done
 
 
+def fold_weight_transposes(model: onnx.ModelProto) -> int:
+    """``Transpose(DequantizeLinear(integer weight))`` -> ``DequantizeLinear(transposed integer weight)``.
+
+    torch's current exporter writes a Linear applied to a 3-D tensor as ``MatMul(x, Transpose(DQ(W)))``. NPU converters
+    look for the quantized weight right at the MatMul: rknn-toolkit2 2.5.0 took the transposed tensor for a float16
+    weight and stopped (``Invalid w_par['dtype'] = float16``). The weight is stored as the MatMul reads it (onnxruntime's
+    quantize_static layout), the per-channel axis moved with it. Returns how many Transposes went."""
+    G = GraphIndex(model)
+    g = G.g
+    drop = []
+    for t in g.node:
+        if t.op_type != "Transpose":
+            continue
+        dq = G.producer.get(t.input[0])
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in G.inits \
+                or len(G.consumers.get(dq.output[0], [])) != 1 or len(G.consumers.get(dq.input[0], [])) != 1:
+            continue
+        w = G.const(dq.input[0])
+        perm = attr(t, "perm", None) or list(range(w.ndim))[::-1]
+        init = G.inits[dq.input[0]]
+        init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(w.transpose(perm)), init.name))
+        scale = G.const(dq.input[1])
+        if scale is not None and scale.size > 1:
+            axis = attr(dq, "axis", 1) % w.ndim
+            for a in dq.attribute:
+                if a.name == "axis":
+                    a.i = list(perm).index(axis)
+        for u in G.consumers.get(t.output[0], []):
+            for k, v in enumerate(u.input):
+                if v == t.output[0]:
+                    u.input[k] = dq.output[0]
+        for o in g.output:
+            if o.name == t.output[0]:
+                o.name = dq.output[0]
+        drop.append(t)
+    for t in drop:
+        g.node.remove(t)
+    stale = {t.output[0] for t in drop} | {G.producer[t.input[0]].output[0] for t in drop}
+    for v in [v for v in g.value_info if v.name in stale]:
+        g.value_info.remove(v)
+    return len(drop)
+
+
 def explicit_zero_points(model: onnx.ModelProto) -> int:
     """Give every QuantizeLinear / DequantizeLinear without a zero point an explicit 0 of the right type;
     returns how many were given one."""
@@ -167,4 +210,19 @@ def quantized_tensors(model: onnx.ModelProto) -> dict[str, str]:
             out[n.input[0]] = "activation"
         elif n.op_type in ("DequantizeLinear", "Gather") and n.input[0] in eight_bit - zero_points:
             out[n.input[0]] = "weight"
+    return out
+
+
+def weight_layouts(model: onnx.ModelProto) -> dict[str, dict]:
+    """{integer weight: {"onnx_shape", "onnx_axis"}}: how the file stores each weight (a MatMul's is transposed
+    from PyTorch's [out, in]; its per-channel axis moves with it)."""
+    G = GraphIndex(model)
+    out = {}
+    for name, kind in quantized_tensors(model).items():
+        if kind != "weight":
+            continue
+        dq = next((n for n in G.consumers.get(name, []) if n.op_type == "DequantizeLinear"), None)
+        scale = G.const(dq.input[1]) if dq is not None else None
+        axis = attr(dq, "axis", 1) if scale is not None and scale.size > 1 else None
+        out[name] = {"onnx_shape": list(G.inits[name].dims), "onnx_axis": axis}
     return out

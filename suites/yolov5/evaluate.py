@@ -58,65 +58,94 @@ def match(dets: dict, records, nc: int, iou: float = 0.5):
     return np.array(conf), np.array(tp, bool), np.array(pcls, int), n_gt
 
 
-def class_curve(conf, tp, pcls, n_gt, c: int):
-    """(confidence, recall, precision) of class ``c``'s detections, most confident first."""
-    m = pcls == c
-    o = np.argsort(-conf[m])
-    tpc, fpc = np.cumsum(tp[m][o]), np.cumsum(~tp[m][o])
-    return conf[m][o], tpc / n_gt[c], tpc / (tpc + fpc)
+CONFIDENCE_GRID = np.linspace(0, 1, 1000)  # confidences at which P and R are read to find the best mean F1
+
+
+@dataclass
+class ClassCurve:
+    """One class's detections, most confident first: their confidence and the recall and precision of the
+    detections down to each one."""
+    conf: np.ndarray
+    recall: np.ndarray
+    precision: np.ndarray
+
+    @classmethod
+    def of(cls, conf, tp, pcls, n_gt, c: int) -> "ClassCurve":
+        mine = pcls == c
+        order = np.argsort(-conf[mine])
+        hits = np.cumsum(tp[mine][order])
+        return cls(conf[mine][order], hits / n_gt[c], hits / np.arange(1, len(hits) + 1))
+
+    def at_confidence(self, levels: np.ndarray):
+        """(precision, recall) at each confidence level, linear between detections; above the most confident one
+        precision 1 and recall 0. (np.interp wants increasing abscissae: the confidences are walked negated.)"""
+        x, xp = -levels, -self.conf
+        return np.interp(x, xp, self.precision, left=1), np.interp(x, xp, self.recall, left=0)
+
+    def envelope(self) -> np.ndarray:
+        """Precision made monotone: at each detection the best precision at that recall or beyond."""
+        return np.maximum.accumulate(self.precision[::-1])[::-1]
+
+    def at_recall(self, levels: np.ndarray) -> np.ndarray:
+        """The envelope at each recall level (0 beyond the highest recall reached)."""
+        return np.interp(levels, self.recall, self.envelope(), right=0.0)
+
+
+def class_curves(dets: dict, records, nc: int, iou: float = 0.5) -> dict:
+    """{class index: ClassCurve, or None without detections} for the classes that have ground truth."""
+    conf, tp, pcls, n_gt = match(dets, records, nc, iou)
+    return {int(c): ClassCurve.of(conf, tp, pcls, n_gt, c) if (pcls == c).any() else None
+            for c in np.flatnonzero(n_gt > 0)}
 
 
 def precision_recall(dets: dict, records, nc: int, iou: float = 0.5):
-    """Mean P and R over classes at the confidence that maximises mean F1 (greedy matching at ``iou``)."""
-    conf, tp, pcls, n_gt = match(dets, records, nc, iou)
-    if not len(conf):
+    """Mean P and R over the classes with ground truth at the confidence that maximises their mean F1 (greedy
+    matching at ``iou``); a class without detections counts as P = R = 0."""
+    curves = class_curves(dets, records, nc, iou)
+    if not any(c is not None for c in curves.values()):
         return 0.0, 0.0
-    grid = np.linspace(0, 1, 1000)
-    p_all, r_all = np.zeros((nc, len(grid))), np.zeros((nc, len(grid)))
-    present = n_gt > 0
-    for c in range(nc):
-        if not (pcls == c).any() or not present[c]:
-            continue
-        cf, rec, prec = class_curve(conf, tp, pcls, n_gt, c)
-        r_all[c] = np.interp(-grid, -cf, rec, left=0)
-        p_all[c] = np.interp(-grid, -cf, prec, left=1)
-    p_all, r_all = p_all[present], r_all[present]
-    f1 = 2 * p_all * r_all / (p_all + r_all + 1e-16)
-    i = int(f1.mean(0).argmax())
-    return float(p_all[:, i].mean()), float(r_all[:, i].mean())
+    p = np.zeros((len(curves), len(CONFIDENCE_GRID)))
+    r = np.zeros_like(p)
+    for row, curve in enumerate(curves.values()):
+        if curve is not None:
+            p[row], r[row] = curve.at_confidence(CONFIDENCE_GRID)
+    f1 = 2 * p * r / (p + r + 1e-16)
+    best = int(f1.mean(0).argmax())
+    return float(p[:, best].mean()), float(r[:, best].mean())
 
 
 def pr_curves(dets: dict, records, nc: int, iou: float = 0.5, points: int = 101):
     """Precision at ``points`` recall levels (0..1) per class (its precision envelope, 0 beyond its highest recall),
-    for the classes with ground truth: (recall grid, {class index: precision}, {class index: AP@iou})."""
-    conf, tp, pcls, n_gt = match(dets, records, nc, iou)
-    px = np.linspace(0, 1, points)
-    curves, ap = {}, {}
-    for c in np.flatnonzero(n_gt > 0):
-        py = np.zeros(points)
-        if len(conf) and (pcls == c).any():
-            _cf, rec, prec = class_curve(conf, tp, pcls, n_gt, c)
-            env = np.flip(np.maximum.accumulate(np.flip(prec)))
-            py = np.interp(px, rec, env, right=0.0)
-        curves[int(c)], ap[int(c)] = py, float(_trapezoid(py, px))
-    return px, curves, ap
+    for the classes with ground truth: (recall grid, {class index: precision}, {class index: AP@iou, the area
+    under those points})."""
+    levels = np.linspace(0, 1, points)
+    precision = {c: curve.at_recall(levels) if curve is not None else np.zeros(points)
+                 for c, curve in class_curves(dets, records, nc, iou).items()}
+    return levels, precision, {c: float(_trapezoid(py, levels)) for c, py in precision.items()}
 
 
 def plot_pr_curve(dets: dict, records, names, path: str, title: str) -> None:
-    """The precision-recall curves at IoU 0.5 (each class and their mean, "all") as a PNG (ultralytics'
-    PR_curve.png)."""
+    """The precision-recall curves at IoU 0.5 as a PNG: one thin line per class (its AP in the legend), their mean
+    as a thick line (mAP@0.5)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    px, curves, ap = pr_curves(dets, records, len(names))
-    fig, ax = plt.subplots(figsize=(7, 5), dpi=100)
-    for c, py in curves.items():
-        ax.plot(px, py, linewidth=1, alpha=0.6, label=f"{names[c]} {ap[c]:.3f}")
+    recall, curves, ap = pr_curves(dets, records, len(names))
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+    colours = plt.get_cmap("tab20")
+    for k, (c, precision) in enumerate(curves.items()):
+        ax.step(recall, precision, where="post", color=colours(k % 20), linewidth=0.9,
+                label=f"{names[c]}: AP {ap[c]:.3f}")
     if curves:
-        mean = np.mean(list(curves.values()), 0)
-        ax.plot(px, mean, linewidth=3, color="blue", label=f"all classes {np.mean(list(ap.values())):.3f} mAP@0.5")
-    ax.set(xlabel="Recall", ylabel="Precision", xlim=(0, 1), ylim=(0, 1), title=title)
-    ax.legend(bbox_to_anchor=(1.04, 1), loc="upper left", fontsize=8)
+        ax.step(recall, np.mean(list(curves.values()), 0), where="post", color="black", linewidth=2.5,
+                label=f"mean: mAP@0.5 {np.mean(list(ap.values())):.3f}")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision (envelope)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=7, frameon=False)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path)

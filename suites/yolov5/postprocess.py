@@ -69,30 +69,37 @@ def xywh2xyxy(x: torch.Tensor) -> torch.Tensor:
     return y
 
 
+MAX_CANDIDATES = 30000  # most confident candidates per image that go into NMS
+
+
+def _candidates(x: torch.Tensor, conf_thres: float, multi_label: bool):
+    """(box index, class index, score) of one image's decoded rows whose objectness and score pass ``conf_thres``;
+    score = objectness x class probability. ``multi_label``: every passing class of a box, else its best class."""
+    scores = x[:, 5:] * x[:, 4:5]
+    confident = x[:, 4] > conf_thres
+    if multi_label:
+        box_idx, cls_idx = torch.where((scores > conf_thres) & confident[:, None])
+    else:
+        best, best_cls = scores.max(1)
+        box_idx = torch.where(confident & (best > conf_thres))[0]
+        cls_idx = best_cls[box_idx]
+    return box_idx, cls_idx, scores[box_idx, cls_idx]
+
+
 def nms(pred: torch.Tensor, conf_thres: float = 0.001, iou_thres: float = 0.6, max_det: int = 300,
-        multi_label: bool = True, max_wh: float = 7680.0) -> list[torch.Tensor]:
-    """Class-aware NMS on decoded predictions; score = objectness x class probability."""
+        multi_label: bool = True) -> list[torch.Tensor]:
+    """Class-aware NMS (``torchvision.ops.batched_nms``: boxes of different classes never suppress each other) on
+    decoded predictions, per image an ``n x 6`` tensor [x1, y1, x2, y2, score, class], best first, at most
+    ``max_det`` rows."""
     out = []
     for x in pred:
-        x = x[x[:, 4] > conf_thres]
-        if not len(x):
-            out.append(torch.zeros((0, 6)))
-            continue
-        scores = x[:, 5:] * x[:, 4:5]
-        box = xywh2xyxy(x[:, :4])
-        if multi_label:
-            i, j = (scores > conf_thres).nonzero(as_tuple=False).T
-            det = torch.cat((box[i], scores[i, j, None], j[:, None].float()), 1)
-        else:
-            conf, j = scores.max(1, keepdim=True)
-            det = torch.cat((box, conf, j.float()), 1)[conf.view(-1) > conf_thres]
-        if not len(det):
-            out.append(torch.zeros((0, 6)))
-            continue
-        if len(det) > 30000:
-            det = det[det[:, 4].argsort(descending=True)[:30000]]
-        keep = torchvision.ops.batched_nms(det[:, :4], det[:, 4], det[:, 5].long(), iou_thres)[:max_det]
-        out.append(det[keep])
+        box_idx, cls_idx, score = _candidates(x, conf_thres, multi_label)
+        if score.numel() > MAX_CANDIDATES:
+            top = score.topk(MAX_CANDIDATES).indices
+            box_idx, cls_idx, score = box_idx[top], cls_idx[top], score[top]
+        boxes = xywh2xyxy(x[box_idx, :4])
+        keep = torchvision.ops.batched_nms(boxes, score, cls_idx, iou_thres)[:max_det]
+        out.append(torch.cat((boxes[keep], score[keep, None], cls_idx[keep, None].to(boxes.dtype)), 1))
     return out
 
 

@@ -255,7 +255,7 @@ class Yolov5Suite(Suite):
                                          num_workers=args.workers, collate_fn=D.collate,
                                          generator=torch.Generator().manual_seed(seed),
                                          persistent_workers=args.workers > 0)
-        ema = ModelEMA(model, tau=float(hyp.get("ema_tau", 100)))
+        ema = ModelEMA(model, decay=float(hyp.get("ema_decay", 0.999)), tau=float(hyp.get("ema_tau", 100)))
         r = train_steps(model, dl, args.float_steps, hyp, args.float_lr, model.detect.anchors, model.nc,
                         args.img_size, say, prefix="Float", ema=ema, device=args.device, print_freq=args.print_freq)
         model.load_state_dict(ema.ema.state_dict())

@@ -4,12 +4,12 @@ suites.common.meters. ``make_optimizer`` and ``schedule`` are also the QAT optim
 ``make_training``; QAT's loop is the runner's)."""
 from __future__ import annotations
 
-import copy
 import math
 import time
 
 import torch
 import torch.nn as nn
+from torch.optim.swa_utils import AveragedModel
 
 from suites.common.meters import AverageMeter, ProgressMeter
 from suites.common.training import cosine_schedule
@@ -18,25 +18,43 @@ from suites.common.training import make_optimizer as optimizer_factory
 from .loss import YoloLoss
 
 
-class ModelEMA:
-    """Exponential moving average of the weights, decay ramped up over the first ``tau`` updates."""
+def ema_decay(updates: int, decay: float, tau: float) -> float:
+    """The published EMA decay after ``updates`` updates: ``decay x (1 - exp(-updates / tau))``, small at first so
+    the average forgets the initial weights quickly."""
+    return decay * (1 - math.exp(-updates / tau))
 
-    def __init__(self, model: nn.Module, decay: float = 0.999, tau: float = 200.0):
-        self.ema = copy.deepcopy(model).eval()
-        for p in self.ema.parameters():
-            p.requires_grad_(False)
-        self.decay, self.tau, self.updates = decay, tau, 0
+
+class ModelEMA:
+    """Exponential moving average of a model's weights on ``torch.optim.swa_utils.AveragedModel``, with the decay
+    ramped up by :func:`ema_decay` (published: decay 0.9999, tau 2000; the suite passes its recipe's). Parameters
+    and floating-point buffers (BatchNorm statistics) are averaged, so the statistics match the averaged weights;
+    integer buffers are copied. ``ema`` is the averaged model, with the model's own state_dict keys."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999, tau: float = 2000.0):
+        self.decay, self.tau = decay, tau
+        self.averaged = AveragedModel(model, multi_avg_fn=self._blend, use_buffers=True)
+        self.ema.eval().requires_grad_(False)
+
+    @property
+    def ema(self) -> nn.Module:
+        return self.averaged.module
+
+    @property
+    def updates(self) -> int:
+        return int(self.averaged.n_averaged)
+
+    def _blend(self, averaged, current, n_averaged) -> None:
+        # AveragedModel copies the model on the first update and calls this from the second on
+        d = ema_decay(int(n_averaged) + 1, self.decay, self.tau)
+        for avg, cur in zip(averaged, current):
+            if avg.is_floating_point():
+                avg.lerp_(cur, 1 - d)
+            else:
+                avg.copy_(cur)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        self.updates += 1
-        d = self.decay * (1 - math.exp(-self.updates / self.tau))
-        msd = model.state_dict()
-        for k, v in self.ema.state_dict().items():
-            if v.dtype.is_floating_point:
-                v.mul_(d).add_(msd[k].detach(), alpha=1 - d)
-            else:
-                v.copy_(msd[k])
+        self.averaged.update_parameters(model)
 
 
 def make_optimizer(model: nn.Module, optim: str, lr: float, weight_decay: float, momentum: float):

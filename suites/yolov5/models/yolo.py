@@ -1,5 +1,12 @@
-"""YOLOv5 ``Model`` built from a YAML config (the published layout: depth_multiple, width_multiple, anchors,
-backbone and head lists of ``[from, number, module, args]``) and the ``Detect`` head.
+"""YOLOv5 ``Model`` built from a YAML table and the ``Detect`` head, written here.
+
+The tables are data in the published layout (``depth_multiple``, ``width_multiple``, ``anchors``, ``backbone`` and
+``head`` rows of ``[from, number, module, args]``), so existing configs work. Each row's module name picks a builder
+in ``BUILDERS``; the published scaling rules are facts taken as given: a row's repeat count becomes
+``max(round(number x depth_multiple), 1)`` and its output channels ``width_multiple x channels`` rounded up to a
+multiple of 8. So are the Detect head's layout (one 1x1 convolution per level predicting ``na x (5 + nc)`` channels,
+``anchors`` a buffer in grid units of each level) and the bias prior of its outputs (about 8 objects per 640 x 640
+image, class probability about 0.6 / nc).
 
 The split used for QAT: ``Model.forward`` is the traceable network (backbone + neck + the Detect 1x1
 convolutions) and returns the raw feature maps, one ``B x na*(5+nc) x H/s x W/s`` tensor per level.
@@ -7,16 +14,20 @@ Grid/anchor decoding and NMS live in ``suites.yolov5.postprocess`` and run in fl
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
-from . import common
-from .common import C3, SPP, SPPF, Bottleneck, BottleneckCSP, Concat, Conv, Focus
+from .common import (ACTIVATIONS, C3, SPP, SPPF, Bottleneck, BottleneckCSP, Concat, Conv, Focus,
+                     default_activation)
 
 MODELS_DIR = os.path.dirname(os.path.abspath(__file__))
+STRIDE_PROBE = 256  # side of the blank image whose output sizes give each level's stride
+PREV = -1           # a row's ``from``: the previous row's output
 
 
 class ConfigError(ValueError):
@@ -24,31 +35,101 @@ class ConfigError(ValueError):
 
 
 class Detect(nn.Module):
-    """Per-level 1x1 convolutions predicting ``na * (nc + 5)`` channels. ``anchors`` (a buffer, as in the
-    published checkpoints) are in grid units of each level: pixels / stride."""
+    """Per-level 1x1 convolutions predicting ``na * (nc + 5)`` channels (box xywh, objectness, class scores for each
+    anchor). ``anchors`` (a buffer, as in the published checkpoints) are in grid units of each level once ``Model``
+    has measured the strides; ``stride`` is not saved (it follows from the network)."""
 
     def __init__(self, nc=80, anchors=(), ch=()):
         super().__init__()
-        self.nc = nc
-        self.no = nc + 5
-        self.nl = len(anchors)
-        self.na = len(anchors[0]) // 2
-        self.register_buffer("anchors", torch.tensor(anchors, dtype=torch.float32).view(self.nl, -1, 2))
+        per_level = torch.tensor(anchors, dtype=torch.float32)
+        self.nc, self.no = nc, nc + 5
+        self.nl = per_level.shape[0]
+        self.na = per_level.shape[1] // 2
+        self.register_buffer("anchors", per_level.view(self.nl, self.na, 2))
         self.register_buffer("stride", torch.ones(self.nl), persistent=False)
-        self.m = nn.ModuleList(nn.Conv2d(x, self.no * self.na, 1) for x in ch)
+        self.m = nn.ModuleList([nn.Conv2d(c, self.na * self.no, 1) for c in ch])
 
     def forward(self, x):
-        return tuple(self.m[i](x[i]) for i in range(self.nl))
-
-
-MODULES = {"Conv": Conv, "Focus": Focus, "Bottleneck": Bottleneck, "BottleneckCSP": BottleneckCSP, "C3": C3,
-           "SPP": SPP, "SPPF": SPPF, "Concat": Concat, "Detect": Detect, "nn.Upsample": nn.Upsample,
-           "Upsample": nn.Upsample, "nn.BatchNorm2d": nn.BatchNorm2d}
-_CHANNEL_MODULES = (Conv, Focus, Bottleneck, BottleneckCSP, C3, SPP, SPPF)
+        return tuple(conv(level) for conv, level in zip(self.m, x))
 
 
 def make_divisible(x, divisor=8):
+    """``x`` rounded up to a multiple of ``divisor``."""
     return int(math.ceil(x / divisor) * divisor)
+
+
+@dataclass
+class _Table:
+    """What building one row needs: the multiples and the output channels of the rows before it."""
+    depth: float
+    width: float
+    detect_outputs: int  # na x (5 + nc): a row producing exactly this many channels is not width-scaled
+    in_channels: int
+    channels: list = field(default_factory=list)
+
+    def channels_of(self, source: int) -> int:
+        if source == PREV:
+            return self.channels[-1] if self.channels else self.in_channels
+        return self.channels[source]
+
+    def width_of(self, channels: int) -> int:
+        return channels if channels == self.detect_outputs else make_divisible(channels * self.width, 8)
+
+    def repeats_of(self, number: int) -> int:
+        return max(round(number * self.depth), 1)
+
+
+def _repeated(make, repeats: int) -> nn.Module:
+    return nn.Sequential(*(make() for _ in range(repeats))) if repeats > 1 else make()
+
+
+def _scaled_block(cls, table: _Table, source, repeats: int, args: list):
+    """A block whose first argument is its output width; repeated as a Sequential."""
+    c_in, c_out = table.channels_of(source), table.width_of(args[0])
+    return _repeated(lambda: cls(c_in, c_out, *args[1:]), repeats), c_out
+
+
+def _scaled_csp(cls, table: _Table, source, repeats: int, args: list):
+    """A CSP block: the repeat count goes inside, to its bottleneck stack."""
+    c_in, c_out = table.channels_of(source), table.width_of(args[0])
+    return cls(c_in, c_out, repeats, *args[1:]), c_out
+
+
+def _concat(table: _Table, source, repeats: int, args: list):
+    return _repeated(lambda: Concat(*args), repeats), sum(table.channels_of(s) for s in source)
+
+
+def _same_width(cls, table: _Table, source, repeats: int, args: list):
+    return _repeated(lambda: cls(*args), repeats), table.channels_of(source)
+
+
+def _batchnorm(table: _Table, source, repeats: int, args: list):
+    c = table.channels_of(source)
+    return _repeated(lambda: nn.BatchNorm2d(c), repeats), c
+
+
+def _detect(table: _Table, source, repeats: int, args: list):
+    nc, anchors = args[0], args[1]
+    if isinstance(anchors, int):  # only a count: placeholder anchors, the same on every level
+        anchors = [list(range(anchors * 2))] * len(source)
+    return Detect(nc, anchors, [table.channels_of(s) for s in source]), None
+
+
+BUILDERS = {
+    "Conv": functools.partial(_scaled_block, Conv),
+    "Focus": functools.partial(_scaled_block, Focus),
+    "Bottleneck": functools.partial(_scaled_block, Bottleneck),
+    "SPP": functools.partial(_scaled_block, SPP),
+    "SPPF": functools.partial(_scaled_block, SPPF),
+    "C3": functools.partial(_scaled_csp, C3),
+    "BottleneckCSP": functools.partial(_scaled_csp, BottleneckCSP),
+    "Concat": _concat,
+    "Detect": _detect,
+    "nn.Upsample": functools.partial(_same_width, nn.Upsample),
+    "Upsample": functools.partial(_same_width, nn.Upsample),
+    "nn.BatchNorm2d": _batchnorm,
+}
+_LITERALS = {"None": None, "True": True, "False": False}
 
 
 def load_config(cfg) -> dict:
@@ -71,108 +152,110 @@ def load_config(cfg) -> dict:
     return d
 
 
-def _resolve_arg(a, d: dict):
-    if isinstance(a, str):
-        if a in ("nc", "anchors"):
-            return d[a]
-        if a in ("None", "True", "False"):
-            return {"None": None, "True": True, "False": False}[a]
-    return a
+def _argument(value, config: dict):
+    """A row argument: ``nc`` / ``anchors`` name the config's values, ``None`` / ``True`` / ``False`` spelled as
+    strings (YAML reads them so) are the Python constants."""
+    if isinstance(value, str):
+        if value in ("nc", "anchors"):
+            return config[value]
+        return _LITERALS.get(value, value)
+    return value
 
 
-def parse_model(d: dict, ch: int = 3):
-    where = d.get("_path", "config")
-    for k in ("nc", "anchors", "backbone", "head"):
-        if k not in d:
-            raise ConfigError(f"{where}: missing key '{k}'")
-    gd, gw = float(d.get("depth_multiple", 1.0)), float(d.get("width_multiple", 1.0))
-    anchors, nc = d["anchors"], int(d["nc"])
+def _absolute(source, row: int):
+    """A ``from`` index as a row number (``PREV`` stays: it means the running output)."""
+    if isinstance(source, (list, tuple)):
+        return [_absolute(s, row) for s in source]
+    return source if source == PREV or source >= 0 else row + source
+
+
+def build_layers(config: dict, in_channels: int = 3):
+    """(the rows as an nn.Sequential, each row's absolute ``from``) of a config dict."""
+    where = config.get("_path", "config")
+    for key in ("nc", "anchors", "backbone", "head"):
+        if key not in config:
+            raise ConfigError(f"{where}: missing key '{key}'")
+    anchors, nc = config["anchors"], int(config["nc"])
     na = len(anchors[0]) // 2 if isinstance(anchors, list) else int(anchors)
-    no = na * (nc + 5)
-    common.set_default_act(str(d.get("act", "silu")).lower())
-    layers, save, chs = [], [], []
-    try:
-        for i, row in enumerate(d["backbone"] + d["head"]):
-            if not isinstance(row, (list, tuple)) or len(row) != 4:
-                raise ConfigError(f"{where}: layer {i} is {row!r}, expected [from, number, module, args]")
-            f, n, name, args = row
-            if name not in MODULES:
-                raise ConfigError(f"{where}: layer {i}: unknown module '{name}' (known: {', '.join(sorted(MODULES))})")
-            m = MODULES[name]
-            args = [_resolve_arg(a, d) for a in args]
-            n = max(round(n * gd), 1) if n > 1 else n
-            prev = lambda x: chs[x] if x != -1 else (chs[-1] if chs else ch)  # noqa: E731
-            if m in _CHANNEL_MODULES:
-                c1, c2 = prev(f), args[0]
-                if c2 != no:
-                    c2 = make_divisible(c2 * gw, 8)
-                args = [c1, c2, *args[1:]]
-                if m in (BottleneckCSP, C3):
-                    args.insert(2, n)
-                    n = 1
-            elif m is nn.BatchNorm2d:
-                args, c2 = [prev(f)], prev(f)
-            elif m is Concat:
-                c2 = sum(prev(x) for x in f)
-            elif m is Detect:
-                args.append([prev(x) for x in f])
-                if isinstance(args[1], int):
-                    args[1] = [list(range(args[1] * 2))] * len(f)
-                c2 = None
-            else:
-                c2 = prev(f)
-            mod = nn.Sequential(*(m(*args) for _ in range(n))) if n > 1 else m(*args)
-            mod.i, mod.f, mod.type = i, f, name
-            save.extend(x % i for x in ([f] if isinstance(f, int) else f) if x != -1)
-            layers.append(mod)
-            chs.append(c2)
-    finally:
-        common.set_default_act("silu")
-    return nn.Sequential(*layers), sorted(set(save))
+    table = _Table(depth=float(config.get("depth_multiple", 1.0)), width=float(config.get("width_multiple", 1.0)),
+                   detect_outputs=na * (nc + 5), in_channels=in_channels)
+    act = str(config.get("act", "silu")).lower()
+    if act not in ACTIVATIONS:
+        raise ConfigError(f"{where}: act '{act}' is not an activation (known: {', '.join(ACTIVATIONS)})")
+    layers, sources = [], []
+    with default_activation(act):
+        for row, spec in enumerate(config["backbone"] + config["head"]):
+            if not isinstance(spec, (list, tuple)) or len(spec) != 4:
+                raise ConfigError(f"{where}: layer {row} is {spec!r}, expected [from, number, module, args]")
+            source, number, name, args = spec
+            builder = BUILDERS.get(name)
+            if builder is None:
+                raise ConfigError(f"{where}: layer {row}: unknown module '{name}' "
+                                  f"(known: {', '.join(sorted(BUILDERS))})")
+            source = _absolute(source, row)
+            module, c_out = builder(table, source, table.repeats_of(number), [_argument(a, config) for a in args])
+            layers.append(module)
+            sources.append(source)
+            table.channels.append(c_out)
+    return nn.Sequential(*layers), sources
 
 
 class Model(nn.Module):
+    """The network of a config: ``Model("yolov5s")``, ``Model("path.yaml", nc=10)``, ``Model(config_dict)``."""
+
     def __init__(self, cfg="yolov5s", ch: int = 3, nc: int | None = None):
         super().__init__()
         self.yaml = load_config(cfg)
-        if nc is not None and nc != self.yaml["nc"]:
+        if nc is not None:
             self.yaml["nc"] = nc
-        self.model, self.save = parse_model(self.yaml, ch)
+        self.model, self.sources = build_layers(self.yaml, ch)
+        # outputs a later row reads again (besides the running one)
+        self.reused = frozenset(s for src in self.sources for s in (src if isinstance(src, list) else [src])
+                                if s != PREV)
         self.nc = self.yaml["nc"]
         self.names = [str(i) for i in range(self.nc)]
         det = self.model[-1]
         if not isinstance(det, Detect):
             raise ConfigError("the last layer of a YOLOv5 config must be Detect")
-        s = 256
-        with torch.no_grad():
-            was = self.training
-            self.eval()
-            stride = torch.tensor([s / x.shape[-2] for x in self.forward(torch.zeros(1, ch, s, s))])
-            self.train(was)
-        det.stride.copy_(stride)
-        det.anchors /= stride.view(-1, 1, 1)
-        self.stride = stride
-        self._initialize_biases()
+        self.stride = self._measure_strides(ch)
+        det.stride.copy_(self.stride)
+        det.anchors /= self.stride.view(-1, 1, 1)  # pixels -> grid units of each level
+        self._prior_biases()
         for m in self.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.eps, m.momentum = 1e-3, 0.03
 
     def forward(self, x):
-        y = []
-        for m in self.model:
-            if m.f != -1:
-                x = y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
-            x = m(x)
-            y.append(x if m.i in self.save else None)
+        reused = {}
+        for row, (layer, source) in enumerate(zip(self.model, self.sources)):
+            if isinstance(source, list):
+                x = [x if s == PREV else reused[s] for s in source]
+            elif source != PREV:
+                x = reused[source]
+            x = layer(x)
+            if row in self.reused:
+                reused[row] = x
         return x
 
-    def _initialize_biases(self):
+    def _measure_strides(self, ch: int) -> torch.Tensor:
+        """Each level's stride: the probe image's side over that level's output height."""
+        was_training = self.training
+        self.eval()
+        with torch.no_grad():
+            maps = self.forward(torch.zeros(1, ch, STRIDE_PROBE, STRIDE_PROBE))
+        self.train(was_training)
+        return torch.tensor([STRIDE_PROBE / m.shape[-2] for m in maps])
+
+    def _prior_biases(self) -> None:
+        """Start the objectness and class outputs at their priors instead of 0.5 (published initialisation)."""
         det = self.model[-1]
-        for mi, s in zip(det.m, det.stride):
-            b = mi.bias.view(det.na, -1)
-            with torch.no_grad():
-                b[:, 4] += math.log(8 / (640 / float(s)) ** 2)
-                b[:, 5:] += math.log(0.6 / (det.nc - 0.99)) if det.nc > 1 else 0.0
+        class_prior = math.log(0.6 / (det.nc - 0.99)) if det.nc > 1 else 0.0
+        with torch.no_grad():
+            for conv, stride in zip(det.m, det.stride.tolist()):
+                cells = (640 / stride) ** 2
+                bias = conv.bias.view(det.na, det.no)
+                bias[:, 4] += math.log(8 / cells)
+                bias[:, 5:] += class_prior
 
     @property
     def detect(self) -> Detect:

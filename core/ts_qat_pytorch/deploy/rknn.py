@@ -121,7 +121,8 @@ class RknnSession:
         self._send(buf.getvalue())
         msg = self._receive()
         if msg is None:
-            raise DeployError(f"the rknn-toolkit2 worker stopped during inference (its log: {self.log_path})")
+            raise DeployError(f"the rknn-toolkit2 simulator stopped during inference (its log: {self.log_path})"
+                              f"{_tail(self.log_path, 2)}")
         with np.load(io.BytesIO(msg)) as z:
             outs = [z[str(k)] for k in range(len(z.files))]
         if len(outs) != len(self._outputs):

@@ -109,6 +109,7 @@ def check_resume(args) -> None:
     if not any("fake_quant" in k for k in sd):
         raise SuiteError(f"--resume '{args.resume}' is not a QAT checkpoint (no fake-quant state); give float "
                          "weights with --model-path")
+    check_float_tools(ck if isinstance(ck, dict) else {}, args)
     if not args.evaluate and isinstance(ck, dict) and "optimizer" in ck:
         msg = lr_change_message(ck, args.lr, args.resume, args.lr_given)
         if msg and is_main():
@@ -126,6 +127,30 @@ def restore(q: nn.Module, optimizer, scheduler, args) -> dict:
         return load_qat_checkpoint(args.resume, q, optimizer, scheduler)
     except (ValueError, RuntimeError, KeyError) as exc:
         raise SuiteError(f"--resume '{args.resume}': {exc}") from exc
+
+
+FLOAT_TOOLS = (("--cle", "cle"), ("--smoothquant", "smoothquant"))
+
+
+def float_tools_record(args) -> dict:
+    """--cle / --smoothquant as a checkpoint entry: they change the float model's structure before prepare (BatchNorms
+    folded, restoring ChannelScales), so a --resume must process it the same way."""
+    used = {key: getattr(args, key, None) for _, key in FLOAT_TOOLS if getattr(args, key, None) not in (None, False)}
+    return {"float_tools": used} if used else {}
+
+
+def check_float_tools(ck: dict, args) -> None:
+    """A --resume checkpoint's --cle / --smoothquant against the flags: the float model must be prepared as it was."""
+    made = ck.get("float_tools") or {}
+    for flag, key in FLOAT_TOOLS:
+        given = getattr(args, key, None) not in (None, False)
+        if key in made and not given:
+            raise SuiteError(f"--resume '{args.resume}' was made with {flag}: add {flag} (the float model is processed "
+                             "the same way, then the checkpoint's weights replace it)")
+        if given and key not in made:
+            raise SuiteError(f"{flag} with --resume '{args.resume}', a checkpoint made without it: {flag} changes the "
+                             "float model before prepare and calibration, which the checkpoint is past; drop "
+                             f"{flag} (or start from float weights with --model-path)")
 
 
 def layer_config_record(args) -> dict:
@@ -150,7 +175,7 @@ def save_all(suite, q, optimizer, scheduler, epoch: int, best, is_best: bool, pa
     rng = rng_state()
     save_qat_checkpoint(paths["ckpt"], q, optimizer, scheduler, epoch=epoch, best_metric=best,
                         metric=suite.metric.name, arch=args.arch, backend=args.backend, rng=rng,
-                        **layer_config_record(args), **suite.checkpoint_extras(args))
+                        **layer_config_record(args), **float_tools_record(args), **suite.checkpoint_extras(args))
     save_checkpoint(q, paths["float"], paths["qparams"])
     m.files.update(checkpoint=paths["ckpt"], float_checkpoint=paths["float"], qparams_json=paths["qparams"])
     if not args.no_export:

@@ -100,6 +100,10 @@ def build_parser(suite: Suite) -> argparse.ArgumentParser:
     g.add_argument("--first-last-bit", type=int, default=None,
                    help="bits of the first and the last layer (weights, inputs, output) when --w-bit/--a-bit are "
                         "lower (default 8; 0: quantize them like the rest)")
+    g.add_argument("--qconfig", default=None, metavar="JSON_OR_FILE",
+                   help="extra_qconfig_dict keys laid over the backend's defaults: a JSON object or a .json / .yaml "
+                        "file, e.g. per-tensor weights '{\"w_qscheme\": {\"per_channel\": false}}' (keys: "
+                        "w_qscheme, a_qscheme, w_observer, a_observer, w_fakequantize, a_fakequantize, *_params)")
     g.add_argument("--calib-batches", type=int, default=None, help="calibration batches" + d("calib_batches"))
     g.add_argument("--distill-method", default=None, choices=["kd", "none"],
                    help="distillation (kd = KL of softened logits * T^2)" + d("distill_method"))
@@ -119,7 +123,20 @@ def build_parser(suite: Suite) -> argparse.ArgumentParser:
                         "max_count, b_range, keep_gpu, round_mode, prob, block_depth; an ancestor config nested "
                         "under quantize.reconstruction is read too)")
     g.add_argument("--ptq-images", type=int, default=1024, metavar="N",
-                   help="calibration images the reconstruction fits on (from the calibration batches)")
+                   help="calibration images the reconstruction fits on and --bias-correction measures on (from the "
+                        "calibration batches)")
+    g.add_argument("--cle", action="store_true",
+                   help="before prepare: fold the BatchNorms, equalize conv -> [ReLU / ReLU6] -> conv chains (cross-"
+                        "layer equalization; a ReLU6 on them becomes ReLU) and absorb high biases "
+                        "(ts_qat_pytorch.tools.equalize); the float model is evaluated again after it")
+    g.add_argument("--smoothquant", type=float, nargs="?", const=0.5, default=None, metavar="ALPHA",
+                   help="before prepare: SmoothQuant of each LayerNorm -> Linear group, migration strength ALPHA in "
+                        "(0, 1) (0.5 when the flag is given alone), activation ranges from the calibration batches "
+                        "(ts_qat_pytorch.tools.smooth_quant)")
+    g.add_argument("--bias-correction", action="store_true",
+                   help="after calibration, before --ptq-recon and QAT: empirical bias correction, each quantized "
+                        "layer's mean output shift from float taken off its bias "
+                        "(ts_qat_pytorch.advanced_ptq.bias_correction)")
     g.add_argument("--mixed-precision", action="store_true",
                    help="per-layer weight bits from a sensitivity search on the float model under one budget "
                         "(--avg-bits, --size-kib or --bops); writes <arch>_mixed_precision/ (JSON, CSV, PNG)")
@@ -263,6 +280,7 @@ def check_accuracy_flags(args: argparse.Namespace) -> None:
         except (ValueError, TypeError) as exc:
             raise SuiteError(f"--ptq-config: {exc}") from None
         args.ptq_config = cfg
+    check_post_training_flags(args, quantizing)
     # mixed precision
     budgets = [(flag, getattr(args, dest)) for flag, dest in BUDGET_FLAGS if getattr(args, dest) is not None]
     mp_only = [flag for flag, v in (("--candidates", args.candidates), ("--act-candidates", args.act_candidates))
@@ -319,12 +337,48 @@ def check_accuracy_flags(args: argparse.Namespace) -> None:
         raise SuiteError("--max-drop-layers / --max-drop-float configure --max-drop; add --max-drop X")
 
 
-def parse_ptq_config(text: str) -> dict:
-    """--ptq-config: a JSON object, or a .json / .yaml / .yml file holding one (the ancestor's YAML config, with the
-    reconstruction settings at the top or under quantize.reconstruction / reconstruction)."""
-    source = "--ptq-config"
+def check_post_training_flags(args: argparse.Namespace, quantizing: str | None) -> None:
+    """--cle, --smoothquant, --bias-correction and --qconfig: ranges and combinations before any work; fills
+    ``args.qconfig`` (a dict of extra_qconfig_dict keys). Whether the model has anything to equalize / smooth is
+    checked once it is built (suites/common/post_training.py), a --resume checkpoint against --cle / --smoothquant
+    with the checkpoint (checkpoints.check_resume)."""
+    steps = [flag for flag, on in (("--cle", args.cle), ("--smoothquant", args.smoothquant is not None),
+                                   ("--bias-correction", args.bias_correction), ("--qconfig", args.qconfig is not None))
+             if on]
+    if steps and quantizing:
+        raise SuiteError(f"{', '.join(steps)}: {'it prepares' if len(steps) == 1 else 'they prepare'} a model for "
+                         "quantization; not with --not-qat")
+    if args.smoothquant is not None and not (math.isfinite(args.smoothquant) and 0 < args.smoothquant < 1):
+        raise SuiteError(f"--smoothquant {args.smoothquant} must be in (0, 1): the migration strength alpha (0.5, the "
+                         "paper's default, when the flag is given alone)")
+    if args.qconfig is not None:
+        args.qconfig = parse_qconfig(args.qconfig, args)
+
+
+def parse_qconfig(text: str, args: argparse.Namespace) -> dict:
+    """--qconfig: extra_qconfig_dict keys (a JSON object or a .json / .yaml file; an object with an
+    "extra_qconfig_dict" entry is read too), checked against the backend's defaults and bit widths."""
+    cfg = read_config(text, "--qconfig", '{"w_qscheme": {"per_channel": false}}')
+    if isinstance(cfg.get("extra_qconfig_dict"), dict):
+        cfg = cfg["extra_qconfig_dict"]
+    for flag, key in (("--w-bit", "w_qscheme"), ("--a-bit", "a_qscheme")):
+        if getattr(args, flag[2:].replace("-", "_")) is not None and "bit" in (cfg.get(key) or {}):
+            raise SuiteError(f"--qconfig sets {key} bit and {flag} is given too: give the bits once")
+    from ts_qat_pytorch.quantization.qconfig import QConfig
+    from ts_qat_pytorch.utils.registry import lookup_backend
+    try:
+        quantizer, defaults = lookup_backend(args.backend)
+        QConfig.from_dict(defaults, cfg).check_bits(quantizer.allowed_bits, quantizer.wide_activation_bits)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise SuiteError(f"--qconfig (backend {args.backend}): {exc}") from None
+    return cfg
+
+
+def read_config(text: str, flag: str, example: str) -> dict:
+    """A flag's JSON object, or a .json / .yaml / .yml file holding one."""
+    source = flag
     if os.path.isfile(text):
-        source = f"--ptq-config '{text}'"
+        source = f"{flag} '{text}'"
         with open(text) as f:
             body = f.read()
         if text.lower().endswith((".yaml", ".yml")):
@@ -338,14 +392,20 @@ def parse_ptq_config(text: str) -> dict:
     elif text.lstrip().startswith("{"):
         cfg = _json(text, source)
     else:
-        raise SuiteError(f"--ptq-config '{text}' is neither a file nor a JSON object (e.g. --ptq-config "
-                         "'{\"max_count\": 20000}')")
-    if isinstance(cfg, dict) and isinstance(cfg.get("quantize"), dict):
-        cfg = cfg["quantize"]
-    if isinstance(cfg, dict) and isinstance(cfg.get("reconstruction"), dict):
-        cfg = cfg["reconstruction"]
+        raise SuiteError(f"{flag} '{text}' is neither a file nor a JSON object (e.g. {flag} '{example}')")
     if not isinstance(cfg, dict):
-        raise SuiteError(f"{source} must hold an object of reconstruction settings, got {type(cfg).__name__}")
+        raise SuiteError(f"{source} must hold an object, got {type(cfg).__name__}")
+    return cfg
+
+
+def parse_ptq_config(text: str) -> dict:
+    """--ptq-config: a JSON object, or a .json / .yaml / .yml file holding one (the ancestor's YAML config, with the
+    reconstruction settings at the top or under quantize.reconstruction / reconstruction)."""
+    cfg = read_config(text, "--ptq-config", '{"max_count": 20000}')
+    if isinstance(cfg.get("quantize"), dict):
+        cfg = cfg["quantize"]
+    if isinstance(cfg.get("reconstruction"), dict):
+        cfg = cfg["reconstruction"]
     return cfg
 
 

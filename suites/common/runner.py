@@ -1,10 +1,10 @@
 """The one pipeline of every suite, read top to bottom in :func:`run`:
 
-    checks before long work -> data -> float model (fine-tune, cached) -> float eval -> teacher ->
-    [--mixed-precision: sensitivity search, bit allocation] -> prepare -> calibration -> [--ptq-recon: PTQ
-    reconstruction] -> QAT epochs (distillation; each epoch: eval, atomic checkpoints, export; --epochs 0: the PTQ
-    model saved and exported instead) -> [--max-drop: accuracy control] -> replica check -> profile / sensitivity ->
-    onnxruntime eval -> metrics JSON -> baselines
+    checks before long work -> data -> float model (fine-tune, cached) -> float eval -> teacher -> [--cle,
+    --smoothquant: float processing] -> [--mixed-precision: sensitivity search, bit allocation] -> prepare ->
+    calibration -> [--bias-correction] -> [--ptq-recon: PTQ reconstruction] -> QAT epochs (distillation; each
+    epoch: eval, atomic checkpoints, export; --epochs 0: the PTQ model saved and exported instead) -> [--max-drop:
+    accuracy control] -> replica check -> profile / sensitivity -> onnxruntime eval -> metrics JSON -> baselines
 
 A suite (suites/common/suite.py) provides its model, data, metric and recipe; its main.py is
 
@@ -29,6 +29,7 @@ from torch import nn
 
 from suites.common import checkpoints as C
 from suites.common import distributed as D
+from suites.common import post_training as P
 from suites.common import stages as S
 from suites.common.cli import build_parser, resolve, set_log_level, threads
 from suites.common.devices import describe, parse_devices
@@ -166,6 +167,7 @@ def run(suite: Suite, args) -> int:
     if args.model_path:
         C.load_float_weights(model, args.model_path, args, "--model-path")
         say(f"=> loaded float weights '{args.model_path}'")
+    P.check_float_tools(suite, model, args)  # --cle / --smoothquant find what they work on, before long work
     search = qat and args.mixed_precision and not getattr(args, "layer_config", None)
     costs = S.mixed_precision_costs(suite, model, args) if search else None  # the budget, before long work
     per_rank_batch = max(1, args.batch_size // world)
@@ -192,15 +194,20 @@ def run(suite: Suite, args) -> int:
     calib_loader = loader(data.calib, per_rank_batch, args.workers, collate_fn=suite.collate,
                           sampler=EpochSubsetSampler(len(data.calib), args.calib_batches * per_rank_batch,
                                                      (args.seed or 0) + 13))
+    model = P.float_tools_stage(suite, model, calib_loader, val_loader, args, m)  # --cle, --smoothquant
     sens = S.mixed_precision_stage(suite, model, calib_loader, costs, args, m) if search else None
     q = S.prepare(suite, model, args).to(args.device)
     ptq_scores = None
     if not args.resume:
         calibrate_stage(suite, q, data, calib_loader, args, m)
+        float_ref = None  # after --bias-correction the quantizers-off model is no longer the float one
+        if args.bias_correction:
+            ptq_scores, float_ref = P.bias_correction_stage(suite, q, calib_loader, val_loader, args, m)
         if args.ptq_recon:
-            ptq_scores = S.ptq_stage(suite, q, calib_loader, val_loader, args, m)
-    elif args.ptq_recon:
-        say("=> --ptq-recon: not with --resume (the checkpoint is past calibration)")
+            ptq_scores = S.ptq_stage(suite, q, calib_loader, val_loader, args, m, float_ref, ptq_scores)
+        del float_ref
+    elif args.ptq_recon or args.bias_correction:
+        say("=> --ptq-recon / --bias-correction: not with --resume (the checkpoint is past calibration)")
     if args.max_drop is not None and args.evaluate:
         say("=> --max-drop: not with -e (evaluates what was given)")
     float_model = model if control else None
@@ -240,8 +247,8 @@ def run(suite: Suite, args) -> int:
     value, best = qat_epochs(suite, q, optimizer, scheduler, start_epoch, last_epoch, best, val_loader, args, m,
                              paths, **qat_setup)
     if value is None and not args.resume:  # --epochs 0: calibration (and --ptq-recon) only; saved like an epoch
-        say(f"=> no QAT (--epochs {args.epochs}): the {'reconstructed' if args.ptq_recon else 'calibrated'} model "
-            "is the result")
+        done = "reconstructed" if args.ptq_recon else "bias-corrected" if args.bias_correction else "calibrated"
+        say(f"=> no QAT (--epochs {args.epochs}): the {done} model is the result")
         if D.is_main():
             value = record_qat(suite, q, ptq_scores, val_loader, args, m)
             C.save_all(suite, q, optimizer, scheduler, start_epoch, value, True, paths, args, m)
@@ -386,8 +393,9 @@ def accuracy_control(suite: Suite, q, value: float, best, float_model, sens, cal
             say(f"=> accuracy control: {len(changes)} layer(s) {verb}: {', '.join(changes)}")
             q2 = S.prepare(suite, float_model, args, changes).to(args.device)
             calibrate_stage(suite, q2, data, calib_loader, args, None)
+            float_ref = P.correct_biases(suite, q2, calib_loader, args).float_model if args.bias_correction else None
             if args.ptq_recon:
-                S.reconstruct(suite, q2, calib_loader, args)
+                S.reconstruct(suite, q2, calib_loader, args, float_ref)
             if args.epochs > 0:
                 if args.seed is not None:
                     seed_everything(args.seed + 1 + D.rank())

@@ -82,15 +82,24 @@ def prepare(suite: Suite, model: nn.Module, args, changes: dict | None = None):
 
 
 def prepare_config(suite: Suite, model: nn.Module, args, changes: dict | None = None) -> dict:
-    """The suite's prepare_custom_config_dict, the flags' bit widths (below 8 bits the first and the last conv /
-    linear layer keep --first-last-bit (8) bits, as in the low-bit QAT literature: the image and the logits keep
-    their precision), then the per-layer settings of the run (``args.layer_config``: a mixed-precision allocation,
-    accuracy control's changes, or those a --resume checkpoint recorded; each layer's entry laid over), then
-    ``changes`` ({layer: bits, or None for float}: mix_precision.with_layer_changes)."""
+    """The suite's prepare_custom_config_dict, --qconfig's extra_qconfig_dict keys, the flags' bit widths (below 8
+    bits the first and the last conv / linear layer keep --first-last-bit (8) bits, as in the low-bit QAT
+    literature: the image and the logits keep their precision), then the per-layer settings of the run
+    (``args.layer_config``: a mixed-precision allocation, accuracy control's changes, or those a --resume checkpoint
+    recorded; each layer's entry laid over), then ``changes`` ({layer: bits, or None for float}:
+    mix_precision.with_layer_changes)."""
     cfg = copy.deepcopy(suite.prepare_config(model, args) or {})
+    user = getattr(args, "qconfig", None) or {}  # --qconfig: laid over the suite's, each scheme key by key
+    if user:
+        eq = cfg.setdefault("extra_qconfig_dict", {})
+        for key, value in copy.deepcopy(user).items():
+            eq[key] = {**eq[key], **value} if isinstance(value, dict) and isinstance(eq.get(key), dict) else value
     if args.backend == "Experimental":
-        w, a = args.w_bit or 8, args.a_bit or 8
-        cfg.setdefault("extra_qconfig_dict", {}).update({"w_qscheme": {"bit": w}, "a_qscheme": {"bit": a}})
+        eq = cfg.setdefault("extra_qconfig_dict", {})
+        w = args.w_bit or (eq.get("w_qscheme") or {}).get("bit") or 8
+        a = args.a_bit or (eq.get("a_qscheme") or {}).get("bit") or 8
+        eq.update({"w_qscheme": {**(eq.get("w_qscheme") or {}), "bit": w},
+                   "a_qscheme": {**(eq.get("a_qscheme") or {}), "bit": a}})
         keep = 8 if args.first_last_bit is None else args.first_last_bit
         if keep and min(w, a) < keep:
             ends = first_last_layers(model)
@@ -429,11 +438,8 @@ def broadcast_object(obj):
     return box[0]
 
 
-def reconstruct(suite: Suite, q, calib_loader, args):
-    """ts_qat_pytorch.advanced_ptq.ptq_reconstruction of the calibrated model (in place) on the first --ptq-images
-    calibration images, with ``args.ptq_config``; seeded, so every rank of a distributed run fits the same."""
-    from suites.common.training import seed_everything
-    from ts_qat_pytorch.advanced_ptq import ptq_reconstruction
+def ptq_batches(suite: Suite, q, calib_loader, args) -> tuple[list, int]:
+    """(the first --ptq-images calibration images as batches the core's PTQ steps feed, their count)."""
     batches, n = [], 0
     for b in calib_loader:
         inputs = suite.inputs(b, torch.device("cpu"))[0]
@@ -441,25 +447,38 @@ def reconstruct(suite: Suite, q, calib_loader, args):
         n += int(inputs[0].shape[0]) if isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else 1
         if n >= args.ptq_images:
             break
+    return batches, n
+
+
+def reconstruct(suite: Suite, q, calib_loader, args, float_model=None):
+    """ts_qat_pytorch.advanced_ptq.ptq_reconstruction of the calibrated model (in place) on the first --ptq-images
+    calibration images, with ``args.ptq_config``; seeded, so every rank of a distributed run fits the same.
+    ``float_model``: the float reference after --bias-correction (the model before the correction)."""
+    from suites.common.training import seed_everything
+    from ts_qat_pytorch.advanced_ptq import ptq_reconstruction
+    batches, n = ptq_batches(suite, q, calib_loader, args)
     seed_everything((args.seed or 0) + 17)
     say(f"=> PTQ reconstruction on {n} calibration images ({len(batches)} batches): {json.dumps(args.ptq_config)}")
-    return ptq_reconstruction(getattr(q, "module", q), batches, args.ptq_config)
+    return ptq_reconstruction(getattr(q, "module", q), batches, args.ptq_config, float_model=float_model)
 
 
-def ptq_stage(suite: Suite, q, calib_loader, val_loader, args, m) -> dict | None:
-    """--ptq-recon after calibration: the calibrated (min/max, round-to-nearest) model's metric, the reconstruction
-    (the core logs each block), the reconstructed model's metric; recorded under the metrics' extras "ptq". Returns
-    the reconstructed model's scores (rank 0; None elsewhere)."""
+def ptq_stage(suite: Suite, q, calib_loader, val_loader, args, m, float_model=None, before: dict | None = None
+              ) -> dict | None:
+    """--ptq-recon after calibration (and --bias-correction: its float reference ``float_model`` and its corrected
+    model's scores ``before``): the calibrated (min/max, round-to-nearest) model's metric, the reconstruction (the
+    core logs each block), the reconstructed model's metric; recorded under the metrics' extras "ptq". Returns the
+    reconstructed model's scores (rank 0; None elsewhere)."""
     import time
     rec, name = {"config": dict(args.ptq_config)}, suite.metric.name
     if D.is_main():
-        with m.timed("ptq_eval"):
-            before = suite.evaluate(q, val_loader, args, "PTQ calibrated")
-        say(f"=> PTQ calibrated (min/max, round-to-nearest) {suite.describe(before)}")
+        if before is None:
+            with m.timed("ptq_eval"):
+                before = suite.evaluate(q, val_loader, args, "PTQ calibrated")
+            say(f"=> PTQ calibrated (min/max, round-to-nearest) {suite.describe(before)}")
         rec.update(calibrated=before[name], calibrated_scores=before)
     t0 = time.time()
     with m.timed("ptq_recon"):
-        report = reconstruct(suite, q, calib_loader, args)
+        report = reconstruct(suite, q, calib_loader, args, float_model)
     rec["seconds"] = round(time.time() - t0, 2)
     units = report.units
     say("=> PTQ reconstruction per unit (output MSE against float)\n" + report.table())

@@ -127,11 +127,11 @@ def _capture(model: fx.GraphModule, names: list[str], args: list[tuple], device,
     return out
 
 
-def _check_calibrated(model: nn.Module) -> None:
+def _check_calibrated(model: nn.Module, verb: str = "ptq_reconstruction") -> None:
     missing = [n for n, m in model.named_modules()
                if isinstance(m, QuantizeBase) and not m.is_weight and not m.non_float and not m.initialized]
     if missing:
-        raise RuntimeError(f"ptq_reconstruction needs a calibrated model; {len(missing)} activation quantizer(s) "
+        raise RuntimeError(f"{verb} needs a calibrated model; {len(missing)} activation quantizer(s) "
                            f"have no scale ({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}). "
                            "Calibrate first: utils.calibrate.calibrate(model, batches)")
 
@@ -230,7 +230,8 @@ def _optimise(seg: Segment, q_in, fp_in, target, adarounds, scales, optimizers, 
 
 
 def ptq_reconstruction(model: fx.GraphModule, calibration_batches: Iterable[Any],
-                       config: ReconstructionConfig | dict | None = None) -> ReconstructionReport:
+                       config: ReconstructionConfig | dict | None = None,
+                       float_model: fx.GraphModule | None = None) -> ReconstructionReport:
     """AdaRound / BRECQ / QDrop reconstruction of a prepared, calibrated model (modified in place; also returned in
     the report as ``report.model``).
 
@@ -242,6 +243,9 @@ def ptq_reconstruction(model: fx.GraphModule, calibration_batches: Iterable[Any]
     config               a :class:`ReconstructionConfig` or a dict with its keys (the ancestor's names):
                          pattern, scale_lr, warm_up, weight, max_count, b_range, keep_gpu, round_mode, prob,
                          block_depth. Unknown keys are an error listing the valid ones.
+    float_model          the float reference: the same prepared graph with every quantizer off. Default: a copy of
+                         ``model`` with its quantizers off; after ``bias_correction`` (which moves the biases) pass
+                         its ``report.float_model``, the model as it was before the correction.
 
     Returns a :class:`ReconstructionReport`: per unit its name, layers, output MSE against the float model before
     (round-to-nearest) and after, seconds, and the fraction of each layer's weights rounded the other way.
@@ -259,8 +263,11 @@ def ptq_reconstruction(model: fx.GraphModule, calibration_batches: Iterable[Any]
     was_training = model.training
     model.eval()
     enable_quantization(model)
-    fp_model = copy.deepcopy(model)
-    disable_all(fp_model)
+    if float_model is None:
+        fp_model = copy.deepcopy(model)
+        disable_all(fp_model)
+    else:
+        fp_model = float_model.to(device).eval()
     args = [batch_args(model, b) for b in batches]
     segments = split_segments(model, cfg.pattern, cfg.block_depth, cfg.prob)
     logger.info("reconstruction (%s, round_mode %s, prob %g): %d units, %d iterations each, %d batches",

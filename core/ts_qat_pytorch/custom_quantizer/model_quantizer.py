@@ -1,6 +1,8 @@
 """ModelQuantizer: turns a traced float GraphModule into a QAT GraphModule.
 
 Passes, in order, each a method a backend may override:
+  0. ``drop_identities``: ``nn.Identity`` nodes (a BatchNorm folded away by ``tools.fold_bn``, timm's disabled norms
+     and activations) are removed, so conv -> Identity -> ReLU fuses like conv -> ReLU.
   1. ``fuse``: conv/linear + BatchNorm (+ReLU) -> fused QAT layers (fuser_method_mappings, plus the patterns
      of ``extra_fuse_dict``).
   2. ``swap``: remaining conv/linear/embedding layers -> QAT layers with weight fake quantization.
@@ -78,6 +80,7 @@ class ModelQuantizer:
         qconfig.check_bits(self.allowed_bits, self.wide_activation_bits)
         self._check_exclusions(gm)
         self._extend_exclusions(gm)
+        self.drop_identities(gm)
         self.fuse(gm, qconfig)
         self.swap(gm, qconfig)
         self.insert_act_quantizers(gm, qconfig)
@@ -152,6 +155,14 @@ class ModelQuantizer:
     @staticmethod
     def _act_bound(mod_or_fn) -> float | None:
         return BOUNDED_ACT_MAX.get(type(mod_or_fn), BOUNDED_ACT_MAX.get(mod_or_fn))
+
+    # -- pass 0: no-op modules ---------------------------------------------------------------------
+    def drop_identities(self, gm: fx.GraphModule) -> None:
+        for node in list(gm.graph.nodes):
+            if node.op == "call_module" and type(self._module(gm, node)) is nn.Identity and len(node.args) == 1 \
+                    and isinstance(node.args[0], fx.Node) and not node.kwargs and not self.is_excluded(node):
+                node.replace_all_uses_with(node.args[0])
+                gm.graph.erase_node(node)
 
     # -- pass 1: fusion ----------------------------------------------------------------------------
     def fuse(self, gm: fx.GraphModule, qconfig: QConfig) -> None:

@@ -10,13 +10,16 @@ from typing import Any, Iterable
 import torch
 from torch import fx, nn
 
+from ..nn.channel_scale import ChannelScale
+
 logger = logging.getLogger(__name__)
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
-# Never traced into: their internals are not quantizable or not traceable.
-DEFAULT_LEAF_TYPES: tuple[type, ...] = (nn.RNNBase,)
+# Never traced into: their internals are not quantizable or not traceable. ChannelScale (the float tools' exact
+# per-channel restore) stays one float node: traced into, its multiply would be quantized.
+DEFAULT_LEAF_TYPES: tuple[type, ...] = (nn.RNNBase, ChannelScale)
 try:
     from torchvision.ops import RoIPool as _RoIPool
     DEFAULT_LEAF_TYPES += (_RoIPool,)

@@ -23,6 +23,12 @@ from ...fake_quantize.cpu_kernels import divide_channels, folded_batch_norm, mul
 from .modules import Conv1d, Conv2d, ConvTranspose1d, ConvTranspose2d, Linear, deployed_bias
 
 
+def bn_scale(bn: nn.Module) -> torch.Tensor:
+    """gamma / sqrt(running_var + eps) (1 / sqrt(...) without affine): what folding multiplies each channel by."""
+    std = torch.sqrt(bn.running_var + bn.eps)
+    return bn.weight / std if bn.affine else 1.0 / std
+
+
 class _FusedMixin:
     """Adds an optional BatchNorm (folded) and an optional activation to a QAT layer."""
 
@@ -40,8 +46,7 @@ class _FusedMixin:
         return self
 
     def _bn_scale(self) -> torch.Tensor:
-        std = torch.sqrt(self.bn.running_var + self.bn.eps)
-        return self.bn.weight / std if self.bn.affine else 1.0 / std
+        return bn_scale(self.bn)
 
     def _out_view(self, s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return s.reshape([1, -1] + [1] * (y.dim() - 2))

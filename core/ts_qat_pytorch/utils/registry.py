@@ -27,6 +27,7 @@ def register_model_quantizer(backend, default_qconfig: dict[str, Any]) -> Callab
 
 
 def lookup_backend(backend) -> tuple[type, dict[str, Any]]:
+    from .. import custom_quantizer  # noqa: F401  (the built-in backends register on import; a caller may come first)
     key = _key(backend)
     if key not in DEFAULT_MODEL_QUANTIZER:
         raise ValueError(f"unknown backend {backend!r}; registered backends: {sorted(DEFAULT_MODEL_QUANTIZER)}. "

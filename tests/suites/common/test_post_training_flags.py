@@ -135,3 +135,16 @@ def test_cle_with_resume_of_a_checkpoint_made_without_it_is_an_error(tmp_path, c
     assert rc == 2
     err = capsys.readouterr().err
     assert "--cle with --resume" in err and "drop --cle" in err
+
+
+def test_qconfig_is_checked_in_a_fresh_process_before_the_backends_are_imported():
+    """The runner checks --qconfig before anything has imported the backends (seen: 'registered backends: []')."""
+    import subprocess
+    import sys
+    code = ("import argparse; from suites.common.cli import parse_qconfig; "
+            "a = argparse.Namespace(backend='TSQAT', w_bit=None, a_bit=None); "
+            "print(parse_qconfig('{\"w_qscheme\": {\"per_channel\": false}}', a))")
+    root = __file__.rsplit("/tests/", 1)[0]
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "per_channel" in r.stdout

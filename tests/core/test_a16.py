@@ -1,6 +1,7 @@
 """16-bit activations for chosen layers (W8A16, as AIMET offers): ``module_qconfig`` with ``a_qscheme`` bit 16 under
 TSQAT, fake-quantized on a 0..65535 grid and exported at opset 21 as uint16 QuantizeLinear/DequantizeLinear that
 onnxruntime runs."""
+import importlib
 import logging
 
 import numpy as np
@@ -11,11 +12,12 @@ import torchvision
 from onnx import TensorProto, numpy_helper
 from torch import nn
 
-from ts_qat_pytorch import convert_export as ce
 from ts_qat_pytorch.fake_quantize import QuantizeBase
 from ts_qat_pytorch.prepare_by_platform import BackendType, prepare_by_platform
 
 from .helpers import export_and_run, max_steps, prepare_and_calibrate, qparams
+
+ce = importlib.import_module("ts_qat_pytorch.convert_export")  # the module (the flat name is the function)
 
 A16 = {"a_qscheme": {"bit": 16}}
 

@@ -17,7 +17,7 @@ import time
 from torch import nn
 
 from suites.common import distributed as D
-from suites.common.stages import _on, ptq_batches
+from suites.common.stages import _on, evaluate_ptq_step, ptq_batches
 from suites.common.suite import Suite, SuiteError
 
 say = D.say
@@ -107,7 +107,7 @@ def bias_correction_stage(suite: Suite, q, calib_loader, val_loader, args, m):
     metric (rank 0), recorded under the metrics' extras "bias_correction". Returns (the corrected model's scores on
     rank 0, else None; the float reference for --ptq-recon)."""
     rec, name = {}, suite.metric.name
-    before = after = None
+    before = None
     if D.is_main():
         with m.timed("ptq_eval"):
             before = suite.evaluate(q, val_loader, args, "PTQ calibrated")
@@ -118,12 +118,5 @@ def bias_correction_stage(suite: Suite, q, calib_loader, val_loader, args, m):
         report = correct_biases(suite, q, calib_loader, args)
     rec.update(report.to_dict(), seconds=round(time.time() - t0, 2))
     say(f"=> bias correction: {report.summary()}")
-    if D.is_main():
-        with m.timed("ptq_eval"):
-            after = suite.evaluate(q, val_loader, args, "PTQ bias-corrected")
-        d = suite.metric.format(after[name] - before[name])
-        say(f"=> PTQ bias-corrected {suite.describe(after)} (calibrated {suite.metric.format(before[name])}, {d})")
-        rec.update(corrected=after[name], corrected_scores=after,
-                   corrected_minus_calibrated=round(after[name] - before[name], suite.digits))
-        m.extras["bias_correction"] = rec
+    after = evaluate_ptq_step(suite, q, val_loader, args, m, "bias-corrected", before, rec, "bias_correction")
     return after, report.float_model

@@ -487,15 +487,23 @@ def ptq_stage(suite: Suite, q, calib_loader, val_loader, args, m, float_model=No
                reverted=[u.name for u in units if u.reverted],
                per_unit=[{"name": u.name, "layers": len(u.layers), "loss_before": u.loss_before,
                           "loss_after": u.loss_after, "seconds": round(u.seconds, 2)} for u in units])
-    after = None
-    if D.is_main():
-        with m.timed("ptq_eval"):
-            after = suite.evaluate(q, val_loader, args, "PTQ reconstructed")
-        d = suite.metric.format(after[name] - before[name])
-        say(f"=> PTQ reconstructed {suite.describe(after)} (calibrated {suite.metric.format(before[name])}, {d})")
-        rec.update(reconstructed=after[name], reconstructed_scores=after,
-                   reconstructed_minus_calibrated=round(after[name] - before[name], suite.digits))
-        m.extras["ptq"] = rec
+    return evaluate_ptq_step(suite, q, val_loader, args, m, "reconstructed", before, rec, "ptq")
+
+
+def evaluate_ptq_step(suite: Suite, q, val_loader, args, m, step: str, before: dict, rec: dict, key: str):
+    """The metric after a post-training step (rank 0; None elsewhere), logged as "PTQ <step>" against the calibrated
+    model's and recorded in ``rec`` as the metrics' extras[key]: ``<field>``, ``<field>_scores`` and
+    ``<field>_minus_calibrated``, the field being the step's last word ("bias-corrected": "corrected")."""
+    if not D.is_main():
+        return None
+    name, field = suite.metric.name, step.rsplit("-", 1)[-1]
+    with m.timed("ptq_eval"):
+        after = suite.evaluate(q, val_loader, args, f"PTQ {step}")
+    d = suite.metric.format(after[name] - before[name])
+    say(f"=> PTQ {step} {suite.describe(after)} (calibrated {suite.metric.format(before[name])}, {d})")
+    rec.update({field: after[name], f"{field}_scores": after,
+                f"{field}_minus_calibrated": round(after[name] - before[name], suite.digits)})
+    m.extras[key] = rec
     return after
 
 

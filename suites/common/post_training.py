@@ -17,7 +17,7 @@ import time
 from torch import nn
 
 from suites.common import distributed as D
-from suites.common.stages import _on, evaluate_ptq_step, ptq_batches
+from suites.common.stages import _on, evaluate_calibrated, evaluate_ptq_step, ptq_batches
 from suites.common.suite import Suite, SuiteError
 
 say = D.say
@@ -106,13 +106,8 @@ def bias_correction_stage(suite: Suite, q, calib_loader, val_loader, args, m):
     """--bias-correction after calibration: the calibrated model's metric, the correction, the corrected model's
     metric (rank 0), recorded under the metrics' extras "bias_correction". Returns (the corrected model's scores on
     rank 0, else None; the float reference for --ptq-recon)."""
-    rec, name = {}, suite.metric.name
-    before = None
-    if D.is_main():
-        with m.timed("ptq_eval"):
-            before = suite.evaluate(q, val_loader, args, "PTQ calibrated")
-        say(f"=> PTQ calibrated (min/max, round-to-nearest) {suite.describe(before)}")
-        rec.update(calibrated=before[name], calibrated_scores=before)
+    rec: dict = {}
+    before = evaluate_calibrated(suite, q, val_loader, args, m, rec)
     t0 = time.time()
     with m.timed("bias_correction"):
         report = correct_biases(suite, q, calib_loader, args)

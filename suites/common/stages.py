@@ -469,13 +469,8 @@ def ptq_stage(suite: Suite, q, calib_loader, val_loader, args, m, float_model=No
     core logs each block), the reconstructed model's metric; recorded under the metrics' extras "ptq". Returns the
     reconstructed model's scores (rank 0; None elsewhere)."""
     import time
-    rec, name = {"config": dict(args.ptq_config)}, suite.metric.name
-    if D.is_main():
-        if before is None:
-            with m.timed("ptq_eval"):
-                before = suite.evaluate(q, val_loader, args, "PTQ calibrated")
-            say(f"=> PTQ calibrated (min/max, round-to-nearest) {suite.describe(before)}")
-        rec.update(calibrated=before[name], calibrated_scores=before)
+    rec = {"config": dict(args.ptq_config)}
+    before = evaluate_calibrated(suite, q, val_loader, args, m, rec, before)
     t0 = time.time()
     with m.timed("ptq_recon"):
         report = reconstruct(suite, q, calib_loader, args, float_model)
@@ -488,6 +483,19 @@ def ptq_stage(suite: Suite, q, calib_loader, val_loader, args, m, float_model=No
                per_unit=[{"name": u.name, "layers": len(u.layers), "loss_before": u.loss_before,
                           "loss_after": u.loss_after, "seconds": round(u.seconds, 2)} for u in units])
     return evaluate_ptq_step(suite, q, val_loader, args, m, "reconstructed", before, rec, "ptq")
+
+
+def evaluate_calibrated(suite: Suite, q, val_loader, args, m, rec: dict, before: dict | None = None):
+    """The calibrated (min/max, round-to-nearest) model's scores before a post-training step (rank 0; None
+    elsewhere): ``before`` when already measured, else evaluated; recorded in ``rec`` as ``calibrated``."""
+    if not D.is_main():
+        return None
+    if before is None:
+        with m.timed("ptq_eval"):
+            before = suite.evaluate(q, val_loader, args, "PTQ calibrated")
+        say(f"=> PTQ calibrated (min/max, round-to-nearest) {suite.describe(before)}")
+    rec.update(calibrated=before[suite.metric.name], calibrated_scores=before)
+    return before
 
 
 def evaluate_ptq_step(suite: Suite, q, val_loader, args, m, step: str, before: dict, rec: dict, key: str):

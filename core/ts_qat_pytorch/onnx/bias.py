@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graph import GraphIndex, attr
+from .graph import GraphIndex, attr, drop_unused_initializers
 
 
 class _Graph(GraphIndex):
@@ -115,9 +115,5 @@ def quantize_biases(model: onnx.ModelProto) -> int:
     for host, dq in new_nodes:  # keep the node list topologically sorted: the DQ right before its consumer
         idx = list(G.g.node).index(host)
         G.g.node.insert(idx, dq)
-    used = {i for n in G.g.node for i in n.input} | {o.name for o in G.g.output}
-    keep = [i for i in G.g.initializer if i.name in used]
-    if len(keep) != len(G.g.initializer):
-        del G.g.initializer[:]
-        G.g.initializer.extend(keep)
+    drop_unused_initializers(model)
     return done

@@ -44,3 +44,13 @@ def attr(node: onnx.NodeProto, name: str, default):
         if a.name == name:
             return helper.get_attribute_value(a)
     return default
+
+
+def drop_unused_initializers(model: onnx.ModelProto) -> None:
+    """Remove the initializers no node reads and no output names (left behind by a pass's rewrite)."""
+    g = model.graph
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    keep = [i for i in g.initializer if i.name in used]
+    if len(keep) != len(g.initializer):
+        del g.initializer[:]
+        g.initializer.extend(keep)

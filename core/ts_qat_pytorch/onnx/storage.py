@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, numpy_helper
 
-from .graph import GraphIndex, attr
+from .graph import GraphIndex, attr, drop_unused_initializers
 
 _RANGE = {np.dtype(np.int8): (-128, 127), np.dtype(np.uint8): (0, 255), np.dtype(np.int16): (-32768, 32767),
           np.dtype(np.uint16): (0, 65535), np.dtype(np.int32): (-(2 ** 31), 2 ** 31 - 1)}
@@ -73,7 +73,7 @@ def store_weights_as_integers(model: onnx.ModelProto) -> dict[str, str]:
     Returns {float weight name: integer initializer name}."""
     G = GraphIndex(model)
     g = G.g
-    used_elsewhere = {i for n in g.node if n.op_type != "QuantizeLinear" for i in n.input} | {o.name for o in g.output}
+    outputs = {o.name for o in g.output}
     done: dict[str, str] = {}
     drop: list[onnx.NodeProto] = []
     for q in g.node:
@@ -87,8 +87,7 @@ def store_weights_as_integers(model: onnx.ModelProto) -> dict[str, str]:
         axis = attr(q, "axis", 1) % max(x.ndim, 1)
         ints = _quantize(x, scale, zp, axis)
         name = q.input[0]
-        shared = name in used_elsewhere or sum(1 for n in g.node if n.op_type == "QuantizeLinear"
-                                               and n.input[0] == name) > 1
+        shared = name in outputs or len(G.consumers.get(name, [])) > 1  # the float tensor stays for its other readers
         new = f"{name}_quantized" if shared else name
         k = 1
         while shared and new in G.inits:
@@ -108,7 +107,7 @@ def store_weights_as_integers(model: onnx.ModelProto) -> dict[str, str]:
         stale = [v for v in coll if v.name in retyped and v.name in G.inits]
         for v in stale:
             coll.remove(v)
-    _drop_unused_initializers(model)
+    drop_unused_initializers(model)
     return done
 
 
@@ -186,15 +185,6 @@ def _producer_zero_point_dtype(G: GraphIndex, name: str) -> np.dtype:
         if zp is not None:
             return zp.dtype
     return np.dtype(np.uint8)
-
-
-def _drop_unused_initializers(model: onnx.ModelProto) -> None:
-    g = model.graph
-    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-    keep = [i for i in g.initializer if i.name in used]
-    if len(keep) != len(g.initializer):
-        del g.initializer[:]
-        g.initializer.extend(keep)
 
 
 def quantized_tensors(model: onnx.ModelProto) -> dict[str, str]:

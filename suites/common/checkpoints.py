@@ -8,7 +8,8 @@ Output files (``<output-dir>/<suite>/``, ``<arch>`` = the suite's model name):
     <arch>_checkpoint_float.pth        float weights loadable into the architecture + <arch>_qparams.json
     <arch>_onnx_quantization.onnx      QDQ int8 ONNX of the last epoch (+ _qparams.json)
     <arch>_bestonnx_quantization.onnx  the same for the best epoch
-    <arch>_metrics.json                the metrics (suites/common/metrics.py)
+    <arch>_metrics.json                the metrics (suites/common/metrics.py), rewritten after each epoch
+    <arch>_results.csv / .png          one row an epoch: losses, the metric, lr, seconds; the curves
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def output_paths(args) -> dict[str, str]:
                 float=os.path.join(d, f"{a}_checkpoint_float.pth"), qparams=os.path.join(d, f"{a}_qparams.json"),
                 onnx=os.path.join(d, f"{a}_onnx_quantization.onnx"),
                 bestonnx=os.path.join(d, f"{a}_bestonnx_quantization.onnx"),
-                best_float=os.path.join(d, f"{a}_model_best_float.pth"))
+                best_float=os.path.join(d, f"{a}_model_best_float.pth"),
+                results_csv=os.path.join(d, f"{a}_results.csv"), results_png=os.path.join(d, f"{a}_results.png"))
 
 
 def read_checkpoint(path: str, what: str):

@@ -2,7 +2,7 @@
 recipe (embedded without --data, general with it), range checks before any work, and logging.
 
 Flags whose default depends on the recipe default to None here; ``resolve`` fills them from ``suite.recipe(args)``,
-then ``RUNNER_DEFAULTS``. The help text shows both recipes' values.
+then ``RUNNER_DEFAULTS``. The help text shows both recipes' values, and each flag's default once.
 """
 from __future__ import annotations
 
@@ -38,18 +38,31 @@ RUNNER_DEFAULTS = dict(
 )
 
 
+class OneDefaultFormatter(argparse.HelpFormatter):
+    """argparse's "(default: X)" for a flag with a fixed default; nothing where the help states the default already
+    (a recipe-dependent flag: its argparse default is None, its help gives the recipes' values), for switches and for
+    empty defaults."""
+
+    def _get_help_string(self, action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or "default" in text.lower() or action.default is None
+                or action.default is False or action.default in ("", []) or action.default is argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
+
+
 def build_parser(suite: Suite) -> argparse.ArgumentParser:
     rec = _recipes(suite)
 
     def d(key: str) -> str:
-        emb, gen = rec["embedded"].get(key), rec["general"].get(key)
+        emb, gen = (rec[r].get(key, RUNNER_DEFAULTS.get(key)) for r in ("embedded", "general"))
         if emb is None and gen is None:
             return ""
-        return f" ({gen}; embedded {emb})" if emb != gen else f" ({gen})"
+        show = ["none" if v is None else v for v in (gen, emb)]
+        return f" (default: {show[0]}; embedded: {show[1]})" if emb != gen else f" (default: {show[0]})"
 
     p = argparse.ArgumentParser(description=f"ts_qat_pytorch {suite.name} suite: float -> calibration -> QAT "
-                                "(distillation) -> int8 ONNX -> onnxruntime",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                "(distillation) -> int8 ONNX -> onnxruntime", formatter_class=OneDefaultFormatter)
     g = p.add_argument_group("data and model")
     g.add_argument("--data", metavar="DIR", default=None, help="your data; absent: the suite's embedded default")
     g.add_argument("-j", "--workers", type=int, default=None, metavar="N", help="data loading workers" + d("workers"))
@@ -57,7 +70,8 @@ def build_parser(suite: Suite) -> argparse.ArgumentParser:
     g.add_argument("--model-path", default="", help="float weights (state_dict) to start from")
     g.add_argument("--train-images", type=int, default=None,
                    help="QAT on a random subset of this many training images per epoch" + d("train_images"))
-    g.add_argument("--val-images", type=int, default=None, help="evaluate on the first N validation images")
+    g.add_argument("--val-images", type=int, default=None,
+                   help="evaluate on N validation images: a seeded subset with every class alike (default: all)")
     g.add_argument("--val-batch-size", type=int, default=None, help="evaluation batch (at least the training batch)")
     suite.add_arguments(g)
 
@@ -68,7 +82,7 @@ def build_parser(suite: Suite) -> argparse.ArgumentParser:
                    help="total mini-batch size over all processes" + d("batch_size"))
     g.add_argument("--lr", "--learning-rate", type=float, default=None, dest="lr",
                    help="initial learning rate" + d("lr"))
-    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     g.add_argument("--wd", "--weight-decay", type=float, default=None, dest="weight_decay",
                    help="weight decay" + d("weight_decay"))
     g.add_argument("--optim", default=None, choices=["sgd", "adam", "adamw"],
@@ -108,9 +122,8 @@ def build_parser(suite: Suite) -> argparse.ArgumentParser:
     g.add_argument("--distill-method", default=None, choices=["kd", "none"],
                    help="distillation (kd = KL of softened logits * T^2)" + d("distill_method"))
     g.add_argument("--distill-alpha", type=float, default=None, help="loss = alpha*KD + (1-alpha)*CE"
-                   + (d("distill_alpha") or f" ({RUNNER_DEFAULTS['distill_alpha']})"))
-    g.add_argument("--temperature", type=float, default=None,
-                   help="kd temperature" + (d("temperature") or f" ({RUNNER_DEFAULTS['temperature']})"))
+                   + d("distill_alpha"))
+    g.add_argument("--temperature", type=float, default=None, help="kd temperature" + d("temperature"))
     g.add_argument("--teacher-path", default="", help="teacher weights (state_dict); default teacher: the float model")
 
     g = p.add_argument_group("accuracy beyond plain QAT (ts_qat_pytorch.advanced_ptq, ts_qat_pytorch.mix_precision)")
@@ -180,7 +193,7 @@ def build_parser(suite: Suite) -> argparse.ArgumentParser:
                    help="compare the metrics with this baselines.json at the end; exit 1 on failure")
     g.add_argument("--cache-dir", default=None, help=f"float fine-tune cache (default $TS_QAT_CACHE/{suite.name})")
     g.add_argument("--onnx-batch", type=int, default=None,
-                   help="batch size baked into the exported ONNX" + (d("onnx_batch") or " (1)"))
+                   help="batch size baked into the exported ONNX" + d("onnx_batch"))
     g.add_argument("--opset-version", type=int, default=18, help="ONNX opset of the export (13..21)")
     g.add_argument("--no-export", action="store_true", help="no ONNX export (checkpoints only)")
     g.add_argument("--no-ort-eval", action="store_true", help="skip the onnxruntime evaluation")
@@ -201,7 +214,8 @@ def build_parser(suite: Suite) -> argparse.ArgumentParser:
     g = p.add_argument_group("devices and processes")
     g.add_argument("--device", default=None,
                    help="cpu, a GPU index (0), GPU indices (0,1: one process each, DistributedDataParallel), cuda "
-                        "(every visible GPU) or cuda:N; default: every visible GPU, else the CPU")
+                        "(every visible GPU) or cuda:N; GPU indices become CUDA_VISIBLE_DEVICES, as in ultralytics "
+                        "(default: the first GPU, else the CPU; under torchrun the GPU of each local rank)")
     g.add_argument("--gpu", type=int, default=None, help="GPU id to use (the manual's flag; = --device N)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; $TS_QAT_THREADS)")
     g.add_argument("--world-size", type=int, default=-1, help="number of nodes (or processes under torchrun)")

@@ -4,6 +4,7 @@ and the replica check after distributed training.
     is_main()          True outside distributed runs and on rank 0: only rank 0 logs and writes
     say(msg)           print on rank 0 (the runner's log lines: ``=> ...``)
     rank(), world()    this process's rank and the number of processes (0 and 1 without torch.distributed)
+    broadcast_object   rank 0's decision on every rank
 """
 from __future__ import annotations
 
@@ -69,6 +70,18 @@ def broadcast_float(value: float) -> float:
     t = torch.tensor([value if is_main() else 0.0], dtype=torch.float64)
     dist.broadcast(t, 0)
     return float(t[0])
+
+
+def broadcast_object(obj):
+    """Rank 0's object on every rank (pickled; outside distributed runs returned as is). Every decision the ranks
+    must agree on (a cache hit, the output folder, what --resume restores) is made on rank 0 and shared with this:
+    a rank deciding on its own, from a file another rank may have written meanwhile, can skip a collective the others
+    wait in."""
+    if not initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier() -> None:

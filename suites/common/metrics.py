@@ -5,6 +5,7 @@
     m.score("float", {"top1": 92.57, "top5": 99.9})  # float / qat / ort: the headline value and every score
     m.record_export(export_result, onnx_batch=1)     # integer kernels, quantized layers, the files
     m.run["world_size"] = 2; m.extras["image_size"] = 64
+    m.epoch_done({"epoch": 0, "train_loss": ...})    # the epoch's row (m.history: results CSV and PNG), then write()
     m.write()                                        # atomic, rank 0 only
 
     data = load_metrics(path)                        # what tools read: the schema checked, errors name the file
@@ -37,6 +38,7 @@ class RunMetrics:
     def __init__(self, path: str, suite: str, arch: str, backend: str | None, metric: Metric,
                  log: Callable[[str], None] = say, digits: int = 3, entry: str | None = None, argv=None):
         self.path, self.log, self.t0, self.metric, self.digits = path, log, time.time(), metric, digits
+        self.history = None  # the run's EpochHistory (suites/common/history.py), set by the runner
         self.data: dict = {k: None for k in KEYS}
         self.data.update(schema=SCHEMA, suite=suite, arch=arch, backend=backend, metric=metric.name,
                          direction=metric.direction, times_s={}, integer_kernels={}, scores={}, files={}, export={},
@@ -110,6 +112,14 @@ class RunMetrics:
             if self.data[ref] is not None:
                 rec[f"minus_{ref}"] = round(v - self.data[ref], self.digits)
         self.data["deploy"][target] = rec
+
+    def epoch_done(self, row: dict) -> None:
+        """After an epoch (rank 0): its row in the history (results CSV and curves), and the metrics JSON rewritten,
+        so that a run killed later leaves both."""
+        if self.history is not None:
+            self.history.add(row)
+            self.files.update(results_csv=self.history.csv_path, results_png=self.history.png_path)
+        self.write()
 
     def finish(self, baselines: str | None = None) -> int:
         """Write the file, log the summary and compare with ``baselines`` (a baselines.json): the exit code, 1 when

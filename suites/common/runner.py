@@ -10,8 +10,9 @@ A suite (suites/common/suite.py) provides its model, data, metric and recipe; it
 
     sys.exit(runner.main(MySuite()))
 
-:func:`main` parses the flags, picks the devices (``--device``, ``--gpu``) and starts the processes: one, one per
-GPU when several are used (DistributedDataParallel), torchrun's, or ``--multiprocessing-distributed``'s.
+:func:`main` parses the flags, picks the devices (``--device``, ``--gpu``; neither: one, the first GPU, else the CPU)
+and starts the processes: one, one per GPU when several are named (DistributedDataParallel), torchrun's, or
+``--multiprocessing-distributed``'s.
 Outputs go to ``<output-dir>/<suite>/`` under the manual's names (``<arch>_checkpoint.pth`` ...); only rank 0
 logs and writes.
 """
@@ -21,6 +22,7 @@ import contextlib
 import logging
 import os
 import sys
+import time
 import warnings
 
 import torch
@@ -32,7 +34,8 @@ from suites.common import distributed as D
 from suites.common import post_training as P
 from suites.common import stages as S
 from suites.common.cli import build_parser, resolve, set_log_level, threads
-from suites.common.devices import describe, parse_devices
+from suites.common.devices import describe, select_devices
+from suites.common.history import EpochHistory, epoch_row
 from suites.common.metrics import RunMetrics
 from suites.common.suite import Suite, SuiteError
 from suites.common.training import (EpochSubsetSampler, cosine_schedule, loader, make_optimizer, qat_param_groups,
@@ -52,15 +55,15 @@ def main(suite: Suite, argv=None) -> int:
         torch.set_num_threads(threads(args))
     bad_input = (SuiteError, *suite.errors)
     try:
+        torchrun = D.under_torchrun(args)
+        # first of all: --device 1,2 becomes CUDA_VISIBLE_DEVICES, which only counts before CUDA starts
+        devices = select_devices(args.device, args.gpu, every=torchrun)
         args = resolve(suite, args)
         if args.seed is not None and not args.embedded:
             warnings.warn("You have chosen to seed training. This will turn on the CUDNN deterministic setting, "
                           "which can slow down your training considerably!")
-        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        devices = parse_devices(args.device, args.gpu, visible)
         if args.dist_url == "env://" and args.world_size == -1:
             args.world_size = int(os.environ.get("WORLD_SIZE", -1))
-        torchrun = D.under_torchrun(args)
         spawn = args.multiprocessing_distributed or (len(devices) > 1 and not torchrun)
         args.distributed = args.world_size > 1 or spawn
         if spawn:
@@ -103,6 +106,9 @@ def worker(local: int, suite: Suite, nproc: int, devices, args) -> int:
         torch.set_num_threads(threads(args))
     if args.distributed:
         D.init_process(args, local, nproc)
+        # rank 0's output folder: a suite's choice may look at the disk (yolov5's exp, exp2 ...), which another rank
+        # may have changed meanwhile
+        args.out_dir, args.metrics = D.broadcast_object((args.out_dir, args.metrics))
     try:
         return run(suite, args)
     except (SuiteError, *suite.errors) as exc:
@@ -185,6 +191,8 @@ def run(suite: Suite, args) -> int:
             S.evaluate_stage(suite, model, val_loader, args, m, "float")
     if not qat:
         if not args.embedded and not args.evaluate and not finetuned:
+            m.history = EpochHistory(paths["results_csv"], paths["results_png"], suite.metric.name,
+                                     keep_before=args.start_epoch)
             S.train_float(suite, model, data.train, val_loader, args, m, paths)
         return finish(args, m, data)
 
@@ -221,7 +229,8 @@ def run(suite: Suite, args) -> int:
     best, start_epoch = None, args.start_epoch
     if args.resume:
         ck = C.restore(q, optimizer, scheduler, args)
-        start_epoch, best = int(ck.get("epoch", 0)), ck.get("best_metric", ck.get("best_acc1"))
+        # rank 0's epoch and best: the ranks run the same epochs and agree on the best one
+        start_epoch, best = D.broadcast_object((int(ck.get("epoch", 0)), ck.get("best_metric", ck.get("best_acc1"))))
         set_rng_state(ck.get("rng", {}))
         say(f"=> resumed '{args.resume}' at epoch {start_epoch} (best {suite.metric.name} "
             f"{suite.metric.format(best)})")
@@ -244,6 +253,8 @@ def run(suite: Suite, args) -> int:
     if args.stop_after_epochs is not None:
         last_epoch = min(args.epochs, start_epoch + args.stop_after_epochs)
     qat_setup = dict(teacher=teacher, train_loader=train_loader, train_sampler=train_sampler, scaler=scaler)
+    m.history = EpochHistory(paths["results_csv"], paths["results_png"], suite.metric.name,
+                             keep_before=start_epoch if args.resume else 0)  # a resumed run's rows continue the file
     value, best = qat_epochs(suite, q, optimizer, scheduler, start_epoch, last_epoch, best, val_loader, args, m,
                              paths, **qat_setup)
     if value is None and not args.resume:  # --epochs 0: calibration (and --ptq-recon) only; saved like an epoch
@@ -278,8 +289,8 @@ def run(suite: Suite, args) -> int:
 def resumed_layers(args, m: RunMetrics) -> None:
     """A --resume checkpoint that records per-layer quantization (mixed precision, accuracy control): the model is
     prepared the same way (its backend and layer settings; the search is not run again)."""
-    ck = C.read_checkpoint(args.resume, "--resume")
-    rec = ck.get("layer_config") if isinstance(ck, dict) else None
+    ck = C.read_checkpoint(args.resume, "--resume") if D.is_main() else None
+    rec = D.broadcast_object(ck.get("layer_config") if isinstance(ck, dict) else None)  # every rank prepares alike
     if not rec:
         return
     args.layer_config, args.backend = rec["prepare"], rec["backend"]
@@ -330,6 +341,7 @@ def qat_epochs(suite: Suite, q, optimizer, scheduler, start_epoch: int, last_epo
     steps_per_epoch = len(train_loader)
     value = None
     for epoch in range(start_epoch, last_epoch):
+        t0 = time.time()
         train_sampler.set_epoch(epoch)
         if args.freeze_bn_epoch is not None and epoch >= args.freeze_bn_epoch:
             freeze_bn_stats(q)
@@ -346,6 +358,8 @@ def qat_epochs(suite: Suite, q, optimizer, scheduler, start_epoch: int, last_epo
         best = value if is_best else best
         if D.is_main():
             C.save_all(suite, q, optimizer, scheduler, epoch + 1, best, is_best, paths, args, m)
+            m.epoch_done(epoch_row("qat", epoch, (train_scores, train_loss), {suite.metric.name: value},
+                                   optimizer.param_groups[0]["lr"], time.time() - t0))
         D.barrier()
     return value, best
 
@@ -433,7 +447,7 @@ def accuracy_control(suite: Suite, q, value: float, best, float_model, sens, cal
 
 
 def analyse(suite: Suite, q, calib_loader, val_loader, args, m: RunMetrics) -> None:
-    """--profile and --sensitivity on rank 0 (suites/common/profiler.py, sensitivity.py)."""
+    """--profile and --sensitivity on rank 0 (ts_qat_pytorch.analysis: profile.py, fallback.py)."""
     if args.profile and D.is_main():
         S.profile_stage(suite, q, calib_loader, args, m)
     if args.sensitivity and D.is_main():

@@ -15,6 +15,7 @@ from torch import nn
 
 from suites.common import distributed as D
 from suites.common.checkpoints import atomic_copy, load_float_weights
+from suites.common.history import epoch_row
 from suites.common.suite import Suite, SuiteError
 from suites.common.training import (EpochSubsetSampler, cosine_schedule, loader, make_optimizer, train_epoch)
 
@@ -138,23 +139,34 @@ def float_cache_path(suite: Suite, args) -> tuple[str, dict]:
     return cache_file(folder, f"{args.arch}_{suite.cache_tag}_float", key), key
 
 
+def cached_float(path: str, key: dict) -> dict | None:
+    """The cached fine-tuned float model's state_dict when the file holds the recipe ``key``'s; None otherwise."""
+    from ts_qat_pytorch.utils.utils import load_checkpoint
+    if not os.path.exists(path):
+        return None
+    try:
+        ck = load_checkpoint(path)
+        if ck.get("key") != key:
+            raise ValueError("recipe differs")
+        return ck["state_dict"]
+    except Exception as exc:  # noqa: BLE001 - any problem: train again
+        logger.warning("float cache %s unusable (%s); fine-tuning again", path, exc)
+        return None
+
+
 def float_finetune(suite: Suite, model: nn.Module, train_ds, args, m) -> None:
     """Fine-tune the float model (``suite.float_finetune``, default :func:`finetune`, rank 0), or reuse the cached
-    result: the cache is keyed by the recipe."""
+    result: the cache is keyed by the recipe. Rank 0 decides whether the cache is used: a rank that looked for itself
+    could find the file rank 0 has just written and skip the barrier the others wait in."""
     from ts_qat_pytorch.utils.utils import atomic_torch_save, load_checkpoint
     path, key = float_cache_path(suite, args)
-    if os.path.exists(path):
-        try:
-            ck = load_checkpoint(path)
-            if ck.get("key") != key:
-                raise ValueError("recipe differs")
-            model.load_state_dict(ck["state_dict"])
-            say(f"=> reusing the fine-tuned float model {path}")
-            m.run["float_cached"] = True
-            m["times_s"]["float_train"] = 0.0
-            return
-        except Exception as exc:  # noqa: BLE001 - any problem: train again
-            logger.warning("float cache %s unusable (%s); fine-tuning again", path, exc)
+    state = cached_float(path, key) if D.is_main() else None
+    if D.broadcast_object(state is not None):
+        model.load_state_dict(state if state is not None else load_checkpoint(path)["state_dict"])
+        say(f"=> reusing the fine-tuned float model {path}")
+        m.run["float_cached"] = True
+        m["times_s"]["float_train"] = 0.0
+        return
     m.run["float_cached"] = False
     with m.timed("float_train"):
         if D.is_main():
@@ -200,9 +212,10 @@ def train_float(suite: Suite, model: nn.Module, train_ds, val_loader, args, m, p
         sched = cosine_schedule(opt, len(dl) * args.epochs)
     best = None
     for epoch in range(args.start_epoch, args.epochs):
+        t0 = time.time()
         sampler.set_epoch(epoch)
         with m.timed("float_train"):
-            train_epoch(suite, dl, mm, opt, sched, epoch, args)
+            trained = train_epoch(suite, dl, mm, opt, sched, epoch, args)
         if D.is_main():
             value = evaluate_stage(suite, model, val_loader, args, m, "float")
             atomic_torch_save(model.state_dict(), paths["float"])
@@ -210,6 +223,8 @@ def train_float(suite: Suite, model: nn.Module, train_ds, val_loader, args, m, p
             if best is None or suite.metric.better(value, best):
                 best = value
                 atomic_copy(paths["float"], paths["best_float"])
+            m.epoch_done(epoch_row("float", epoch, trained, {suite.metric.name: value}, opt.param_groups[0]["lr"],
+                                   time.time() - t0))
 
 
 # ---- evaluation and export
@@ -288,14 +303,14 @@ def deploy_stage(suite: Suite, target: str, val_loader, args, m) -> None:
 # ---- analysis
 def profile_stage(suite: Suite, q, calib_loader, args, m) -> None:
     """Per-layer float vs fake-quant on two calibration batches: table (worst first), CSV and PNG."""
-    from suites.common import profiler
+    from ts_qat_pytorch.analysis import profile as profiler
     batches = ((suite.inputs(b, args.device)[0], None) for b in calib_loader)
     rows = profiler.profile_layers(q, batches, max_batches=2)
     csv_path = os.path.join(args.out_dir, f"{args.arch}_profile.csv")
     png_path = os.path.join(args.out_dir, f"{args.arch}_profile.png")
-    profiler.write_csv(rows, csv_path)
-    profiler.plot(rows, png_path, title=f"{args.arch} {args.backend}: float vs fake-quant per layer")
-    say("=> per-layer float vs fake-quant (worst first)\n" + profiler.format_table(rows, limit=25))
+    profiler.write_profile_csv(rows, csv_path)
+    profiler.plot_profile(rows, png_path, title=f"{args.arch} {args.backend}: float vs fake-quant per layer")
+    say("=> per-layer float vs fake-quant (worst first)\n" + profiler.format_profile(rows, limit=25))
     say(f"=> profile written to {csv_path} and {png_path}")
     m.files.update(profile_csv=csv_path, profile_png=png_path)
     m.run["profile"] = {"layers": len(rows), "worst_layer": rows[0]["layer"] if rows else None,
@@ -305,13 +320,13 @@ def profile_stage(suite: Suite, q, calib_loader, args, m) -> None:
 def sensitivity_stage(suite: Suite, q, val_loader, args, m, recover: float = 0.8, max_layers: int = 8) -> None:
     """One layer at a time left float, the suite's metric on the validation set (--val-images limits it): the
     ranking, and the fewest float layers that win back most of the loss as prepare_by_platform's exclusions."""
-    from suites.common import sensitivity as SE
+    from ts_qat_pytorch.analysis import fallback as SE
     sign = 1.0 if suite.metric.direction == "higher" else -1.0  # the helpers maximise
 
     def evaluate(model) -> float:
         return sign * suite.evaluate(model, val_loader, args, "Sensitivity")[suite.metric.name]
 
-    res = SE.layer_sensitivity(q, evaluate)
+    res = SE.float_fallback_ranking(q, evaluate)
     say("=> sensitivity: metric with each layer alone left float\n" + SE.format_ranking(res))
     excl = SE.recovery_exclude_list(q, evaluate, res, recover=recover, max_layers=max_layers)
     base = os.path.join(args.out_dir, f"{args.arch}_")
@@ -416,7 +431,7 @@ def mixed_precision_stage(suite: Suite, model: nn.Module, calib_loader, costs: d
             m.files.update(mixed_precision=os.path.join(folder, "mixed_precision.json"),
                            mixed_precision_csv=os.path.join(folder, "layers.csv"),
                            mixed_precision_png=os.path.join(folder, "bits_vs_sensitivity.png"))
-    result = broadcast_object(result)
+    result = D.broadcast_object(result)
     sens, module_qconfig, backend = result
     if backend == "TSQAT" and (args.a_bit or 8) < 8:
         backend = "Experimental"
@@ -426,16 +441,6 @@ def mixed_precision_stage(suite: Suite, model: nn.Module, calib_loader, costs: d
         m.extras["mixed_precision"] = {**record, "backend": backend}
         say(f"=> mixed precision: backend {backend}, config {m.files['mixed_precision']}")
     return sens
-
-
-def broadcast_object(obj):
-    """Rank 0's object on every rank (pickled; None outside distributed runs: returned as is)."""
-    if not D.initialized():
-        return obj
-    box = [obj]
-    import torch.distributed as dist
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def ptq_batches(suite: Suite, q, calib_loader, args) -> tuple[list, int]:
@@ -549,4 +554,4 @@ def layer_ranking(suite: Suite, float_model: nn.Module, bits: dict, calib_loader
                 continue
             scores[n] = sens.weight[n][w] + (sens.activation.get(n, {}).get(a, 0.0) if sens.activation else 0.0)
         ranking = dict(sorted(scores.items(), key=lambda kv: -kv[1]))
-    return broadcast_object(ranking)
+    return D.broadcast_object(ranking)

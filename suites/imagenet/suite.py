@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.data
 
+from suites.common.subsets import val_subset
 from suites.common.suite import Data, Metric, Suite, SuiteError
 from suites.imagenet.data import DataError
 
@@ -38,12 +39,16 @@ EMBEDDED_LOW_BIT = dict(epochs=4, train_images=32000, lr=5e-4)
 # 5e-4 91.36; with the warm-up 91.54; scales at 2e-5 91.61; weights at 1e-3 91.97; suites/imagenet/README.md).
 EMBEDDED_LOW_BIT_FROM_PTQ = dict(epochs=2, lr=1e-3, qparam_lr=2e-5, warmup_steps=100)
 
+# --data: QAT fine-tunes a trained model (--pretrained, --model-path): the manual's demo command, "--lr 1e-4 --optim
+# adam --wd 1e-5 --epochs 10". The manual's flag table lists pytorch/examples' defaults, 90 epochs of SGD at lr 0.1:
+# training from scratch, which is what --not-qat does with --data (GENERAL_FLOAT).
 GENERAL = dict(
     arch="resnet18", num_classes=1000, image_size=224, backend="TSQAT",
     float_epochs=2, float_images=45000, float_lr=2e-3,  # the embedded fine-tune's (unused with --data)
-    epochs=90, batch_size=256, lr=0.1, optim="sgd", weight_decay=1e-4, train_images=None,
+    epochs=10, batch_size=256, lr=1e-4, optim="adam", weight_decay=1e-5, train_images=None,
     calib_batches=32, print_freq=100, workers=4, distill_method=None,
 )
+GENERAL_FLOAT = dict(epochs=90, lr=0.1, optim="sgd", weight_decay=1e-4)
 
 SMOKE = dict(float_images=256, float_epochs=1, train_images=128, val_images=256, calib_batches=2, batch_size=32,
              print_freq=2)
@@ -58,7 +63,7 @@ class ImageNetSuite(Suite):
 
     # ---- command line and recipe
     def add_arguments(self, p) -> None:
-        p.add_argument("--model-zoo", default="torchvision", choices=["torchvision", "timm"])
+        p.add_argument("--model-zoo", default="torchvision", choices=["torchvision", "timm"], help="model zoo")
         p.add_argument("-a", "--arch", metavar="ARCH", default=None,
                        help="model architecture (default: resnet18 with --data, mobilenet_v2 embedded)")
         p.add_argument("--teacher-arch", default="resnet101", help="teacher for distillation (--data runs)")
@@ -71,7 +76,7 @@ class ImageNetSuite(Suite):
 
     def recipe(self, args) -> dict:
         if not args.embedded:
-            return dict(GENERAL)
+            return {**GENERAL, **(GENERAL_FLOAT if args.not_qat else {})}
         low_bit = args.backend == "Experimental" and min(args.w_bit or 8, args.a_bit or 8) < 8 and not args.smoke
         return {**EMBEDDED, **(EMBEDDED_LOW_BIT if low_bit else {}),
                 **(EMBEDDED_LOW_BIT_FROM_PTQ if low_bit and args.ptq_recon else {})}
@@ -116,8 +121,7 @@ class ImageNetSuite(Suite):
                 raise SuiteError(f"--data '{args.data}' has {n} classes (class folders in train/) but "
                                  f"-nc/--num-classes is {args.num_classes}: {more}; use -nc {n}")
             train, val, calib = data.imagefolder_datasets(args.data, args.image_size, args.on_bad_image)
-        if args.val_images:
-            val = torch.utils.data.Subset(val, range(min(args.val_images, len(val))))
+        val = val_subset(val, args.val_images, args.seed)
         return Data(train, calib, val, name="fashion-mnist" if args.embedded else args.data)
 
     def extras(self, args, data: Data) -> dict:

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.data
 
+from suites.common.subsets import val_subset
 from suites.common.suite import Data, Metric, Suite, SuiteError
 from suites.segmentation import data as D
 from suites.segmentation.metric import IGNORE, ConfusionMatrix, plot_iou, upsampled
@@ -105,8 +106,7 @@ class SegmentationSuite(Suite):
             train, calib, val = D.embedded_datasets(*args.scenes, args.image_size, seed=0, max_items=args.scene_items)
         else:
             train, calib, val = D.user_datasets(args.data, args.num_classes, args.image_size)
-        if args.val_images:
-            val = torch.utils.data.Subset(val, range(min(args.val_images, len(val))))
+        val = val_subset(val, args.val_images, args.seed)
         return Data(train, calib, val, name="synthetic Fashion-MNIST scenes" if args.embedded else args.data)
 
     def extras(self, args, data: Data) -> dict:

@@ -27,14 +27,13 @@ import torch
 import torch.utils.data
 
 from suites.common.distributed import say
+from suites.common.subsets import val_subset
 from suites.common.suite import Data, Metric, Suite, SuiteError
 from suites.transformers import data as D
 from suites.transformers.evaluate import ort_latency, score_onnx, scores
 from suites.transformers.model import (EncoderClassifier, HFLogits, ModelError, attention_bias, count_targets,
                                        load_model, load_tokenizer, positions)
 from suites.transformers.model import prepare_config as split_config
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub name loads from the local HF cache unless told otherwise
 
 EMBEDDED = dict(
     passage_lines=5, max_length=96, train_per_class=600, test_per_class=None,
@@ -170,8 +169,7 @@ class TransformersSuite(Suite):
                              f"({positions(self.config)} positions); use --onnx-length <= {positions(self.config)}")
         self.train_digest = hashlib.sha256(json.dumps([t[:2] for t in train]).encode()).hexdigest()
         tr, te = D.Encoded(train, self.tok, args.max_length), D.Encoded(test, self.tok, args.max_length)
-        if args.val_images:
-            te = torch.utils.data.Subset(te, range(min(args.val_images, len(te))))
+        te = val_subset(te, args.val_images, args.seed)
         say(f"=> {len(train)} training / {len(te)} test examples, {len(self.names)} labels, max length "
             f"{args.max_length}")
         return Data(tr, tr, te, name="Jane Austen's novels" if args.embedded else args.data)

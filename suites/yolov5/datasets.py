@@ -241,6 +241,14 @@ def records_from_coco(img_dir: str, json_path: str, skips: Skips):
     return recs, cat_ids
 
 
+def val_images(records: list, n: int, seed: int | None) -> list[int]:
+    """--val-images: the indices of ``n`` records, seeded, with the images' classes (each image's most frequent box
+    class; images without boxes one more class) alike (suites/common/subsets.py)."""
+    from suites.common.subsets import subset_indices
+    labels = [int(np.bincount(r.cls).argmax()) if len(r.cls) else -1 for r in records]
+    return subset_indices(len(records), n, seed, labels)
+
+
 def load_split(cfg: dict, split: str, on_bad: str = "stop"):
     """(records, category ids) of a split of a data config."""
     src = cfg.get(split)

@@ -199,7 +199,7 @@ class Yolov5Suite(Suite):
         need_train = args.embedded or args.quantize or not args.evaluate  # training or calibration
         train, _c, tskips = D.load_split(cfg, "train", args.on_bad_label) if need_train else ([], None, D.Skips())
         if args.val_images:
-            val = val[:args.val_images]
+            val = [val[i] for i in D.val_images(val, args.val_images, args.seed)]
         self.nc, self.names = cfg["nc"], list(cfg["names"])
         self.evaluator = E.Evaluator(val, cat_ids, self.names, args.conf_thres, args.iou_thres)
         self.skipped.update(train=tskips.counts, val=vskips.counts)

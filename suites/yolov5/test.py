@@ -27,7 +27,7 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from suites.common.devices import parse_devices  # noqa: E402
+from suites.common.devices import select_devices  # noqa: E402
 from suites.common.suite import SuiteError  # noqa: E402
 from suites.yolov5 import ckpt as C  # noqa: E402
 from suites.yolov5 import datasets as D  # noqa: E402
@@ -51,7 +51,8 @@ def build_parser():
                     "_meta.json")
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--on-bad-label", choices=["stop", "skip"], default="stop")
-    ap.add_argument("--val-images", type=int, default=None, help="evaluate on the first N validation images")
+    ap.add_argument("--val-images", type=int, default=None,
+                    help="evaluate on N validation images: a seeded subset with every class alike")
     ap.add_argument("--scenes", type=int, nargs=2, default=(6000, 500))
     ap.add_argument("--metrics", default=None, help="also write the results as JSON here")
     ap.add_argument("--save-json", action="store_true", help="write the detections as a COCO results JSON")
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
 
 
 def run(a) -> int:
-    devices = parse_devices(a.device, None, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    devices = select_devices(a.device, None)
     device = devices[0]
     C.check_file(a.weights)  # missing, a directory, empty: before any other work
     is_onnx = a.weights.endswith(".onnx")
@@ -122,7 +123,7 @@ def run(a) -> int:
         raise ConfigError(f"--img-size {size} must be a multiple of 32")
     val, cat_ids, skips = D.load_split(cfg, "val", a.on_bad_label)
     if a.val_images:
-        val = val[:a.val_images]
+        val = [val[i] for i in D.val_images(val, a.val_images, 0)]
     loader = torch.utils.data.DataLoader(D.DetectionDataset(val, size), batch_size=a.batch_size,
                                          num_workers=a.workers, collate_fn=D.collate)
     res = E.Evaluator(val, cat_ids, cfg["names"], a.conf_thres, a.iou_thres).run(

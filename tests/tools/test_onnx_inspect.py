@@ -57,3 +57,34 @@ def test_profile_reports_time_per_op_type_of_each_file(tmp_path):
     assert ops["QLinearConv"]["nodes"] == 2  # the optimized graph's kernels, counted per node
     assert abs(sum(o["share"] for o in profiles[0]["ops"]) - 1.0) < 0.01
     assert "QLinearConv" in out.stdout
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """The project modules a file imports (absolute imports anywhere in it, and importlib.import_module("...") of a
+    literal name)."""
+    import ast
+    own = ("suites", "ts_qat_pytorch", "ts_qat_cli", "tools")
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "import_module" and node.args
+              and isinstance(node.args[0], ast.Constant)):
+            names.add(node.args[0].value)
+    return {n for n in names if n.split(".")[0] in own}
+
+
+def test_the_tools_import_only_modules_that_exist():
+    """onnx_inspect's --suite imported suites.<suite>.analysis, which no longer exists: the flag is gone (the
+    onnxruntime-vs-PyTorch comparison of a suite's model is the runner's ort_minus_qat), and every module the tools
+    import exists."""
+    import importlib.util
+    root = TOOL.parents[1]
+    files = [*(root / "tools").glob("*.py"), *(root / "core" / "ts_qat_cli").glob("*.py")]
+    missing = {f"{f.relative_to(root)}: {name}" for f in files for name in _imported_modules(f)
+               if importlib.util.find_spec(name) is None}
+    assert not missing, sorted(missing)
+    out = subprocess.run([sys.executable, str(TOOL), "m.onnx", "--suite", "imagenet"], capture_output=True, text=True)
+    assert out.returncode == 2 and "unrecognized arguments: --suite" in out.stderr and "Traceback" not in out.stderr

@@ -1,9 +1,7 @@
-"""Helpers in suites/common that every suite uses: progress lines, the per-layer profiler, baselines."""
+"""Helpers in suites/common that every suite uses: progress lines, baselines."""
 from __future__ import annotations
 
 import json
-
-import torch
 
 from suites.common.regression import compare_metrics, format_table
 
@@ -37,27 +35,3 @@ def test_meters_format():
     assert lines == ["Epoch: [0][   0/2503] Time 12.614 (12.614) Loss 1.1625e+00 (1.1625e+00) Acc@1  71.48 ( 71.48)"]
     p.display_summary()
     assert lines[-1] == " * Time 12.614 Loss 1.163 Acc@1 71.480"
-
-
-def test_profiler_rows(tmp_path):
-    from suites.common import profiler
-    from ts_qat_pytorch.prepare_by_platform import BackendType, prepare_by_platform
-    from ts_qat_pytorch.utils.state import enable_calibration, enable_quantization
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
-                              torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 4))
-    q = prepare_by_platform(net, BackendType.TSQAT)
-    x = torch.randn(4, 3, 8, 8)
-    q.eval()
-    enable_calibration(q)
-    with torch.no_grad():
-        q(x)
-    enable_quantization(q)
-    rows = profiler.profile_layers(q, [x])
-    assert rows and all(r["cosine"] > 0.9 and r["sqnr_db"] > 15 for r in rows)
-    assert [r["sqnr_db"] for r in rows] == sorted(r["sqnr_db"] for r in rows)
-    # state restored: still fake-quantizing, observers off
-    from ts_qat_pytorch.fake_quantize import QuantizeBase
-    assert all(m.fake_quant_enabled and not m.observer_enabled for m in q.modules() if isinstance(m, QuantizeBase))
-    profiler.write_csv(rows, str(tmp_path / "p.csv"))
-    profiler.plot(rows, str(tmp_path / "p.png"))
-    assert (tmp_path / "p.png").stat().st_size > 1000

@@ -1,6 +1,7 @@
 """The runner (suites/common/runner.py) with a tiny suite, and its device selection without a GPU."""
 from __future__ import annotations
 
+import os
 import re
 
 import numpy as np
@@ -79,6 +80,65 @@ def test_the_whole_pipeline_of_a_tiny_suite(tmp_path, capsys):
         runner.main(Broken(), ["--output-dir", str(tmp_path / "b"), "--device", "cpu", "--no-export"])
 
 
+def test_each_epoch_leaves_its_results_and_the_metrics(tmp_path):
+    """After each epoch: its row in <arch>_results.csv (epoch, losses, metric, lr, seconds), the loss / metric curves
+    in <arch>_results.png and the metrics JSON rewritten. A run killed in its second epoch leaves the first epoch's;
+    --resume continues the rows."""
+    import csv
+
+    class KilledInEpoch2(TinySuite):
+        steps = 0
+
+        def train_scores(self, output, target):
+            KilledInEpoch2.steps += 1
+            if KilledInEpoch2.steps == 6:  # 4 steps an epoch
+                raise KeyboardInterrupt
+            return super().train_scores(output, target)
+
+    out = tmp_path / "out"
+    argv = ["--output-dir", str(out), "--device", "cpu", "--no-export"]
+    assert runner.main(KilledInEpoch2(), argv) == 130
+    m = load_metrics(out / "tiny" / "tiny_metrics.json")
+    assert m["qat"] is not None and m["run"]["qat_steps"] == 4
+    assert m["files"]["results_csv"] == str(out / "tiny" / "tiny_results.csv")
+    rows = list(csv.DictReader(open(out / "tiny" / "tiny_results.csv")))
+    assert [r["epoch"] for r in rows] == ["0"] and rows[0]["stage"] == "qat"
+    assert set(rows[0]) == {"epoch", "stage", "train_loss", "train_Acc@1", "train_Acc@5", "top1", "lr", "seconds"}
+    assert float(rows[0]["top1"]) == m["qat"] and float(rows[0]["lr"]) > 0 and float(rows[0]["seconds"]) > 0
+    assert (out / "tiny" / "tiny_results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert runner.main(TinySuite(), argv + ["--resume", str(out / "tiny" / "tiny_checkpoint.pth")]) == 0
+    rows = list(csv.DictReader(open(out / "tiny" / "tiny_results.csv")))
+    assert [r["epoch"] for r in rows] == ["0", "1"]
+
+
+def _help_entries(parser) -> dict[str, str]:
+    """{the flags' line: the flag's whole help} of ``parser.format_help()``."""
+    entries, flags = {}, None
+    for line in parser.format_help().splitlines():
+        if re.match(r"^  -", line):
+            flags = line.split("  ")[1].strip()
+            entries[flags] = line
+        elif line.startswith("    ") and flags:
+            entries[flags] += " " + line.strip()
+        else:
+            flags = None
+    return entries
+
+
+def test_help_shows_each_default_once():
+    """--help gives each flag's default once: the recipes' values of a recipe-dependent flag (argparse's None is not
+    shown beside them), argparse's for a fixed default."""
+    from suites.common import cli
+    from suites.imagenet.suite import SUITE
+    for suite in (TinySuite(), SUITE):
+        entries = _help_entries(cli.build_parser(suite))
+        for flags, text in entries.items():
+            assert "(default: None)" not in text and len(re.findall("default", text, re.I)) <= 1, text
+    entries = _help_entries(cli.build_parser(SUITE))
+    assert "QAT epochs (default: 10; embedded: 1)" in entries["--epochs N"]
+    assert entries["--momentum MOMENTUM"].endswith("SGD momentum (default: 0.9)")
+
+
 def test_qparam_lr_and_warmup_steps_shape_the_qat_optimizer(capsys):
     """--qparam-lr: the quantizers' scales / zero points in their own group at that rate (no weight decay), the
     weights at --lr; --warmup-steps: the LR rises linearly over those steps, then the cosine; bad values are
@@ -111,15 +171,61 @@ def test_qparam_lr_and_warmup_steps_shape_the_qat_optimizer(capsys):
             cli.resolve(suite, cli.build_parser(suite).parse_args(bad))
 
 
-def test_a_missing_gpu_is_an_error_naming_the_fix(tmp_path, capsys):
+def test_a_missing_gpu_is_an_error_naming_the_fix(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert runner.main(TinySuite(), ["--output-dir", str(tmp_path), "--device", "7"]) == 2
     err = capsys.readouterr().err
     assert "error: --device 7: GPU 7 is not there" in err and "--device cpu" in err
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ  # a refused --device leaves the environment as it was
+
+
+def _gpus(monkeypatch, n: int) -> None:
+    """n CUDA GPUs visible (none is initialised), on a machine without any."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+
+
+def test_the_manuals_device_list_runs_as_written(tmp_path, monkeypatch):
+    """The manual's `CUDA_VISIBLE_DEVICES='1,2,3,4,5,6,7' python train_qat.py ... --device 1,2,3,4,5,6,7` with those 7
+    GPUs visible: as in ultralytics, --device becomes CUDA_VISIBLE_DEVICES (the machine's GPUs 1..7, before CUDA
+    starts) and the run spawns one DistributedDataParallel process on each of them, cuda:0..6."""
+    import torch.multiprocessing as mp
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,2,3,4,5,6,7")
+    _gpus(monkeypatch, 7)
+    spawned = {}
+    monkeypatch.setattr(mp, "spawn", lambda fn, nprocs, args: spawned.update(nprocs=nprocs, devices=args[2],
+                                                                             args=args[3]))
+    assert runner.main(TinySuite(), ["--output-dir", str(tmp_path), "--device", "1,2,3,4,5,6,7"]) == 0
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "1,2,3,4,5,6,7"
+    assert spawned["nprocs"] == 7 and [str(d) for d in spawned["devices"]] == [f"cuda:{i}" for i in range(7)]
+    assert spawned["args"].distributed and spawned["args"].world_size == 7
+    # another list picks other GPUs of the machine, whatever CUDA_VISIBLE_DEVICES said
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,2,3,4,5,6,7")
+    _gpus(monkeypatch, 2)
+    assert runner.main(TinySuite(), ["--output-dir", str(tmp_path), "--device", "0,3"]) == 0
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,3" and spawned["nprocs"] == 2
+
+
+def test_no_device_named_is_one_device(tmp_path, monkeypatch):
+    """Without --device: the first GPU, one process, no DistributedDataParallel (ultralytics' and pytorch/examples'
+    default); under torchrun each local rank takes its own GPU."""
+    _gpus(monkeypatch, 4)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    started = {}
+    monkeypatch.setattr(runner, "worker", lambda local, suite, nproc, devices, args: started.update(
+        devices=devices, distributed=args.distributed) or 0)
+    assert runner.main(TinySuite(), ["--output-dir", str(tmp_path)]) == 0
+    assert [str(d) for d in started["devices"]] == ["cuda:0"] and not started["distributed"]
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert runner.main(TinySuite(), ["--output-dir", str(tmp_path)]) == 0
+    assert [str(d) for d in started["devices"]] == [f"cuda:{i}" for i in range(4)] and started["distributed"]
 
 
 @pytest.mark.parametrize("device, gpu, visible, want", [
     (None, None, 0, ["cpu"]),
-    (None, None, 2, ["cuda:0", "cuda:1"]),       # no device named: every visible GPU
+    (None, None, 2, ["cuda:0"]),                 # no device named: one, the first GPU
     ("cpu", None, 2, ["cpu"]),
     ("1", None, 2, ["cuda:1"]),
     ("0,1", None, 2, ["cuda:0", "cuda:1"]),

@@ -149,12 +149,15 @@ def _free_port() -> int:
 def test_two_gloo_processes_end_with_identical_weights(smoke_run, tmp_path):
     """main.py --multiprocessing-distributed: 2 CPU processes (gloo) train QAT steps on different data shards and
     end with the same weights, scales and observer state (digests gathered from each rank)."""
+    import sys
+
+    from tests.processes import run_group  # a separate process: on timeout it is killed with its workers
     out = tmp_path / "ddp"
-    rc = suite_main.main(SMOKE + ["--cache-dir", str(smoke_run[1] / "cache"), "--output-dir", str(out),
-                                  "--no-export", "--val-images", "32", "--train-images", "64", "--threads", "1",
-                                  "--multiprocessing-distributed", "--dist-url", f"tcp://127.0.0.1:{_free_port()}",
-                                  "--metrics", str(out / "metrics.json")])
-    assert rc == 0
+    r = run_group([sys.executable, suite_main.__file__, *SMOKE, "--cache-dir", str(smoke_run[1] / "cache"),
+                   "--output-dir", str(out), "--no-export", "--val-images", "32", "--train-images", "64", "--threads",
+                   "1", "--multiprocessing-distributed", "--dist-url", f"tcp://127.0.0.1:{_free_port()}",
+                   "--metrics", str(out / "metrics.json")], timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     m = load_metrics(out / "metrics.json")
     assert m["run"]["world_size"] == 2 and m["run"]["qat_steps"] >= 2
     d = m["run"]["replica_digests"]
@@ -173,6 +176,20 @@ def _image_folder(root, classes=2, per_class=2):
             for i in range(per_class):
                 Image.fromarray((np.random.rand(40, 40, 3) * 255).astype(np.uint8)).save(d / f"{i}.png")
     return root
+
+
+def test_data_recipe_fine_tunes_like_the_manuals_demo():
+    """QAT with --data fine-tunes a trained model: the manual's demo (--lr 1e-4 --optim adam --wd 1e-5 --epochs 10),
+    not pytorch/examples' 90 epochs of SGD at lr 0.1 (what --not-qat, training from scratch, keeps); given flags win."""
+    from suites.common.cli import build_parser, resolve
+
+    def recipe(*argv):
+        a = resolve(SUITE, build_parser(SUITE).parse_args(["--data", "/data/imagenet", *argv]))
+        return a.epochs, a.lr, a.optim, a.weight_decay
+
+    assert recipe("--pretrained") == (10, 1e-4, "adam", 1e-5)
+    assert recipe("--pretrained", "--lr", "0.01", "--epochs", "3", "--optim", "sgd") == (3, 0.01, "sgd", 1e-5)
+    assert recipe("--not-qat") == (90, 0.1, "sgd", 1e-4)
 
 
 def test_bad_inputs(tmp_path, capsys):
@@ -379,20 +396,20 @@ def test_unreadable_image_is_an_error_naming_it_or_a_counted_skip(tmp_path, caps
 def test_tools_read_the_metrics_file_not_the_suite(smoke_run, tmp_path):
     """tools/analyze_suite.py reruns the script the metrics file names (run.entry, run.argv) with --profile;
     tools/bench_suites.py times the ONNX file it names against its float twin. Neither imports the suite."""
-    import subprocess
     import sys
+
+    from tests.processes import run_group  # analyze_suite.py starts main.py: on timeout both are killed
     rc, out = smoke_run
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(repo, "core"), repo])}
-    r = subprocess.run([sys.executable, os.path.join(repo, "tools", "analyze_suite.py"), "profile", "--suite",
-                        "imagenet", "--output-dir", str(out), "--metrics", str(out / "metrics.json"),
-                        "--val-images", "32"], capture_output=True, text=True, env=env, timeout=300)
+    r = run_group([sys.executable, os.path.join(repo, "tools", "analyze_suite.py"), "profile", "--suite",
+                   "imagenet", "--output-dir", str(out), "--metrics", str(out / "metrics.json"),
+                   "--val-images", "32"], env=env, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "per-layer float vs fake-quant (worst first)" in r.stdout
     assert (out / "imagenet" / f"{ARCH}_profile.csv").is_file()
-    r = subprocess.run([sys.executable, os.path.join(repo, "tools", "bench_suites.py"), "--output-dir", str(out),
-                        "--reps", "2", "--out", str(tmp_path / "b.json")], capture_output=True, text=True, env=env,
-                       timeout=300)
+    r = run_group([sys.executable, os.path.join(repo, "tools", "bench_suites.py"), "--output-dir", str(out),
+                   "--reps", "2", "--out", str(tmp_path / "b.json")], env=env, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     b = json.loads((tmp_path / "b.json").read_text())
     assert b["imagenet"]["arch"] == ARCH and b["imagenet"]["int8_ms"] > 0 and b["imagenet"]["fp32_ms"] > 0

@@ -480,3 +480,20 @@ def test_float_cache_is_loaded_with_weights_only(tmp_path, monkeypatch, caplog, 
     assert tuned == [model] and m.run["float_cached"] is True
     assert torch.equal(other.word.weight, model.word.weight) and torch.equal(other.classifier.weight,
                                                                              model.classifier.weight)
+
+
+def test_no_process_wide_hf_hub_offline():
+    """Importing the suite (or its evaluate.py) leaves HF_HUB_OFFLINE as it was, so a hub name (--model
+    bert-base-uncased) uses the hub normally; the embedded model is read from the folder its asset gives."""
+    import sys
+
+    from tests.processes import run_group
+    code = ("import os, suites.transformers.suite, suites.transformers.evaluate; "
+            "from suites.common.assets import MINILM_L6; from suites.transformers.model import load_tokenizer; "
+            "folder = MINILM_L6.fetch(); load_tokenizer(folder, 96); "
+            "print(os.environ.get('HF_HUB_OFFLINE'), os.path.isdir(folder))")
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    r = run_group([sys.executable, "-c", code], timeout=300, cwd=root, env={**env, "TS_QAT_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[-2:] == ["None", "True"]

@@ -500,22 +500,44 @@ def test_train_qat_and_test_scripts_end_to_end(tmp_path, capsys):
     assert "unknown module 'Conv3'" in capsys.readouterr().err
 
 
-def test_torchrun_two_processes_gloo(tmp_path):
-    """Distributed QAT under torchrun (gloo on CPU): DDP, the runner's sampler split, rank 0 evaluates and writes."""
-    import subprocess
+def _torchrun(tmp_path, *launch: str, timeout: float = 240):
+    """train_qat.py under torchrun, 2 CPU processes (gloo), the tiny network on 32 scenes; ``launch``: what torchrun
+    starts before the script (a wrapper). The whole process tree is killed on timeout (tests/processes.py)."""
     import yaml
+    from tests.processes import run_group
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(yaml.safe_dump(dict(TINY, nc=10)))
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *launch,
            os.path.join(root, "suites", "yolov5", "train_qat.py"), "--cfg", str(cfg), "--scenes", "32", "8",
            "--float-steps", "2", "--batch-size", "8", "--img-size", "64", "--quantize", "--epochs", "1",
            "--train-images", "16", "--calib-batches", "1", "--no-export", "--threads", "1", "--device", "cpu",
            "--cache-dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return run_group(cmd, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_torchrun_two_processes_gloo(tmp_path):
+    """Distributed QAT under torchrun (gloo on CPU): DDP, the runner's sampler split, rank 0 evaluates and writes."""
+    r = _torchrun(tmp_path)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     m = load_metrics(tmp_path / "yolov5" / "tiny_metrics.json")
     assert m["run"]["world_size"] == 2 and m["run"]["qat_steps"] == 2 and m["qat"] is not None
     assert "onnx" not in m["files"]
     assert (tmp_path / "yolov5" / "tiny_checkpoint.pth").exists()
     assert (r.stdout + r.stderr).count("Epoch: [0][0/2]") == 1  # progress lines from rank 0 only
+
+
+def test_torchrun_with_a_late_rank_does_not_hang(tmp_path):
+    """Rank 1 reaches the float stage after rank 0 has fine-tuned and cached the float model (tests/suites/late_rank.py
+    holds it back): rank 0 decides whether the cache is used and every rank follows, so the run ends instead of
+    rank 1 skipping the barrier rank 0 waits in (the CI deadlock of issue 23)."""
+    import subprocess
+    launcher = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "late_rank.py")
+    try:
+        r = _torchrun(tmp_path, launcher, str(tmp_path / "cache"), timeout=150)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"the run hung with rank 1 late:\n{(exc.output or '')[-1500:]}\n{(exc.stderr or '')[-1500:]}")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "late rank 1: starting" in r.stdout
+    m = load_metrics(tmp_path / "yolov5" / "tiny_metrics.json")
+    assert m["run"]["world_size"] == 2 and m["run"]["float_cached"] is False and m["qat"] is not None

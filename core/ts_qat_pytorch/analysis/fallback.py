@@ -1,14 +1,17 @@
-"""Sensitivity analysis: which quantized layers cost the most accuracy, and which to leave float.
+"""The float-fallback ranking: which quantized layers cost the most accuracy, and which to leave float.
 
-    rows = layer_sensitivity(qmodel, evaluate)           # evaluate(model) -> metric, higher is better
-    excl = recovery_exclude_list(qmodel, evaluate, rows)  # fewest float layers recovering most of the loss
-    write_exclude_config(excl, "exclude.json")            # ready for prepare_by_platform
+    ranking = float_fallback_ranking(qmodel, evaluate)       # evaluate(model) -> metric, higher is better
+    excl = recovery_exclude_list(qmodel, evaluate, ranking)  # fewest float layers recovering most of the loss
+    write_exclude_config(excl, "exclude.json")               # ready for prepare_by_platform
 
-One layer at a time is left float (its weight quantizer and its output quantizer switched off) and the
-suite's own metric is measured on a held-out slice. The model's quantizer switches are restored after.
+One layer at a time is left float (its weight quantizer and its output quantizer switched off) and the caller's
+metric is measured (on a held-out slice, say). The model's quantizer switches are restored after. This measures
+the whole model's metric per layer; ``mix_precision.layer_sensitivity`` estimates each layer's loss increase per
+bit width instead, for choosing bit widths.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 from typing import Callable
@@ -16,10 +19,14 @@ from typing import Callable
 import torch
 from torch import fx, nn
 
-from ts_qat_pytorch.fake_quantize import QuantizeBase
-from ts_qat_pytorch.nn.qat import QATMixin
+from ..fake_quantize import QuantizeBase
+from ..nn.qat import QATMixin
+from ..utils.atomic_io import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["layer_quantizers", "float_fallback_ranking", "recovery_exclude_list", "write_exclude_config",
+           "format_ranking", "plot_ranking"]
 
 
 def layer_quantizers(model: fx.GraphModule) -> dict[str, list[QuantizeBase]]:
@@ -63,9 +70,11 @@ class _Float:
 
 
 @torch.no_grad()
-def layer_sensitivity(model: fx.GraphModule, evaluate: Callable[[nn.Module], float],
-                      log_every: int = 10) -> dict:
-    """Metric with every layer quantized, all float, and each layer alone left float (gain over quantized)."""
+def float_fallback_ranking(model: fx.GraphModule, evaluate: Callable[[nn.Module], float],
+                           log_every: int = 10) -> dict:
+    """The metric with every layer quantized, all float, and each layer alone left float (its gain over all
+    quantized): ``{"quantized", "float", "rows": [{"layer", "metric_if_float", "gain"}, ...]}``, largest gain
+    first."""
     groups = layer_quantizers(model)
     all_q = [m for m in model.modules() if isinstance(m, QuantizeBase)]
     quantized = float(evaluate(model))
@@ -77,7 +86,7 @@ def layer_sensitivity(model: fx.GraphModule, evaluate: Callable[[nn.Module], flo
             m = float(evaluate(model))
         rows.append({"layer": name, "metric_if_float": m, "gain": m - quantized})
         if log_every and (i + 1) % log_every == 0:
-            logger.info("sensitivity: %d/%d layers", i + 1, len(groups))
+            logger.info("float-fallback ranking: %d/%d layers", i + 1, len(groups))
     rows.sort(key=lambda r: -r["gain"])
     return {"quantized": quantized, "float": float_metric, "rows": rows}
 
@@ -101,13 +110,14 @@ def recovery_exclude_list(model: fx.GraphModule, evaluate: Callable[[nn.Module],
 
 
 def write_exclude_config(exclude: dict, path: str) -> dict:
+    """The exclusions as a prepare_custom_config_dict (JSON at ``path``); returns it."""
     cfg = {"extra_quantizer_dict": {"exclude_module_name": exclude["exclude_module_name"]}}
-    with open(path, "w") as f:
-        json.dump(cfg, f, indent=1)
+    atomic_write_bytes(path, (json.dumps(cfg, indent=1) + "\n").encode())
     return cfg
 
 
 def format_ranking(result: dict, top: int = 15) -> str:
+    """The ``top`` layers of a ranking as a text table."""
     lines = [f"all quantized: {result['quantized']:.3f}   all float: {result['float']:.3f}",
              f"{'layer':40s} {'metric if float':>16s} {'gain':>8s}"]
     for r in result["rows"][:top]:
@@ -116,6 +126,7 @@ def format_ranking(result: dict, top: int = 15) -> str:
 
 
 def plot_ranking(result: dict, path: str, top: int = 25) -> None:
+    """The ``top`` layers' gains as horizontal bars (PNG)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -125,5 +136,7 @@ def plot_ranking(result: dict, path: str, top: int = 25) -> None:
     ax.set_xlabel("metric gain when this layer alone stays float")
     ax.set_title(f"sensitivity (quantized {result['quantized']:.2f}, float {result['float']:.2f})")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

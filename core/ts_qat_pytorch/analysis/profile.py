@@ -1,29 +1,36 @@
-"""Per-layer float vs fake-quant comparison of a prepared (``prepare_by_platform``) model.
+"""The per-layer error profile: float vs fake-quant outputs of a prepared (``prepare_by_platform``) model.
 
     rows = profile_layers(qmodel, batches)     # list of dicts, worst first
-    print(format_table(rows)); write_csv(rows, "x.csv"); plot(rows, "x.png")
+    text = format_profile(rows); write_profile_csv(rows, "x.csv"); plot_profile(rows, "x.png")
 
 The model runs once with its fake quantizers on (``enable_quantization``) and once with all of them
 off (``disable_all``) on the same inputs; forward hooks capture the output of every module that is a
 QAT layer (conv / linear / fused, quantized weights) or a fake quantizer. For each one: cosine
 similarity, SQNR in dB (10 log10 of signal power over error power) and max absolute error, averaged
 over the batches (max for max error), plus the quantizer's scale and clipping ratio (the fraction of
-float inputs, or of the deployed weight for a layer, outside the representable range). The quantizers' switches and the model's train/eval mode are
-restored afterwards. Only torch is needed (matplotlib for ``plot``).
+float inputs, or of the deployed weight for a layer, outside the representable range). The quantizers' switches
+and the model's train/eval mode are restored afterwards. Only torch is needed (matplotlib for ``plot_profile``);
+files are written atomically.
 """
 from __future__ import annotations
 
 import csv
+import io
 import math
-import os
 from typing import Iterable
 
 import torch
 from torch import nn
 
-from ts_qat_pytorch.fake_quantize import QuantizeBase
-from ts_qat_pytorch.nn.qat import FusedQATModule, QATMixin
-from ts_qat_pytorch.utils.state import disable_all, enable_quantization
+from ..fake_quantize import QuantizeBase
+from ..nn.qat import FusedQATModule, QATMixin
+from ..utils.atomic_io import atomic_write_bytes
+from ..utils.state import disable_all, enable_quantization
+
+__all__ = ["profile_layers", "format_profile", "write_profile_csv", "plot_profile", "PROFILE_FIELDS"]
+
+# the columns of a profile row, in table / CSV order
+PROFILE_FIELDS = ("index", "layer", "kind", "cosine", "sqnr_db", "max_abs_err", "scale", "clip_ratio")
 
 
 def _targets(model: nn.Module) -> dict[str, nn.Module]:
@@ -69,7 +76,8 @@ def _scale_and_clipping(m: nn.Module, counts: list | None) -> tuple[float | None
 
 
 @torch.no_grad()
-def _capture(model: nn.Module, targets: dict[str, nn.Module], x, clip_acc: dict | None = None) -> dict[str, torch.Tensor]:
+def _capture(model: nn.Module, targets: dict[str, nn.Module], x,
+             clip_acc: dict | None = None) -> dict[str, torch.Tensor]:
     outs: dict[str, torch.Tensor] = {}
     handles = []
     for name, m in targets.items():
@@ -90,6 +98,12 @@ def _capture(model: nn.Module, targets: dict[str, nn.Module], x, clip_acc: dict 
         for h in handles:
             h.remove()
     return outs
+
+
+def _sqnr_db(signal_power: float, error_power: float) -> float:
+    if error_power > 0 and signal_power > 0:
+        return 10 * math.log10(signal_power / error_power)
+    return math.inf if error_power == 0 else -math.inf
 
 
 def profile_layers(model: nn.Module, batches: Iterable, max_batches: int = 4) -> list[dict]:
@@ -122,7 +136,6 @@ def profile_layers(model: nn.Module, batches: Iterable, max_batches: int = 4) ->
                     continue
                 err = a - b
                 sig_p, err_p = float((b * b).mean()), float((err * err).mean())
-                sqnr = 10 * math.log10(sig_p / err_p) if err_p > 0 and sig_p > 0 else (math.inf if err_p == 0 else -math.inf)
                 cos = float(torch.nn.functional.cosine_similarity(a, b, dim=0, eps=1e-12))
                 r = acc.setdefault(name, {"cos": 0.0, "sig": 0.0, "err": 0.0, "max": 0.0, "n": 0})
                 r["cos"] += cos
@@ -137,16 +150,15 @@ def profile_layers(model: nn.Module, batches: Iterable, max_batches: int = 4) ->
     rows = []
     for name, r in acc.items():
         scale, clip = _scale_and_clipping(targets[name], clip_acc.get(name))
-        sqnr = (10 * math.log10(r["sig"] / r["err"]) if r["err"] > 0 and r["sig"] > 0
-                else (math.inf if r["err"] == 0 else -math.inf))
         rows.append({"index": order.get(name, len(order)), "layer": name, "kind": _kind(targets[name]),
-                     "cosine": r["cos"] / r["n"], "sqnr_db": sqnr, "max_abs_err": r["max"],
+                     "cosine": r["cos"] / r["n"], "sqnr_db": _sqnr_db(r["sig"], r["err"]), "max_abs_err": r["max"],
                      "scale": scale, "clip_ratio": clip})
     rows.sort(key=lambda r: (r["sqnr_db"], r["cosine"]))
     return rows
 
 
-def format_table(rows: list[dict], limit: int | None = None) -> str:
+def format_profile(rows: list[dict], limit: int | None = None) -> str:
+    """The rows as a text table (the first ``limit`` of them)."""
     rows = rows[:limit] if limit else rows
     head = (f"{'#':>4}  {'layer':<40} {'kind':<22} {'cosine':>9} {'SQNR dB':>8} {'max|err|':>10} "
             f"{'scale':>10} {'clip %':>7}")
@@ -159,19 +171,17 @@ def format_table(rows: list[dict], limit: int | None = None) -> str:
     return "\n".join(lines)
 
 
-def write_csv(rows: list[dict], path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["index", "layer", "kind", "cosine", "sqnr_db", "max_abs_err",
-                                          "scale", "clip_ratio"])
-        w.writeheader()
-        for r in rows:
-            w.writerow(r)
-    os.replace(tmp, path)
+def write_profile_csv(rows: list[dict], path: str) -> None:
+    """The rows as CSV (columns ``PROFILE_FIELDS``)."""
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=list(PROFILE_FIELDS))
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_bytes(path, buf.getvalue().encode())
 
 
-def plot(rows: list[dict], path: str, title: str = "per-layer quantization error") -> None:
+def plot_profile(rows: list[dict], path: str, title: str = "per-layer quantization error") -> None:
+    """SQNR (bars) and cosine similarity (line) per layer in execution order, the five worst named (PNG)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -189,6 +199,7 @@ def plot(rows: list[dict], path: str, title: str = "per-layer quantization error
         ax1.annotate(r["layer"], (xs[ordered.index(r)], min(r["sqnr_db"], 80)), fontsize=6, rotation=60)
     ax1.set_title(title)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

@@ -1,12 +1,15 @@
+"""The float-fallback ranking (ts_qat_pytorch.analysis.fallback): the metric with each layer alone left float, and
+the fewest float layers that win back most of what quantization lost, as prepare_by_platform's exclusions."""
 import json
 
 import torch
 from torch import nn
 
-from suites.common.sensitivity import (layer_quantizers, layer_sensitivity, plot_ranking, recovery_exclude_list,
-                                       write_exclude_config)
-from tests.core.helpers import prepare_and_calibrate
+from ts_qat_pytorch.analysis import (float_fallback_ranking, layer_quantizers, plot_ranking, recovery_exclude_list,
+                                     write_exclude_config)
 from ts_qat_pytorch.prepare_by_platform import BackendType, prepare_by_platform
+
+from .helpers import prepare_and_calibrate
 
 
 class Three(nn.Module):
@@ -29,7 +32,7 @@ def test_ranking_finds_the_layer_that_hurts_and_the_exclude_list_recovers(tmp_pa
     ref = model(x).detach()
     evaluate = lambda m: -float((m(x) - ref).pow(2).mean())  # noqa: E731  (higher is better)
     assert set(layer_quantizers(q)) == {"a", "b", "c"}
-    res = layer_sensitivity(q, evaluate)
+    res = float_fallback_ranking(q, evaluate)
     assert res["rows"][0]["layer"] == "b"
     assert res["float"] > res["quantized"]
     excl = recovery_exclude_list(q, evaluate, res, recover=0.5)
@@ -41,3 +44,9 @@ def test_ranking_finds_the_layer_that_hurts_and_the_exclude_list_recovers(tmp_pa
     assert type(q2.b) is nn.Linear
     plot_ranking(res, str(tmp_path / "s.png"))
     assert (tmp_path / "s.png").stat().st_size > 1000
+
+
+def test_one_name_per_concept():
+    """``layer_sensitivity`` is mix_precision's per-bit-width estimate; the ranking by float fallback is not."""
+    from ts_qat_pytorch import analysis, mix_precision
+    assert "layer_sensitivity" in mix_precision.__all__ and not hasattr(analysis, "layer_sensitivity")

@@ -99,8 +99,18 @@ def bench(session: nox.Session) -> None:
 
 @nox.session
 def regression(session: nox.Session) -> None:
-    """Every suite's regression run (suites/*/regression.json) against its baselines.json: one table."""
+    """Every suite's regression run (suites/*/regression.json) against its baselines.json: one table; then the
+    full architecture sweep (the zoo session)."""
     run_py(session, str(ROOT / "tools" / "regression_gate.py"), *session.posargs)
+    run_py(session, str(ROOT / "tools" / "zoo.py"), "--out", str(ROOT / "checkpoint" / "zoo"))
+
+
+@nox.session
+def zoo(session: nox.Session) -> None:
+    """The 49 architectures of tools/zoo_models.txt through prepare -> calibrate -> export -> onnxruntime, each in
+    its own process: checkpoint/zoo/results.jsonl and the table checkpoint/zoo/zoo.md. -- --resume goes on,
+    -- --models NAME ... sweeps others (timm names, tv:<torchvision name>)."""
+    run_py(session, str(ROOT / "tools" / "zoo.py"), "--out", str(ROOT / "checkpoint" / "zoo"), *session.posargs)
 
 
 @nox.session
@@ -114,6 +124,10 @@ def readme_library_example() -> str:
     text = (ROOT / "README.md").read_text()
     section = text[text.index("\n## The library"):]
     return section[section.index("```python\n") + 10:section.index("\n```", section.index("```python"))] + "\n"
+
+
+# the fused CPU fake-quant kernels' C source, which fake_quantize/cpu_kernels.py compiles on first use
+KERNEL_SOURCE = "ts_qat_pytorch/fake_quantize/cpu_kernels.c"
 
 
 def wheel_contents(path: pathlib.Path) -> tuple[list[str], list[str], list[str]]:
@@ -148,6 +162,8 @@ def wheel(session: nox.Session) -> None:
     session.log(f"{whl.name}: top-level packages {top}; package data {data or 'none'}; console scripts {scripts}")
     if sorted(top) != ["ts_qat_cli", "ts_qat_pytorch"]:
         session.error(f"the wheel's top-level packages are {top}: expected ts_qat_cli and ts_qat_pytorch only")
+    if KERNEL_SOURCE not in data:  # without it QAT on the CPU runs on torch's slower kernels, with a warning
+        session.error(f"the wheel lacks {KERNEL_SOURCE}: pyproject.toml's package-data must include *.c")
     session.run(*pip, "install", "-q", str(whl), external=True)  # base dependencies only
     with session.chdir(work):  # not the checkout: nothing importable from it
         session.run(py, "-c", "import importlib.util as u, sys; found = [m for m in ('suites', 'tools') if "

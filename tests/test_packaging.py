@@ -55,6 +55,12 @@ def test_every_module_and_data_file_of_the_packages_is_in_the_wheel(wheel):
                 assert f.relative_to(REPO / "core").as_posix() in names, f"{f} is not in the wheel"
 
 
+def test_the_fused_kernels_c_source_is_package_data(wheel):
+    # fake_quantize/cpu_kernels.py compiles it on first use; without it QAT on the CPU falls back to torch's kernels
+    source = "ts_qat_pytorch/fake_quantize/cpu_kernels.c"
+    assert source in wheel.namelist() and b"tsq_forward" in wheel.read(source)
+
+
 def test_licence_and_dependencies(wheel):
     meta = _dist_info(wheel, "METADATA")
     assert "License-Expression: Apache-2.0" in meta and "License-File: LICENSE" in meta

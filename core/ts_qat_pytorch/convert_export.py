@@ -69,6 +69,7 @@ class ExportResult:
     max_abs_diff: list[float] = field(default_factory=list)  # ORT vs PyTorch, per output
     output_scale: list[float | None] = field(default_factory=list)  # quantization step of each output
     cpu_may_saturate: bool = False             # int8 weights on an x86 CPU without VNNI (see weight_dtype)
+    float_batch_norms: dict[str, str] = field(default_factory=dict)  # BatchNorms left unfolded -> why
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -175,7 +176,13 @@ def convert_export(model: torch.nn.Module, dummy_input=None, onnx_path: str = "m
                        "deployment tool.", len(narrow), sorted({t["bit"] for t in narrow}))
     n_layers = sum(1 for t in qparams["tensors"].values() if t["kind"] == "weight" and not _is_embedding(frozen, t))
     result = ExportResult(onnx_path, qparams_path, used, opset_version, input_names, output_names, n_layers,
-                          output_scale=_output_scales(frozen, [p for p, _ in ref]))
+                          output_scale=_output_scales(frozen, [p for p, _ in ref]),
+                          float_batch_norms=unfolded_batch_norms(frozen))
+    if result.float_batch_norms:
+        logger.warning("%d BatchNorm layers could not fold into a conv / linear and run in float between integer "
+                       "layers: %s", len(result.float_batch_norms),
+                       "; ".join(f"{k}: {v}" for k, v in list(result.float_batch_norms.items())[:8])
+                       + (" ..." if len(result.float_batch_norms) > 8 else ""))
     if verify:
         full_int8 = any(t["kind"] == "weight" and t.get("onnx_dtype") == "int8" and t["quant_max"] - t["quant_min"] > 127
                         for t in qparams["tensors"].values())
@@ -219,6 +226,28 @@ def _record_encoding(frozen: fx.GraphModule, stub_names: dict[str, str], qparams
         if isinstance(q, QDQ):
             zp = q.zero_point.tolist() if isinstance(q.zero_point, torch.Tensor) else [q.zero_point]
             entry.update(onnx_dtype=q.onnx_dtype, onnx_zero_point=[int(z) for z in zp])
+
+
+def unfolded_batch_norms(gm: fx.GraphModule) -> dict[str, str]:
+    """{BatchNorm layer: why it did not fold} for every BatchNorm the fusion left standing in ``gm``."""
+    reasons = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target),
+                                                      torch.nn.modules.batchnorm._BatchNorm):
+            continue
+        src = node.args[0] if node.args else None
+        while isinstance(src, fx.Node) and src.op == "call_module" and isinstance(gm.get_submodule(src.target), QDQ):
+            src = src.args[0]  # the tensor the quantizer reads
+        layer = gm.get_submodule(src.target) if isinstance(src, fx.Node) and src.op == "call_module" else None
+        if isinstance(layer, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear)):
+            why = f"'{src.target}' feeds other layers too ({len(src.users)} users): its output is needed unnormalised"
+        else:
+            what = type(layer).__name__ if layer is not None else getattr(src, "target", src)
+            what = getattr(what, "__name__", what)
+            why = (f"its input comes from {what}, not from a conv / linear it could fold into (a BatchNorm before "
+                   "its layer, as in pre-activation blocks: BN -> activation -> conv)")
+        reasons[str(node.target)] = why
+    return reasons
 
 
 def _is_embedding(gm: fx.GraphModule, entry: dict) -> bool:

@@ -11,10 +11,12 @@ from torch import fx, nn
 from . import custom_quantizer  # noqa: F401  (registers the built-in backends)
 from .fake_quantize import FAKE_QUANTIZERS, QuantizeBase
 from .observer import OBSERVERS
-from .quantization.overrides import apply_module_qconfig
+from .quantization.overrides import module_qconfigs
+from .quantization.canonical import canonicalize
 from .quantization.qconfig import QConfig, dotted_name
+from .quantization.shape_trace import shape_tracer_for
 from .quantization.tracer import QuantTracer, check_leaf_modules, trace_model
-from .utils.registry import lookup_backend
+from .custom_quantizer.registry import lookup_backend
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +32,7 @@ class BackendType(Enum):
 
 
 PREPARE_CUSTOM_CONFIG_KEYS = ("extra_qconfig_dict", "extra_quantizer_dict", "extra_fuse_dict", "leaf_module",
-                              "preserve_attr", "concrete_args", "module_qconfig")
+                              "preserve_attr", "concrete_args", "module_qconfig", "example_inputs")
 # The keys that decide the quantizers: recorded on the model (qat_prepare_config) and in QAT checkpoints, so a
 # tool can prepare the same model again (tools/qat_checkpoint.py to-float).
 RECORDED_CONFIG_KEYS = ("extra_qconfig_dict", "extra_quantizer_dict", "module_qconfig")
@@ -59,6 +61,10 @@ def prepare_by_platform(model: nn.Module, backend: BackendType | str = BackendTy
                               is an error.
         preserve_attr:        {submodule path: [attribute names]} (or a list for the root) copied to the result.
         concrete_args:        fixed values for forward arguments (flags that drive control flow).
+        example_inputs:       a tensor (or tuple of tensors) shaped like the model's input. Used only when torch.fx
+                              cannot trace Python code that reads a shape: the model is then traced with these shapes
+                              and specialised to them, batch size excepted (quantization/shape_trace.py). A timm
+                              model's pretrained_cfg input_size serves when it is not given.
         module_qconfig:       {layer name: extra_qconfig_dict-style dict}: per-layer settings laid over the
                               model-wide ones (mixed precision, e.g. W4A4 with 8-bit first and last layers);
                               the layer's weight, input and output quantizers follow them. A block's name
@@ -77,6 +83,10 @@ def prepare_by_platform(model: nn.Module, backend: BackendType | str = BackendTy
     else:
         quantizer = quantizer_cls(cfg.get("extra_quantizer_dict"))
     check_leaf_modules(model, cfg.get("leaf_module", ()))
+    layer_qconfigs = None
+    if cfg.get("module_qconfig"):
+        layer_qconfigs = module_qconfigs(backend_qconfig, cfg.get("extra_qconfig_dict"), cfg["module_qconfig"],
+                                         quantizer.allowed_bits, getattr(quantizer, "wide_activation_bits", ()))
 
     model = copy.deepcopy(model)
     # the modules of an extra fusion pattern must stay modules in the graph to be matched: a BatchNorm subclass
@@ -85,12 +95,11 @@ def prepare_by_platform(model: nn.Module, backend: BackendType | str = BackendTy
     pattern_types = {t for key in added for t in key[:2] if t is not None and not t.__module__.startswith("torch.")}
     tracer = custom_tracer or QuantTracer([*cfg.get("leaf_module", ()), *pattern_types])
     gm = trace_model(model, concrete_args=cfg.get("concrete_args"), preserve_attr=cfg.get("preserve_attr"),
-                     tracer=tracer)
+                     tracer=tracer, fallback=lambda t: shape_tracer_for(model, cfg.get("example_inputs"), t))
     gm.train(model.training)
-    gm = quantizer.prepare(gm, qconfig)
-    if cfg.get("module_qconfig"):
-        apply_module_qconfig(gm, backend_qconfig, cfg.get("extra_qconfig_dict"), cfg["module_qconfig"],
-                             quantizer.allowed_bits, getattr(quantizer, "wide_activation_bits", ()))
+    canonicalize(gm)  # library building blocks (timm norm-act layers, same-padding convs, fused attention)
+    # only when given: a registered quantizer's own prepare may take (gm, qconfig) alone
+    gm = quantizer.prepare(gm, qconfig, layer_qconfigs) if layer_qconfigs else quantizer.prepare(gm, qconfig)
     gm.qat_backend = getattr(backend, "value", backend)
     gm.qat_qconfig = qconfig
     gm.qat_prepare_config = recordable_config(cfg)

@@ -79,7 +79,7 @@ def test_bias_correction_removes_the_mean_output_shift_on_the_calibration_data()
         # what is left is the rounding of the deployed bias to its int32 grid (input scale x weight scale), before
         # and after the correction: at most one step
         layer = q.get_submodule(n)
-        step = float(layer.__dict__["input_fake_quant"].qparams()[0] * layer.weight_fake_quant.qparams()[0])
+        step = float(layer.input_fake_quant.qparams()[0] * layer.weight_fake_quant.qparams()[0])
         assert a < 0.2 * b or float(after[n].abs().max()) <= step + 1e-6, (n, b, a, step)
     assert sum(float(after[n].abs().mean()) for n in LAYERS) < 0.2 * sum(float(before[n].abs().mean())
                                                                         for n in LAYERS)

@@ -45,7 +45,7 @@ def test_fake_quant_matches_the_deployed_integer_bias(build, tmp_path):
     # every output quantized (float_outputs off), so ORT and PyTorch can be compared in output steps
     q = prepare_and_calibrate(model, inputs, BackendType.ONNXRuntime, {"extra_quantizer_dict": {"float_outputs": False}})
     layers = _layers(q)
-    assert layers and all("input_fake_quant" in m.__dict__ for m in layers)
+    assert layers and all(m.input_fake_quant is not None for m in layers)
 
     # the bias each layer adds lies on its int32 grid
     lin = layers[-1]
@@ -63,7 +63,7 @@ def test_fake_quant_matches_the_deployed_integer_bias(build, tmp_path):
 
     # the same model adding float biases (what the forward did before): more outputs one step off
     for m in layers:
-        del m.__dict__["input_fake_quant"]
+        m.link_input_quantizer(None)
     with torch.no_grad():
         ref_float_bias = q(*inputs).numpy()
     off_without = np.abs(outs[0] - ref_float_bias) / step
@@ -80,3 +80,21 @@ def test_bias_gradient_is_straight_through():
     g = layer.bias.grad.clone()
     # the same gradient as a float bias: d(out)/d(bias) of a linear layer is the upstream gradient's sum
     assert g.abs().sum() > 0 and torch.isfinite(g).all()
+
+
+def test_the_input_quantizer_link_is_visible_and_registered_once(tmp_path):
+    """The layer's link to its input quantizer shows in repr, and the quantizer stays one entry of named_modules and
+    state_dict (a checkpoint's keys do not change), in the model and in a deep copy."""
+    model, inputs = _cnn()
+    q = prepare_and_calibrate(model, inputs, BackendType.TSQAT)
+    layer = q.get_submodule("3")  # the depthwise conv, fed by the first conv's output quantizer
+    fq = layer.input_fake_quant
+    assert fq is q.get_submodule(fq.qualname) and fq.qualname == "_0_post_act_fake_quantizer"
+    assert "input_fake_quant=_0_post_act_fake_quantizer" in repr(layer)
+    assert [n for n, m in q.named_modules() if m is fq] == [fq.qualname]
+    keys = list(q.state_dict())
+    assert not any(k.startswith("3.input_fake_quant") for k in keys) and len(keys) == len(set(keys))
+    assert [k for k in keys if k.startswith(fq.qualname + ".")]  # its scale is saved once, under its own name
+
+    copy = __import__("copy").deepcopy(q)
+    assert copy.get_submodule("3").input_fake_quant is copy.get_submodule(fq.qualname)

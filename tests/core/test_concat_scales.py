@@ -169,7 +169,7 @@ def test_nested_and_branching_concats_form_one_group():
     # a, b, c (one call, read by both concats and the side conv), side, inner, outer, other; named after the last
     assert fq.shared_sites == 7 and fq.qualname == "cat_1_post_act_fake_quantizer"
     # the conv reading c keeps its int32 bias on c's grid: the shared quantizer
-    assert q.side.__dict__["input_fake_quant"] is fq
+    assert q.side.input_fake_quant is fq
     with torch.no_grad():
         assert torch.isfinite(q(_inputs(1))).all()
 
@@ -221,7 +221,7 @@ def test_checkpoints_round_trip_with_a_shared_quantizer(tmp_path):
     assert float_keys == set(_model().state_dict())
 
 
-def test_mixed_precision_rebuilds_the_shared_quantizer_for_every_site():
+def test_mixed_precision_reaches_the_shared_quantizer_of_every_site():
     cfg = {"extra_qconfig_dict": {"w_qscheme": {"bit": 4}, "a_qscheme": {"bit": 4}},
            "module_qconfig": {"head": {"a_qscheme": {"bit": 8}}}}
     q = prepare_by_platform(_model(), BackendType.Experimental,

@@ -51,10 +51,11 @@ def test_model_family_exports_integer_model_that_agrees(name, tmp_path):
     o, t = outs[0].reshape(len(outs[0]), -1), ref[0].reshape(len(ref[0]), -1)
     steps = np.abs(o - t) / r.output_scale[0]
     cos = (o * t).sum(1) / (np.linalg.norm(o, axis=1) * np.linalg.norm(t, axis=1) + 1e-12)
-    assert ((cos > 0.99) | (steps.max(1) <= 1.0)).all(), (cos, steps.max(1))
     # Two implementations of the same QDQ graph differ in float summation order; a value that lands on a
-    # rounding boundary flips by one step and the flip propagates. With random weights a 12-block ViT
-    # amplifies that to a median of 3 output steps (measured); the CNNs and the small BERT stay within 1.
+    # rounding boundary flips by one step and the flip propagates. With random weights a 12-block ViT whose
+    # attention runs on integer kernels too (QLinearMatMul, QLinearSoftmax's lookup table) amplifies that to a
+    # median of 3 output steps and a cosine of 0.988-0.995 (measured); the CNNs and the small BERT stay within 1.
+    assert ((cos > (0.98 if name == "timm_vit_tiny" else 0.99)) | (steps.max(1) <= 1.0)).all(), (cos, steps.max(1))
     assert np.median(steps) <= (4.0 if name == "timm_vit_tiny" else 1.0)
     # the JSON names exactly the tensors the ONNX file quantizes
     names = set(qparams(r.qparams_path)["tensors"])

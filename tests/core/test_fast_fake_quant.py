@@ -3,6 +3,7 @@ reference: forward outputs and input gradients identical, scale / zero-point gra
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -289,6 +290,27 @@ def test_no_compiler_falls_back_to_torch_kernels_with_a_warning(monkeypatch, cap
     assert not K.usable_for(x, per_channel=False)
     q = _prepared()  # the quantizers still train, on torch's kernels
     q(torch.randn(2, 3, 16, 16)).sum().backward()
+
+
+def test_the_kernels_build_from_the_c_source_shipped_beside_the_module(monkeypatch, caplog, tmp_path):
+    source = Path(K.__file__).with_name("cpu_kernels.c")
+    assert "void tsq_forward(" in source.read_text()
+    monkeypatch.setattr(K, "_lib", None)
+    monkeypatch.setattr(K, "_lib_error", None)
+    monkeypatch.setenv("TS_QAT_CACHE", str(tmp_path / "cache"))
+    assert K.available() and len(list((tmp_path / "cache").rglob("*.so"))) == 1  # built here, from that file
+    x, s, z = torch.randn(4, 16, 9, 9), torch.tensor([0.05]), torch.tensor([3.0])
+    torch.testing.assert_close(K.fake_quant_learnable(x, s, z, -1, 0, 255, 1.0),
+                               torch._fake_quantize_learnable_per_tensor_affine(x, s, z, 0, 255, 1.0), rtol=0, atol=0)
+
+    # an installation without the file: torch's kernels, and a warning that says what to do
+    monkeypatch.setattr(K, "_lib", None)
+    monkeypatch.setattr(K, "_lib_error", None)
+    monkeypatch.setattr(K, "_SOURCE_PATH", str(tmp_path / "missing.c"))
+    monkeypatch.setenv("TS_QAT_CACHE", str(tmp_path / "cache2"))
+    with caplog.at_level(logging.WARNING, logger=K.__name__):
+        assert not K.available()
+    assert "reinstall ts-qat-pytorch" in caplog.text
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])

@@ -35,7 +35,7 @@ def test_first_and_last_layer_keep_8_bits_through_export(tmp_path):
                      "classifier_1_post_act_fake_quantizer"}
     assert all(b == 4 for n, b in bits.items() if n not in eight)
     # the int32 bias of the classifier follows its (now 8-bit) input grid
-    assert q.classifier.get_submodule("1").__dict__["input_fake_quant"] is \
+    assert q.classifier.get_submodule("1").input_fake_quant is \
         q.get_submodule("adaptive_avg_pool2d_post_act_fake_quantizer")
 
     r, outs, ref = export_and_run(q, x, tmp_path / "m.onnx", qparams_path=str(tmp_path / "q.json"))
@@ -58,3 +58,23 @@ def test_unknown_layer_name_suggests_close_matches():
 def test_bits_outside_the_backend_are_refused_with_the_layer_named():
     with pytest.raises(ValueError, match=r"module_qconfig\['features\.0\.0'\].*bit=4.*allowed: 8\.\.8"):
         prepare_by_platform(_mobilenet(), "TSQAT", {"module_qconfig": {"features.0.0": W4A4}})
+
+
+def test_each_quantizer_is_built_once_with_its_layer_config(monkeypatch):
+    built = []
+    init = QuantizeBase.__init__
+
+    def counting_init(self, *args, **kwargs):
+        built.append(self)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(QuantizeBase, "__init__", counting_init)
+    cfg = {"extra_qconfig_dict": {"w_qscheme": {"bit": 4, "per_channel": False}, "a_qscheme": {"bit": 4}},
+           "module_qconfig": {"features.0.0": {"w_qscheme": {"bit": 8, "per_channel": True}}, "classifier.1": EIGHT}}
+    q = prepare_by_platform(_mobilenet(), "Experimental", cfg)
+    final = [m for m in q.modules() if isinstance(m, QuantizeBase)]
+    assert len(built) == len(final), "a quantizer was built, then replaced"
+    # a per-channel weight quantizer over a per-tensor model gets one scale per output channel from the start
+    first = q.get_submodule("features.0.0").weight_fake_quant
+    assert first.scheme.per_channel and first.scheme.bit == 8 and tuple(first.scale.shape) == (32,)
+    assert q.get_submodule("classifier_1_post_act_fake_quantizer").scheme.bit == 8

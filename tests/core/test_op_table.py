@@ -193,6 +193,8 @@ CASES = {
             ("Tensor.min(dim)", lambda: Wrap(lambda t: t.min(1, keepdim=True)[0], out_c=1), IMG)],
     "max": [("torch.max(a,b)", lambda: TwoInputs(torch.max), IMG),
             ("Tensor.max(dim)", lambda: Wrap(lambda t: t.max(1, keepdim=True)[0], out_c=1), IMG)],
+    "pad": [("nn.ZeroPad2d", lambda: Mod(nn.ZeroPad2d((0, 1, 0, 1)), 4), IMG),
+            ("F.pad", lambda: Wrap(lambda t: F.pad(t, [1, 1, 1, 1])), IMG)],
     "PixelShuffle": [("nn.PixelShuffle", lambda: Mod(nn.PixelShuffle(2), 1), IMG)],
     "LayerNorm": [("nn.LayerNorm", lambda: Mod(nn.LayerNorm(8), 4), IMG),
                   ("F.layer_norm", lambda: Wrap(lambda t: F.layer_norm(t, (8,))), IMG)],

@@ -1,5 +1,5 @@
 """Graph rewriting per backend. ``ModelQuantizer`` does the work; backends register subclasses."""
-from ..utils.registry import DEFAULT_MODEL_QUANTIZER, register_model_quantizer
+from .registry import DEFAULT_MODEL_QUANTIZER, register_model_quantizer
 from .backends import ExperimentalQuantizer, TSQATQuantizer
 from .model_quantizer import ModelQuantizer
 

@@ -7,7 +7,7 @@ and ``prepare_by_platform(model, "MyNPU")`` uses it; nothing else changes.
 """
 from __future__ import annotations
 
-from ..utils.registry import register_model_quantizer
+from .registry import register_model_quantizer
 from .model_quantizer import ModelQuantizer
 
 # TSQAT: INT8. Weights int8 symmetric per output channel, activations uint8 asymmetric per tensor,

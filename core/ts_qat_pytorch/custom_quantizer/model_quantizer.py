@@ -10,6 +10,12 @@ Passes, in order, each a method a backend may override:
      graph needs integers (quantization/op_table.py), one quantizer per tensor.
   4. ``share_concat_scales`` (backends with ``shared_concat_scales``): the inputs and output of each torch.cat
      share one quantizer, so the deployed concat is a memory copy.
+  5. ``build_act_quantizers``: the activation quantizers placed by passes 3 and 4 are built, each once, with the
+     configuration of the layer whose input or output it quantizes (``module_qconfig``), else the model-wide one.
+  6. ``link_input_quantizers``: each QAT layer learns the quantizer of its input (``input_fake_quant``), whose
+     scale puts its bias on the deployed int32 grid.
+
+Weight quantizers are built in passes 1 and 2 with their layer's ``module_qconfig``.
 """
 from __future__ import annotations
 
@@ -17,16 +23,19 @@ import copy
 import difflib
 import logging
 import operator
+from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 from torch import fx, nn
 
 from ..fake_quantize import QuantizeBase
 from ..fuser_method_mappings import FUSABLE_ACTIVATION_MODULES, FUSION_PATTERNS, build_fused, fusion_table
-from ..nn.qat import QAT_MODULE_MAPPING
+from ..nn.qat import QAT_MODULE_MAPPING, QATMixin
 from ..quantization.op_table import (BOUNDED_ACT_MAX, FLOAT, FLOAT_WARN, FUSABLE_ACT_FUNCTIONS,
                                      FUSABLE_ACT_METHODS, INDEX, OP_INDEX, PASSTHROUGH, QUANTIZED,
                                      SHAPE_FUNCTIONS, SHAPE_METHODS, OpRow)
+from ..quantization.overrides import activation_qconfigs, check_layer_names, layer_qconfig
 from ..quantization.qconfig import QConfig, resolve_dotted
 
 logger = logging.getLogger(__name__)
@@ -38,6 +47,16 @@ _BOOL_KEYS = ("float_outputs", "shared_concat_scales")
 # MatMulIntegerToFloat), so a float consumer needs no QuantizeLinear/DequantizeLinear pair in between.
 _FLOAT_OUTPUT_ROWS = ("Linear", "matmul")
 _TUPLE_PRODUCERS = {"split", "chunk", "min", "max", "unbind", "topk", "sort"}
+
+
+@dataclass
+class PlannedQuantizer:
+    """An activation quantizer placed in the graph (passes 3 and 4), built in pass 5 once the layers around it
+    say which configuration it takes."""
+
+    per_channel: bool = False
+    bound: float | None = None  # the maximum of an absorbed ReLU6-like activation: caps the scale of unsigned grids
+    shared_sites: int = 1  # call sites per forward of a quantizer that a concatenation's inputs share (pass 4)
 
 
 class ModelQuantizer:
@@ -74,18 +93,27 @@ class ModelQuantizer:
                 if not isinstance(extra[key], bool):
                     raise ValueError(f"extra_quantizer_dict['{key}'] must be True or False, got {extra[key]!r}")
                 setattr(self, key, extra[key])
+        self.module_qconfig: dict[str, QConfig] = {}
+        self.planned: dict[str, PlannedQuantizer] = {}
 
     # -- entry point -------------------------------------------------------------------------------
-    def prepare(self, gm: fx.GraphModule, qconfig: QConfig) -> fx.GraphModule:
+    def prepare(self, gm: fx.GraphModule, qconfig: QConfig,
+                module_qconfig: Mapping[str, QConfig] | None = None) -> fx.GraphModule:
+        """The passes above, in order. ``module_qconfig``: {layer or block name: QConfig} laid over ``qconfig`` for
+        that layer's quantizers (quantization/overrides.py; prepare_by_platform builds it from the user's dict)."""
         qconfig.check_bits(self.allowed_bits, self.wide_activation_bits)
+        self.module_qconfig = dict(module_qconfig or {})
         self._check_exclusions(gm)
         self._extend_exclusions(gm)
         self.drop_identities(gm)
         self.fuse(gm, qconfig)
         self.swap(gm, qconfig)
+        check_layer_names(self.module_qconfig, self._quantized_layers(gm))
         self.insert_act_quantizers(gm, qconfig)
         if self.shared_concat_scales:
             self.share_concat_scales(gm)
+        self.build_act_quantizers(gm, qconfig)
+        self.link_input_quantizers(gm)
         gm.delete_all_unused_submodules()
         gm.graph.lint()
         gm.recompile()
@@ -95,6 +123,18 @@ class ModelQuantizer:
         return gm
 
     # -- helpers -----------------------------------------------------------------------------------
+    def layer_qconfig(self, layer: str, qconfig: QConfig) -> QConfig:
+        """The configuration of one layer's quantizers: its ``module_qconfig`` entry, else the model-wide one."""
+        return layer_qconfig(layer, self.module_qconfig) or qconfig
+
+    @staticmethod
+    def _quantized_layers(gm: fx.GraphModule) -> list[str]:
+        return [n for n, m in gm.named_modules() if hasattr(m, "weight_fake_quant")]
+
+    def _planned_call(self, node: fx.Node) -> str | None:
+        """The name of the planned activation quantizer a node calls, or None."""
+        return str(node.target) if node.op == "call_module" and node.target in self.planned else None
+
     def _check_exclusions(self, gm: fx.GraphModule) -> None:
         names = [n for n, _ in gm.named_modules() if n]
         for ex in self.exclude_module_name:
@@ -180,6 +220,9 @@ class ModelQuantizer:
                 cand = self._module(gm, users[0])
                 if any((type(layer), type(cand), a) in patterns for a in (False, True)):
                     bn, bn_name, last = cand, users[0].target, users[0]
+            elif type(layer) is nn.Linear and self._token_batch_norm(gm, node) is not None:
+                bn_node, last = self._token_batch_norm(gm, node)
+                bn, bn_name = self._module(gm, bn_node), bn_node.target
             users = list(last.users)
             if len(users) == 1 and self._is_fusable_act(gm, users[0]) and users[0].args[0] is last:
                 act_node = users[0]
@@ -188,7 +231,8 @@ class ModelQuantizer:
             key = (type(layer), type(bn) if bn is not None else None, act is not None)
             if key not in patterns or (bn is None and act is None):
                 continue
-            fused = build_fused(patterns[key], layer, bn, act, qconfig.weight, bn_name)
+            fused = build_fused(patterns[key], layer, bn, act, self.layer_qconfig(node.target, qconfig).weight,
+                                bn_name)
             _set_module(gm, node.target, fused)
             if last is not node:
                 last.replace_all_uses_with(node)
@@ -200,6 +244,26 @@ class ModelQuantizer:
                 for n in chain:
                     gm.graph.erase_node(n)
             logger.debug("fused %s -> %s", node.target, type(fused).__name__)
+
+    def _token_batch_norm(self, gm, node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+        """``linear(x) -> flatten(0, 1) -> BatchNorm1d -> reshape_as(linear(x))`` (LeViT's LinearNorm: a BatchNorm over
+        the tokens of a (batch, tokens, channels) output): (the BatchNorm node, the reshape node), which fold like
+        Linear -> BatchNorm1d; the fused layer normalises over all leading dimensions (nn/qat/fused.py)."""
+        flat = [u for u in node.users if u.op == "call_method" and u.target == "flatten"
+                or u.op == "call_function" and u.target is torch.flatten]
+        if len(node.users) != 2 or len(flat) != 1 or len(flat[0].users) != 1:
+            return None
+        dims = tuple(flat[0].args[1:]) + tuple(flat[0].kwargs.values())
+        if dims not in ((0, 1), (0, -2)):
+            return None
+        (bn_node,) = flat[0].users
+        if bn_node.op != "call_module" or self.is_excluded(bn_node) \
+                or type(self._module(gm, bn_node)) is not nn.BatchNorm1d or len(bn_node.users) != 1:
+            return None
+        (back,) = bn_node.users
+        if back.op == "call_method" and back.target == "reshape_as" and tuple(back.args) == (bn_node, node):
+            return bn_node, back
+        return None
 
     # -- pass 2: QAT layers ------------------------------------------------------------------------
     def swap(self, gm: fx.GraphModule, qconfig: QConfig) -> None:
@@ -219,7 +283,8 @@ class ModelQuantizer:
                                    "explicitly or make it a plain layer to quantize it.", node.target,
                                    type(mod).__name__, type(mod).__mro__[1].__name__)
                 continue
-            _set_module(gm, node.target, QAT_MODULE_MAPPING[type(mod)].from_float(mod, qconfig.weight))
+            weight = self.layer_qconfig(node.target, qconfig).weight
+            _set_module(gm, node.target, QAT_MODULE_MAPPING[type(mod)].from_float(mod, weight))
 
     # -- pass 3: activation quantizers ------------------------------------------------------------
     def classify(self, gm: fx.GraphModule, node: fx.Node) -> str | None:
@@ -264,35 +329,42 @@ class ModelQuantizer:
         return all(u.op == "output" or self.classify(gm, u) in (FLOAT, FLOAT_WARN, INDEX) for u in node.users)
 
     def insert_act_quantizers(self, gm: fx.GraphModule, qconfig: QConfig) -> None:
+        """Places the activation quantizers (``self.planned``; pass 5 builds them) and builds the weight quantizers
+        of weighted functions (F.conv2d, F.linear...)."""
         graph = gm.graph
         is_tensor: dict[fx.Node, bool] = {}
         origin: dict[fx.Node, str | None] = {}   # node -> quantizer whose grid its output lies on
         quantized_copy: dict[fx.Node, fx.Node] = {}  # node -> its fake-quantized version
         names = {n for n, _ in gm.named_modules()}
+        self.planned = {}
 
-        def new_quantizer(base: str, fq: QuantizeBase, suffix: str = "post_act_fake_quantizer") -> str:
+        def new_name(base: str, suffix: str = "post_act_fake_quantizer") -> str:
             name, i = f"{base}_{suffix}", 1
             while name in names:
                 name, i = f"{base}_{suffix}_{i}", i + 1
             names.add(name)
-            gm.add_submodule(name, fq)
+            return name
+
+        def plan(base: str, bound: float | None = None) -> str:
+            name = new_name(base)
+            self.planned[name] = PlannedQuantizer(qconfig.a_scheme.per_channel, bound)
             return name
 
         def call_after(anchor: fx.Node, target: str, src: fx.Node) -> fx.Node:
-            with graph.inserting_after(anchor):
-                q = graph.call_module(target, (src,))
+            with graph.inserting_after(anchor):  # create_node: a planned target is not a submodule yet
+                q = graph.create_node("call_module", target, (src,))
             is_tensor[q], origin[q] = True, target
             return q
 
         def quantize_input(a: fx.Node) -> fx.Node:
-            if a.op == "call_module" and isinstance(self._module(gm, a), QuantizeBase):
+            if self._planned_call(a) or (a.op == "call_module" and isinstance(self._module(gm, a), QuantizeBase)):
                 return a
             if a in quantized_copy:
                 return quantized_copy[a]
             if origin.get(a):
                 q = call_after(a, origin[a], a)   # same grid: re-use the producer's quantizer
             else:
-                q = call_after(a, new_quantizer(a.name, qconfig.activation()), a)
+                q = call_after(a, plan(a.name), a)
             quantized_copy[a] = q
             return q
 
@@ -301,7 +373,8 @@ class ModelQuantizer:
             channels = param.shape[axis] if param is not None else 1
             fq = qconfig.weight(channels=channels, ch_axis=axis)
             base = str(w.target).replace(".", "_") if w.op == "get_attr" else w.name
-            name = new_quantizer(base, fq, "weight_fake_quantizer")
+            name = new_name(base, "weight_fake_quantizer")
+            gm.add_submodule(name, fq)
             with graph.inserting_before(consumer):
                 q = graph.call_module(name, (w,))
             is_tensor[q], origin[q] = True, None
@@ -339,12 +412,6 @@ class ModelQuantizer:
                 else:
                     node.replace_input_with(a, quantize_input(a))
             mod = self._module(gm, node)
-            if mod is not None and hasattr(mod, "weight_fake_quant") and node.args:
-                # the layer's int32 bias lives on the grid input scale x weight scale (nn/qat: deployed_bias)
-                src = node.args[0]
-                fq_in = self._module(gm, src) if isinstance(src, fx.Node) and src.op == "call_module" else None
-                if isinstance(fq_in, QuantizeBase):
-                    mod.__dict__["input_fake_quant"] = fq_in
             if self._output_stays_float(gm, node):
                 origin[node] = None
                 continue
@@ -358,10 +425,7 @@ class ModelQuantizer:
                     break
                 tail = user
                 bound = self._act_bound(self._module(gm, user) if user.op == "call_module" else user.target)
-            fq = qconfig.activation()
-            if bound is not None and not fq.scheme.signed:
-                fq.max_scale = bound / (fq.quant_max - fq.quant_min)
-            q = call_after(tail, new_quantizer(tail.name, fq), tail)
+            q = call_after(tail, plan(tail.name, bound), tail)
             tail.replace_all_uses_with(q, delete_user_cb=lambda u: u is not q)
             quantized_copy[tail] = q
             origin[node] = origin[tail] = origin[q]
@@ -407,30 +471,51 @@ class ModelQuantizer:
                 continue
             # named after the concat that closes the group (the last in graph order), one of its own names
             survivor = max((last_output[m] for m in members), key=position.__getitem__)
-            keep = gm.get_submodule(survivor)
-            bounds = [gm.get_submodule(m).max_scale for m in members if m not in copies]
+            bounds = [self.planned[m].bound for m in members if m not in copies]
             # a bounded activation's cap (a Clip folded into QuantizeLinear) holds only if every source has one
-            keep.max_scale = None if not bounds or any(b is None for b in bounds) else max(bounds)
+            self.planned[survivor].bound = None if not bounds or any(b is None for b in bounds) else max(bounds)
             survivor_of.update({m: survivor for m in members if m != survivor})
             logger.debug("concat: %s share one quantizer, %s", sorted(members), survivor)
         if not survivor_of:
             return
-        old = {id(gm.get_submodule(m)): gm.get_submodule(s) for m, s in survivor_of.items()}
         for node in gm.graph.nodes:
             if node.op == "call_module" and node.target in survivor_of:
                 node.target = survivor_of[node.target]
-        for mod in gm.modules():  # layers that keep their input quantizer for the int32 bias (nn/qat: deployed_bias)
-            ref = mod.__dict__.get("input_fake_quant")
-            if ref is not None and id(ref) in old:
-                mod.__dict__["input_fake_quant"] = old[id(ref)]
         sites: dict[str, int] = {}
         for node in gm.graph.nodes:
             if node.op == "call_module":
                 sites[str(node.target)] = sites.get(str(node.target), 0) + 1
         for survivor in set(survivor_of.values()):
-            gm.get_submodule(survivor).shared_sites = sites[survivor]
+            self.planned[survivor].shared_sites = sites[survivor]
         logger.info("shared concat scales: %d quantizers merged into %d", len(survivor_of) + len(
             set(survivor_of.values())), len(set(survivor_of.values())))
+
+    # -- pass 5: build the activation quantizers --------------------------------------------------------
+    def build_act_quantizers(self, gm: fx.GraphModule, qconfig: QConfig) -> None:
+        """Each planned quantizer still called in the graph is built once: with the ``module_qconfig`` of a layer
+        whose input or output it quantizes (quantization/overrides.py says which), else with ``qconfig``."""
+        chosen = activation_qconfigs(gm, self.module_qconfig, self._quantized_layers(gm), self._planned_call)
+        called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+        for name, plan in self.planned.items():
+            if name not in called:  # merged into a concatenation's shared quantizer (pass 4)
+                continue
+            fq = chosen.get(name, qconfig).activation()
+            if plan.bound is not None and not fq.scheme.signed:
+                fq.max_scale = plan.bound / (fq.quant_max - fq.quant_min)
+            fq.shared_sites = plan.shared_sites
+            gm.add_submodule(name, fq)
+        self.planned = {}
+
+    # -- pass 6: each layer's input quantizer ---------------------------------------------------------
+    def link_input_quantizers(self, gm: fx.GraphModule) -> None:
+        """A QAT layer's int32 bias lives on the grid input scale x weight scale (nn/qat: deployed_bias): each layer
+        called on a quantized input gets that quantizer as ``input_fake_quant``."""
+        for node in gm.graph.nodes:
+            layer = self._module(gm, node)
+            if isinstance(layer, QATMixin) and node.args and isinstance(node.args[0], fx.Node):
+                fq = self._module(gm, node.args[0])
+                if isinstance(fq, QuantizeBase):
+                    layer.link_input_quantizer(fq)
 
     @staticmethod
     def _graph_position(gm: fx.GraphModule) -> dict[str, int]:
@@ -442,9 +527,9 @@ class ModelQuantizer:
         return pos
 
     def _shareable(self, gm: fx.GraphModule, node: fx.Node) -> bool:
-        """A call of a per-tensor activation quantizer."""
-        mod = self._module(gm, node)
-        return isinstance(mod, QuantizeBase) and not mod.is_weight and not mod.scheme.per_channel
+        """A call of a planned per-tensor activation quantizer."""
+        name = self._planned_call(node)
+        return name is not None and not self.planned[name].per_channel
 
     def _output_quantizer(self, gm: fx.GraphModule, node: fx.Node) -> str | None:
         """The quantizer of a node's output, past a ReLU-like activation it absorbs; None when it stays float."""

@@ -31,11 +31,41 @@ def _export_dynamo(module, args, path, opset, input_names, output_names):
             lg.setLevel(logging.WARNING)
         with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            torch.onnx.export(module, args, path, dynamo=True, opset_version=opset, external_data=False,
-                              input_names=input_names, output_names=output_names, verbose=False)
+            program = torch.onnx.export(module, args, dynamo=True, opset_version=opset, input_names=input_names,
+                                        output_names=output_names, verbose=False, optimize=False)
+            clean_up_keeping_quantizers(program.model)
+            program.save(path, external_data=False)
     finally:
         for lg, lv in zip(noisy, levels):
             lg.setLevel(lv)
+
+
+def _not_a_quantizer(node) -> bool | None:
+    return False if node.op_type in ("QuantizeLinear", "DequantizeLinear") else None
+
+
+def clean_up_keeping_quantizers(model) -> None:
+    """The exporter's own clean-up of its raw graph (onnxscript's optimizer: constant folding, rewrite rules, dead
+    nodes, constants as initializers) less two steps that erase quantizers: folding the QuantizeLinear of a constant
+    (an attention bias, a quantized buffer) into a plain number, and merging identical subexpressions, which joins
+    two quantizers of one tensor with equal parameters (two heads of a freshly initialised model) into one node.
+    Every quantizer keeps its node, so the file names each tensor the JSON names (onnx/naming.py)."""
+    import onnx_ir.passes.common as common
+    from onnx_ir.passes import PassManager, Sequential
+    from onnxscript import rewriter
+    from onnxscript.optimizer import _constant_folding as folding
+
+    loop = PassManager([
+        folding.FoldConstantsPass(shape_inference=True, input_size_limit=folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
+                                  output_size_limit=folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT,
+                                  should_fold=_not_a_quantizer),
+        rewriter.RewritePass(rewriter._DEFAULT_REWRITE_RULES),
+        common.RemoveUnusedNodesPass(), common.RemoveUnusedFunctionsPass(), common.RemoveUnusedOpsetsPass(),
+    ], steps=2, early_stop=True)
+    Sequential(common.InlinePass(), loop, common.RemoveUnusedNodesPass(),
+               common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+               common.LiftSubgraphInitializersToMainGraphPass(), common.DeduplicateInitializersPass(),
+               common.OutputFixPass(), common.NameFixPass())(model)
 
 
 def _export_legacy(module, args, path, opset, input_names, output_names, dynamic_batch):

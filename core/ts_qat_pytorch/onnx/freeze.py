@@ -43,7 +43,7 @@ def freeze_for_export(gm: fx.GraphModule, weight_dtype: str = "auto") -> tuple[f
             if not isinstance(layer, (nn.ConvTranspose1d, nn.ConvTranspose2d)):
                 b = deployed_bias(layer, b)  # on the int32 grid, as the integer kernel adds it
             layer.bias = nn.Parameter(b.detach().clone(), requires_grad=False)
-        layer.__dict__.pop("input_fake_quant", None)
+        layer.link_input_quantizer(None)
         if isinstance(layer, FusedQATModule) and layer.bn is not None:
             layer.bn = None
         layer.weight_fake_quant = qdq

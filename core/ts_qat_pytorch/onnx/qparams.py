@@ -14,6 +14,7 @@ from torch import fx
 
 from ..fake_quantize import QuantizeBase
 from ..nn.qat import QATMixin
+from ..utils.atomic_io import atomic_write_bytes
 
 FORMAT = "ts_qat_pytorch.qparams"
 VERSION = 1
@@ -109,7 +110,6 @@ def collect_qparams(gm: fx.GraphModule) -> dict[str, Any]:
 
 
 def write_qparams_json(qparams: dict[str, Any], path: str) -> None:
-    from ..utils.utils import atomic_write_bytes
     try:  # NaN / Infinity are not JSON: refuse them rather than write a file other tools cannot read
         text = json.dumps(qparams, indent=1, allow_nan=False)
     except ValueError as exc:

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .canonical import SamePad2d
+
 QUANTIZED, PASSTHROUGH, FLOAT, INDEX, FLOAT_WARN = "quantized", "passthrough", "float", "index", "float_warn"
 
 
@@ -105,6 +107,8 @@ OP_TABLE: tuple[OpRow, ...] = (
     OpRow("sub", QUANTIZED, (), (operator.sub, operator.isub, torch.sub), ("sub",)),
     OpRow("min", PASSTHROUGH, (), (torch.min,), ("min",), note="reduction; with dim, indices are not quantized"),
     OpRow("max", PASSTHROUGH, (), (torch.max,), ("max",), note="reduction; with dim, indices are not quantized"),
+    OpRow("pad", PASSTHROUGH, (SamePad2d, nn.ZeroPad1d, nn.ZeroPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d), (F.pad,),
+          note="zero padding is the zero point, exactly on the grid"),
     OpRow("PixelShuffle", PASSTHROUGH, (nn.PixelShuffle,), (F.pixel_shuffle,)),
     OpRow("LayerNorm", FLOAT, (nn.LayerNorm,), (F.layer_norm,)),
     OpRow("Hardswish", FLOAT, (nn.Hardswish,), (F.hardswish,)),
@@ -179,7 +183,7 @@ def markdown_table() -> str:
     """The table as Markdown, for the docs."""
     lines = ["| operator | treatment | spellings | note |", "| --- | --- | --- | --- |"]
     for r in OP_TABLE:
-        sp = [f"nn.{m.__name__}" for m in r.modules]
+        sp = [f"nn.{m.__name__}" if m.__module__.startswith("torch.") else m.__name__ for m in r.modules]
         sp += [_spelling(f) for f in r.functions]
         sp += [f"Tensor.{m}" for m in r.methods]
         lines.append(f"| {r.name} | {r.treatment} | {', '.join(sp)} | {r.note} |")

@@ -5,12 +5,13 @@ import difflib
 import logging
 import os
 import traceback
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import fx, nn
 
 from ..nn.channel_scale import ChannelScale
+from .canonical import leaf_types as canonical_leaf_types
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,9 @@ class QuantTracer(fx.Tracer):
     def __init__(self, leaf_module: Iterable[Any] = ()):
         super().__init__()
         leaf = list(leaf_module or ())
-        self.leaf_types = tuple(t for t in leaf if isinstance(t, type)) + DEFAULT_LEAF_TYPES
+        self.leaf_module = leaf
+        # model libraries' blocks that quantization/canonical.py rewrites after tracing stay whole
+        self.leaf_types = tuple(t for t in leaf if isinstance(t, type)) + DEFAULT_LEAF_TYPES + canonical_leaf_types()
         self.leaf_names = {t for t in leaf if isinstance(t, str)}
         self._qat_module_stack: list[tuple[str, str]] = []
         self.failed_in: list[tuple[str, str]] | None = None
@@ -124,12 +127,20 @@ def _diagnose(exc: BaseException) -> tuple[str, list[str]]:
 
 
 def trace_model(model: nn.Module, leaf_module=(), concrete_args: dict | None = None,
-                preserve_attr: dict | list | None = None, tracer: fx.Tracer | None = None) -> fx.GraphModule:
-    """Trace ``model`` into a GraphModule, or raise :class:`TraceFailure` naming the module, line and fix."""
+                preserve_attr: dict | list | None = None, tracer: fx.Tracer | None = None,
+                fallback: Callable[[QuantTracer], fx.Tracer | None] | None = None) -> fx.GraphModule:
+    """Trace ``model`` into a GraphModule, or raise :class:`TraceFailure` naming the module, line and fix.
+
+    When torch.fx fails on Python code and ``fallback(tracer)`` gives another tracer (prepare_by_platform: one that
+    knows the input's shapes, quantization/shape_trace.py), the model is traced again with that one."""
     tracer = tracer or QuantTracer(leaf_module)
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:
+        traced = _trace_again(model, tracer, concrete_args, fallback, exc)
+        if traced is not None:
+            graph, second_tracer = traced
+            return _finish(model, fx.GraphModule(second_tracer.root, graph, type(model).__name__), preserve_attr)
         cause, fixes = _diagnose(exc)
         where = ""
         failed = getattr(tracer, "failed_in", None)
@@ -142,10 +153,31 @@ def trace_model(model: nn.Module, leaf_module=(), concrete_args: dict | None = N
         raise TraceFailure(
             f"torch.fx could not trace {type(model).__name__}: {cause}.{where}\n  error: "
             f"{type(exc).__name__}: {exc}\n  fixes:\n    - " + "\n    - ".join(fixes)) from exc
-    name = type(model).__name__
-    gm = fx.GraphModule(tracer.root, graph, name)
+    return _finish(model, fx.GraphModule(tracer.root, graph, type(model).__name__), preserve_attr)
+
+
+def _finish(model: nn.Module, gm: fx.GraphModule, preserve_attr) -> fx.GraphModule:
     _preserve_attributes(model, gm, preserve_attr)
     return gm
+
+
+def _trace_again(model, tracer, concrete_args, fallback, exc) -> tuple[fx.Graph, fx.Tracer] | None:
+    """(graph, tracer) from the fallback tracer, or None (a user's own tracer, no fallback, or it fails too)."""
+    if type(tracer) is not QuantTracer or fallback is None or _diagnose(exc)[0].startswith("torch.fx raised"):
+        return None
+    second_tracer = fallback(tracer)
+    if second_tracer is None:
+        return None
+    try:
+        graph = second_tracer.trace(model, concrete_args=concrete_args)
+    except Exception as second:  # noqa: BLE001 - the first failure is the one to report
+        logger.debug("the fallback tracer failed too: %s", second)
+        return None
+    frame = _user_frame(exc)
+    logger.warning("torch.fx could not trace %s (%s%s); traced it with %s instead", type(model).__name__,
+                   str(exc).splitlines()[0][:120], f", at {os.path.basename(frame.filename)}:{frame.lineno}"
+                   if frame else "", second_tracer)
+    return graph, second_tracer
 
 
 def _preserve_attributes(model: nn.Module, gm: fx.GraphModule, preserve_attr) -> None:

@@ -12,6 +12,7 @@ from torch import fx, nn
 
 from ..fake_quantize import QuantizeBase
 from ..nn.qat import FusedQATModule
+from ..onnx.qparams import collect_qparams, write_qparams_json
 from .atomic_io import atomic_torch_save
 from .scheme_record import check_scheme_record, scheme_record
 
@@ -67,7 +68,6 @@ def save_checkpoint(model: nn.Module, file_path: str, file_path_json: str | None
 
     The qparams are collected before anything is written, so an uncalibrated model raises and leaves no
     float file without its JSON; both writes are atomic."""
-    from ..onnx.qparams import collect_qparams, write_qparams_json
     model = getattr(model, "module", model)  # DDP / DataParallel
     qparams: dict[str, Any] = {}
     if file_path_json is not None:

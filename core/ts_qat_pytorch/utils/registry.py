@@ -1,35 +1,5 @@
-"""Registries: backends (scheme + model quantizer class)."""
-from __future__ import annotations
+"""The backend registry's former import path; it lives in ``custom_quantizer.registry`` beside the backends."""
+from ..custom_quantizer.registry import (BACKEND_DEFAULT_QCONFIG, DEFAULT_MODEL_QUANTIZER, lookup_backend,
+                                         register_model_quantizer)
 
-from typing import Any, Callable
-
-# backend name -> model quantizer class
-DEFAULT_MODEL_QUANTIZER: dict[str, type] = {}
-# backend name -> its default qconfig dict (the ancestor's extra_qconfig_dict keys)
-BACKEND_DEFAULT_QCONFIG: dict[str, dict[str, Any]] = {}
-
-
-def _key(backend) -> str:
-    return getattr(backend, "value", backend)
-
-
-def register_model_quantizer(backend, default_qconfig: dict[str, Any]) -> Callable[[type], type]:
-    """Register a backend: its default qconfig (scheme, fake quantizers, observers) and its quantizer class.
-
-    >>> @register_model_quantizer("MyNPU", {"w_qscheme": {...}, ...})
-    ... class MyNPUQuantizer(ModelQuantizer): ...
-    """
-    def deco(cls: type) -> type:
-        DEFAULT_MODEL_QUANTIZER[_key(backend)] = cls
-        BACKEND_DEFAULT_QCONFIG[_key(backend)] = dict(default_qconfig)
-        return cls
-    return deco
-
-
-def lookup_backend(backend) -> tuple[type, dict[str, Any]]:
-    from .. import custom_quantizer  # noqa: F401  (the built-in backends register on import; a caller may come first)
-    key = _key(backend)
-    if key not in DEFAULT_MODEL_QUANTIZER:
-        raise ValueError(f"unknown backend {backend!r}; registered backends: {sorted(DEFAULT_MODEL_QUANTIZER)}. "
-                         "Register a new one with utils.registry.register_model_quantizer.")
-    return DEFAULT_MODEL_QUANTIZER[key], BACKEND_DEFAULT_QCONFIG[key]
+__all__ = ["DEFAULT_MODEL_QUANTIZER", "BACKEND_DEFAULT_QCONFIG", "register_model_quantizer", "lookup_backend"]

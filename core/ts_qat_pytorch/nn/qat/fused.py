@@ -65,14 +65,22 @@ class _FusedMixin:
         else:
             s = self._bn_scale()
             y = self._raw(x, self.weight_fake_quant(multiply_channels(self.weight, s, self.weight_ch_axis)), None)
-            fused = folded_batch_norm(y, s, self.bias, self.bn, self.act)  # the CPU kernel: rescale, BN, ReLU(6)
-            if fused is not None:
-                y, act_done = fused
-                return y if act_done else self.act(y)
-            y = divide_channels(y, s)  # one pass backward on the CPU (fake_quantize/cpu_kernels.py)
-            if self.bias is not None:
-                y = y + self._out_view(self.bias, y)
-            y = self.bn(y)
+            shape = y.shape
+            if isinstance(self, nn.Linear) and y.dim() > 2:  # tokens (Linear -> flatten -> BatchNorm1d): one
+                y = y.reshape(-1, shape[-1])  # BatchNorm over all leading dimensions, channels last
+            return self._batch_norm_train(y, s).reshape(shape)
+        return self.act(y) if self.act is not None else y
+
+    def _batch_norm_train(self, y, s):
+        """BatchNorm with batch statistics of the layer's output y = raw(x, W * s), then the activation."""
+        fused = folded_batch_norm(y, s, self.bias, self.bn, self.act)  # the CPU kernel: rescale, BN, ReLU(6)
+        if fused is not None:
+            y, act_done = fused
+            return y if act_done else self.act(y)
+        y = divide_channels(y, s)  # one pass backward on the CPU (fake_quantize/cpu_kernels.py)
+        if self.bias is not None:
+            y = y + self._out_view(self.bias, y)
+        y = self.bn(y)
         return self.act(y) if self.act is not None else y
 
     def _deployed_bias(self, b):

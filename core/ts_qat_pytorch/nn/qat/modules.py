@@ -54,6 +54,25 @@ class QATMixin:
         """(weight, bias) as deployed, before weight quantization (BN folded where there is one)."""
         return self.weight, getattr(self, "bias", None)
 
+    @property
+    def input_fake_quant(self) -> QuantizeBase | None:
+        """The quantizer of this layer's input, whose scale puts the bias on the deployed int32 grid
+        (:func:`deployed_bias`); None before prepare, for an unquantized input, and after export's freeze.
+
+        The quantizer is a submodule of the prepared model, called in the graph just before this layer, and is
+        registered there only: the layer holds a link, so ``named_modules`` and ``state_dict`` list it once, under
+        its own name. ``repr`` shows the link by that name."""
+        return self.__dict__.get("_input_fake_quant")
+
+    def link_input_quantizer(self, fq: QuantizeBase | None) -> None:
+        """Set (or, with None, drop) :attr:`input_fake_quant`, without registering ``fq`` as a submodule."""
+        object.__setattr__(self, "_input_fake_quant", fq)  # nn.Module.__setattr__ would register it a second time
+
+    def extra_repr(self) -> str:
+        fq = self.input_fake_quant
+        link = "" if fq is None else f", input_fake_quant={fq.qualname or type(fq).__name__}"
+        return super().extra_repr() + link
+
 
 def deployed_bias(layer: nn.Module, bias: torch.Tensor | None) -> torch.Tensor | None:
     """The bias as an integer kernel adds it: int32 on the grid ``input scale x weight scale``.
@@ -64,7 +83,7 @@ def deployed_bias(layer: nn.Module, bias: torch.Tensor | None) -> torch.Tensor |
     network amplifies the flips (measured: MiniLM logits 0.47 apart, mobilenet_v2 0.05). Must run after the
     weight quantizer (its scale). Straight-through: the bias gradient is unchanged.
     """
-    fq_in = layer.__dict__.get("input_fake_quant")  # set by prepare; a plain reference, not a submodule
+    fq_in = getattr(layer, "input_fake_quant", None)
     wfq = getattr(layer, "weight_fake_quant", None)
     if bias is None or not isinstance(fq_in, QuantizeBase) or not isinstance(wfq, QuantizeBase):
         return bias

@@ -207,14 +207,22 @@ def test_equal_quantizers_of_equal_tensors_each_keep_their_node(tmp_path):
     assert all("not from a conv / linear" in why for why in r.float_batch_norms.values())
 
 
-def test_a_pre_activation_batch_norm_is_named(tmp_path, caplog):
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+def test_a_batch_norm_with_no_conv_before_it_runs_as_an_integer_per_channel_conv(tmp_path):
+    """Pre-activation (BN -> ReLU -> conv, as in DenseNet): no layer before the BatchNorm to fold into. It folds into
+    a depthwise 1x1 conv of weight 1 instead, an integer kernel, and the float state_dict stays the float model's."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    with torch.no_grad():
+        model[2].running_mean.uniform_(-1, 1)
+        model[2].weight.uniform_(0.5, 2)
+    gm = prepare_by_platform(model, BackendType.TSQAT)
+    assert not any(type(m) is nn.BatchNorm2d for n, m in gm.named_modules() if not n.endswith(".bn"))
+    from ts_qat_pytorch.utils.checkpoint import float_state_dict
+    assert set(float_state_dict(gm)) == set(model.state_dict())
+    disable_all(gm)
     x = torch.randn(2, 3, 8, 8)
-    gm = _calibrate(prepare_by_platform(model, BackendType.TSQAT), x)
-    with caplog.at_level(logging.WARNING):
-        r, ops = _export(gm, x, tmp_path)
-    assert ops.get("BatchNormalization", 0) <= 1
-    assert list(r.float_batch_norms) == ["2"]
-    assert any("could not fold" in rec.message and "'2'" not in rec.message and "2:" in rec.message
-               for rec in caplog.records)
-    assert np.isfinite(r.max_abs_diff).all()
+    for train in (True, False):
+        model.train(train), gm.train(train)
+        with torch.no_grad():
+            torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-4)
+    r, ops = _export(_calibrate(gm, x), x, tmp_path)
+    assert "BatchNormalization" not in ops and ops["QLinearConv"] == 3 and r.float_batch_norms == {}, ops

@@ -75,6 +75,9 @@ class ModelQuantizer:
     # overrides): NPU converters (RKNN, ...) and integer runtimes then copy the inputs without requantizing.
     # Off where the runtime requantizes per input anyway (onnxruntime's QLinearConcat): separate grids fit tighter.
     shared_concat_scales = False
+    # A BatchNorm2d with no conv to fold into runs as a depthwise 1x1 conv that it folds into (an integer kernel)
+    # instead of a float BatchNormalization between integer layers.
+    batch_norms_as_convs = True
     # (layer type, norm type or None, has activation) -> fused QAT class; a backend may set its own table
     fusion_patterns = FUSION_PATTERNS
 
@@ -206,44 +209,75 @@ class ModelQuantizer:
 
     # -- pass 1: fusion ----------------------------------------------------------------------------
     def fuse(self, gm: fx.GraphModule, qconfig: QConfig) -> None:
-        patterns = self.fusion_patterns
-        layer_types = {k[0] for k in patterns}
         for node in list(gm.graph.nodes):
-            if node.op != "call_module" or self.is_excluded(node):
-                continue
-            layer = self._module(gm, node)
-            if type(layer) not in layer_types:
-                continue
-            last, bn, bn_name, act = node, None, None, None
-            users = list(last.users)
-            if len(users) == 1 and users[0].op == "call_module" and not self.is_excluded(users[0]):
-                cand = self._module(gm, users[0])
-                if any((type(layer), type(cand), a) in patterns for a in (False, True)):
-                    bn, bn_name, last = cand, users[0].target, users[0]
-            elif type(layer) is nn.Linear and self._token_batch_norm(gm, node) is not None:
-                bn_node, last = self._token_batch_norm(gm, node)
-                bn, bn_name = self._module(gm, bn_node), bn_node.target
-            users = list(last.users)
-            if len(users) == 1 and self._is_fusable_act(gm, users[0]) and users[0].args[0] is last:
-                act_node = users[0]
-                act = self._act_module(gm, act_node)
-                last = act_node
-            key = (type(layer), type(bn) if bn is not None else None, act is not None)
-            if key not in patterns or (bn is None and act is None):
-                continue
-            fused = build_fused(patterns[key], layer, bn, act, self.layer_qconfig(node.target, qconfig).weight,
-                                bn_name)
-            _set_module(gm, node.target, fused)
-            if last is not node:
-                last.replace_all_uses_with(node)
-                # erase the absorbed bn / act nodes (walk back from last to node)
-                chain, cur = [], last
-                while cur is not node:
-                    chain.append(cur)
-                    cur = cur.args[0]
-                for n in chain:
-                    gm.graph.erase_node(n)
-            logger.debug("fused %s -> %s", node.target, type(fused).__name__)
+            self._fuse_at(gm, node, qconfig)
+        if self.batch_norms_as_convs:  # the BatchNorms left could not fold: per-channel integer ops instead
+            for node in list(gm.graph.nodes):
+                conv = self._batch_norm_as_conv(gm, node)
+                if conv is not None:
+                    self._fuse_at(gm, conv, qconfig)
+
+    def _batch_norm_as_conv(self, gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+        """A BatchNorm2d with no conv before it to fold into (pre-activation blocks, a BN after a concat or an add,
+        RepVGG's identity branch) gets one: a depthwise 1x1 conv with weight 1, which the BN then folds into like
+        any conv, so the deployed graph runs it as an integer per-channel kernel. The conv's weight is not part of
+        the float model (``float_state_dict`` leaves it out)."""
+        if node.op != "call_module" or self.is_excluded(node) or type(self._module(gm, node)) is not nn.BatchNorm2d \
+                or len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
+            return None
+        bn = self._module(gm, node)
+        conv = nn.Conv2d(bn.num_features, bn.num_features, 1, groups=bn.num_features, bias=False)
+        with torch.no_grad():
+            conv.weight.fill_(1.0)
+        conv.stands_for_batch_norm = True
+        parent, _, name = node.target.rpartition(".")
+        path = f"{parent}.{name}_as_conv" if parent else f"{name}_as_conv"
+        _set_module(gm, path, conv)
+        with gm.graph.inserting_before(node):
+            conv_node = gm.graph.call_module(path, (node.args[0],))
+        node.replace_input_with(node.args[0], conv_node)
+        return conv_node
+
+    def _fuse_at(self, gm: fx.GraphModule, node: fx.Node, qconfig: QConfig) -> None:
+        """Fuse the layer called at ``node`` with the BatchNorm and activation after it (fusion_patterns)."""
+        patterns = self.fusion_patterns
+        if node.op != "call_module" or self.is_excluded(node):
+            return
+        layer = self._module(gm, node)
+        if type(layer) not in {k[0] for k in patterns}:
+            return
+        last, bn, bn_name, act = node, None, None, None
+        users = list(last.users)
+        if len(users) == 1 and users[0].op == "call_module" and not self.is_excluded(users[0]):
+            cand = self._module(gm, users[0])
+            if any((type(layer), type(cand), a) in patterns for a in (False, True)):
+                bn, bn_name, last = cand, users[0].target, users[0]
+        elif type(layer) is nn.Linear and self._token_batch_norm(gm, node) is not None:
+            bn_node, last = self._token_batch_norm(gm, node)
+            bn, bn_name = self._module(gm, bn_node), bn_node.target
+        users = list(last.users)
+        if len(users) == 1 and self._is_fusable_act(gm, users[0]) and users[0].args[0] is last:
+            act_node = users[0]
+            act = self._act_module(gm, act_node)
+            last = act_node
+        key = (type(layer), type(bn) if bn is not None else None, act is not None)
+        if key not in patterns or (bn is None and act is None):
+            return
+        fused = build_fused(patterns[key], layer, bn, act, self.layer_qconfig(node.target, qconfig).weight,
+                            bn_name)
+        if getattr(layer, "stands_for_batch_norm", False):
+            fused.stands_for_batch_norm = True
+        _set_module(gm, node.target, fused)
+        if last is not node:
+            last.replace_all_uses_with(node)
+            # erase the absorbed bn / act nodes (walk back from last to node)
+            chain, cur = [], last
+            while cur is not node:
+                chain.append(cur)
+                cur = cur.args[0]
+            for n in chain:
+                gm.graph.erase_node(n)
+        logger.debug("fused %s -> %s", node.target, type(fused).__name__)
 
     def _token_batch_norm(self, gm, node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
         """``linear(x) -> flatten(0, 1) -> BatchNorm1d -> reshape_as(linear(x))`` (LeViT's LinearNorm: a BatchNorm over

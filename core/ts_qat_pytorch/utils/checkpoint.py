@@ -48,11 +48,14 @@ def float_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The float model's state_dict, without fake quantizers, in the original architecture's key names
     (a fused layer's BatchNorm goes back to where it was)."""
     skip = tuple(name + "." for name, m in model.named_modules() if isinstance(m, QuantizeBase))
+    # the weight-1 depthwise conv a lone BatchNorm folds into (model_quantizer: batch_norms_as_convs) is not the float
+    # model's: only its BatchNorm goes back
+    synthetic = {name + ".weight" for name, m in model.named_modules() if getattr(m, "stands_for_batch_norm", False)}
     renames = {name + ".bn.": m.bn_name + "." for name, m in model.named_modules()
                if isinstance(m, FusedQATModule) and m.bn is not None and m.bn_name}
     out = {}
     for key, value in model.state_dict().items():
-        if key.startswith(skip) or key.endswith("._extra_state"):
+        if key.startswith(skip) or key.endswith("._extra_state") or key in synthetic:
             continue
         for old, new in renames.items():
             if key.startswith(old):

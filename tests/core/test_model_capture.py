@@ -32,6 +32,15 @@ def _export(gm, x, tmp_path):
     return r, optimized_op_counts(r.onnx_path)
 
 
+def _computes_the_float_model(gm, model, x, modes=(False, True), tol=1e-4):
+    """Quantizers off, the prepared model computes the float model (eval: running statistics; train: batch ones)."""
+    disable_all(gm)
+    for train in modes:
+        model.train(train), gm.train(train)
+        with torch.no_grad():
+            torch.testing.assert_close(gm(x), model(x), rtol=tol, atol=tol)
+
+
 class NormActNet(nn.Module):
     """timm's way: a conv, then BatchNormAct2d (BatchNorm, dropout and activation in one module)."""
 
@@ -56,13 +65,8 @@ def test_timm_norm_act_layers_fold_into_their_conv(act, tmp_path):
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for n, m in gm.named_modules() if n != "conv.bn")
     # the BatchNorm keeps its float-model name: the float state_dict maps back
     assert gm.conv.bn_name == "bn"
-    # quantizers off, the prepared model computes the float model, in eval and with batch statistics
-    disable_all(gm)
     x = torch.randn(4, 3, 8, 8)
-    for train in (False, True):
-        model.train(train), gm.train(train)
-        with torch.no_grad():
-            torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-4)
+    _computes_the_float_model(gm, model, x)
     r, ops = _export(_calibrate(gm, x), x, tmp_path)
     assert r.exporter == "dynamo"
     assert "BatchNormalization" not in ops and ops["QLinearConv"] == 2, ops
@@ -74,12 +78,8 @@ def test_a_linear_batch_norm_over_tokens_folds(tmp_path):
     model = nn.Sequential(LinearNorm(16, 24), nn.Hardswish(), nn.Linear(24, 4))
     gm = prepare_by_platform(model, BackendType.TSQAT)
     assert isinstance(gm.get_submodule("0.linear"), LinearBn1d)
-    disable_all(gm)
     x = torch.randn(3, 10, 16)
-    for train in (True, False):
-        model.train(train), gm.train(train)
-        with torch.no_grad():
-            torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-4)
+    _computes_the_float_model(gm, model, x)
     r, ops = _export(_calibrate(gm, x), x, tmp_path)
     assert "BatchNormalization" not in ops and r.float_batch_norms == {}, ops
 
@@ -171,10 +171,8 @@ def test_tensorflow_same_padding_conv_folds_and_exports(tmp_path):
     model.eval()
     gm = prepare_by_platform(model, BackendType.TSQAT)
     assert type(gm.get_submodule("0")).__name__ == "ConvBnReLU2d"
-    disable_all(gm)
     x = torch.randn(2, 3, 15, 15)  # odd size: asymmetric padding
-    with torch.no_grad():
-        torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-4)
+    _computes_the_float_model(gm, model, x, modes=(False,))
     r, ops = _export(_calibrate(gm, x), x, tmp_path)
     assert ops["QLinearConv"] == 2 and "BatchNormalization" not in ops, ops
 
@@ -218,11 +216,7 @@ def test_a_batch_norm_with_no_conv_before_it_runs_as_an_integer_per_channel_conv
     assert not any(type(m) is nn.BatchNorm2d for n, m in gm.named_modules() if not n.endswith(".bn"))
     from ts_qat_pytorch.utils.checkpoint import float_state_dict
     assert set(float_state_dict(gm)) == set(model.state_dict())
-    disable_all(gm)
     x = torch.randn(2, 3, 8, 8)
-    for train in (True, False):
-        model.train(train), gm.train(train)
-        with torch.no_grad():
-            torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-4)
+    _computes_the_float_model(gm, model, x)
     r, ops = _export(_calibrate(gm, x), x, tmp_path)
     assert "BatchNormalization" not in ops and ops["QLinearConv"] == 3 and r.float_batch_norms == {}, ops

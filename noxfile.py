@@ -2,7 +2,8 @@
 
 All sessions share one environment (.nox/shared-env): torch alone is 5.5 GB, so one install serves
 every session. It is created on first use and re-installed only when pyproject.toml changes.
-Suites add their own sessions in suites/<name>/sessions.py, found here without edits.
+Each suite's sessions (<name>_float_eval, _qat, _export, _regression) are generated from its
+suites/<name>/regression.json, found here without edits.
 """
 from __future__ import annotations
 
@@ -115,7 +116,7 @@ def zoo(session: nox.Session) -> None:
 
 @nox.session
 def new_suite(session: nox.Session) -> None:
-    """Copy a suite under a new name: nox -s new_suite -- NAME --from imagenet."""
+    """Start a suite: nox -s new_suite -- NAME [--from classifier (the minimal template) | yolov5 | transformers]."""
     run_py(session, str(ROOT / "tools" / "new_suite.py"), *session.posargs)
 
 
@@ -183,12 +184,57 @@ def wheel(session: nox.Session) -> None:
     shutil.rmtree(work, ignore_errors=True)
 
 
-# Suite sessions: each suites/<name>/sessions.py registers its own.
+# Suite sessions, generated from each suites/<name>/regression.json: <name>_float_eval, <name>_qat, <name>_export,
+# <name>_regression (its "sessions": the flags of each, "{out}" standing for checkpoint/<name>; its "arch": the
+# prefix of the checkpoint the export session picks up).
+JOBS = {
+    "float_eval": "the float model (fine-tuned once on the embedded default, cached) evaluated",
+    "qat": "the embedded default end to end: float -> calibration -> QAT -> export -> onnxruntime",
+    "export": "the last QAT checkpoint (from <name>_qat) exported to int8 ONNX and evaluated in onnxruntime; without "
+              "it the calibrated float model (PTQ)",
+    "regression": "the default run checked against the suite's baselines.json",
+}
+
+
+class SuiteSessions:
+    """The commands of one suite's sessions; ``export_command`` is also what `nox -s deploy_check -- <suite>` runs."""
+
+    def __init__(self, folder: pathlib.Path):
+        import json
+        self.name, self.folder = folder.name, folder
+        self.spec = json.loads((folder / "regression.json").read_text())
+        self.out = ROOT / "checkpoint" / self.name
+
+    def flags(self, job: str) -> list[str]:
+        return [a.replace("{out}", str(self.out)) for a in self.spec.get("sessions", {}).get(job, [])]
+
+    def command(self, job: str, posargs) -> list[str]:
+        """The script and the flags of ``job``; the session adds its posargs after them (they win)."""
+        if job == "export":
+            return self.export_command(posargs)
+        cmd = [str(self.folder / self.spec["script"]), "--output-dir", str(ROOT / "checkpoint"), *self.flags(job)]
+        if job == "regression":
+            cmd += ["--baselines", str(self.folder / "baselines.json"), "--metrics",
+                    str(self.out / "regression_metrics.json")]
+        return cmd
+
+    def export_command(self, posargs) -> list[str]:
+        ckpt = self.out / f"{self.spec.get('sessions', {}).get('arch', self.name)}_checkpoint.pth"
+        resume = ["--resume", str(ckpt)] if ckpt.exists() and "--resume" not in posargs else []
+        return [str(self.folder / self.spec["script"]), "--output-dir", str(ROOT / "checkpoint"), *self.flags("export"),
+                *resume]
+
+
+def _suite_session(suite: SuiteSessions, job: str):
+    def session(session: nox.Session) -> None:
+        run_py(session, *suite.command(job, session.posargs), *session.posargs)
+    session.__doc__ = f"{suite.name}: {JOBS[job].replace('<name>', suite.name)}."
+    session.__name__ = f"{suite.name}_{job}"
+    return nox.session(name=f"{suite.name}_{job}")(session)
+
+
 SUITES = {}
-for _path in sorted(ROOT.glob("suites/*/sessions.py")):
-    _spec = importlib.util.spec_from_file_location(f"_suite_sessions_{_path.parent.name}", _path)
-    _mod = importlib.util.module_from_spec(_spec)
-    _mod.run_py = run_py
-    _mod.ROOT = ROOT
-    _spec.loader.exec_module(_mod)
-    SUITES[_path.parent.name] = _mod
+for _folder in sorted(p.parent for p in ROOT.glob("suites/*/regression.json")):
+    SUITES[_folder.name] = SuiteSessions(_folder)
+    for _job in JOBS:
+        globals()[f"{_folder.name}_{_job}"] = _suite_session(SUITES[_folder.name], _job)

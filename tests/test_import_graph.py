@@ -155,6 +155,14 @@ def test_no_import_cycle_in_the_core_even_through_imports_at_call_time():
         " -> ".join(c) for c in cycles)
 
 
+def test_no_import_cycle_in_the_suites_even_through_imports_at_call_time():
+    """The suites' pipeline and the suites have none either (the contract, the run object and the stages package
+    import downwards only; a suite's scripts read its recipe, not its suite)."""
+    cycles = find_cycles(import_graph(find_modules([(REPO, ("suites",))]), in_functions=True))
+    assert not cycles, "import cycles in suites/ (imports inside functions included):\n" + "\n".join(
+        " -> ".join(c) for c in cycles)
+
+
 def test_the_core_imports_no_suite_and_no_tool():
     """The library knows no application of it: not even at call time (imports inside functions count here)."""
     found = []

@@ -1,8 +1,9 @@
 """The runner's command line: the flags every suite shares (pytorch/examples' names), the suite's own flags, the
 recipe (embedded without --data, general with it), range checks before any work, and logging.
 
-Flags whose default depends on the recipe default to None here; ``resolve`` fills them from ``suite.recipe(args)``,
-then ``RUNNER_DEFAULTS``. The help text shows both recipes' values, and each flag's default once.
+Flags whose default depends on the recipe default to None here; ``resolve`` fills them from ``suite.recipe(flags)``,
+then ``RUNNER_DEFAULTS``, and freezes the result into the run's ``RunConfig`` (suites/common/run.py). The help text
+shows both recipes' values, and each flag's default once.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import logging
 import math
 import os
 
+from suites.common.run import RunConfig
 from suites.common.suite import Suite, SuiteError
 
 OPSET_RANGE = (13, 21)  # what convert_export accepts (per-channel QDQ needs opset 13)
@@ -51,7 +53,8 @@ class OneDefaultFormatter(argparse.HelpFormatter):
         return text + " (default: %(default)s)"
 
 
-def build_parser(suite: Suite) -> argparse.ArgumentParser:
+def recipe_defaults(suite: Suite):
+    """``d(key)``: the help text's " (default: X; embedded: Y)" of a recipe-dependent flag."""
     rec = _recipes(suite)
 
     def d(key: str) -> str:
@@ -60,10 +63,23 @@ def build_parser(suite: Suite) -> argparse.ArgumentParser:
             return ""
         show = ["none" if v is None else v for v in (gen, emb)]
         return f" (default: {show[0]}; embedded: {show[1]})" if emb != gen else f" (default: {show[0]})"
+    return d
 
+
+def build_parser(suite: Suite) -> argparse.ArgumentParser:
+    """The runner's flags in argument groups (timm's train.py layout), the suite's own in the data group."""
     p = argparse.ArgumentParser(description=f"ts_qat_pytorch {suite.name} suite: float -> calibration -> QAT "
                                 "(distillation) -> int8 ONNX -> onnxruntime", formatter_class=OneDefaultFormatter)
-    g = p.add_argument_group("data and model")
+    d = recipe_defaults(suite)
+    for title, adds in FLAG_GROUPS:
+        g = p.add_argument_group(title)
+        for add in adds:
+            add(g, suite, d)
+    return p
+
+
+def data_flags(g, suite: Suite, d) -> None:
+    """Where the data and the float model come from, and the suite's own flags."""
     g.add_argument("--data", metavar="DIR", default=None, help="your data; absent: the suite's embedded default")
     g.add_argument("-j", "--workers", type=int, default=None, metavar="N", help="data loading workers" + d("workers"))
     g.add_argument("--pretrained", action="store_true", help="start from the zoo's pre-trained weights")
@@ -75,7 +91,9 @@ def build_parser(suite: Suite) -> argparse.ArgumentParser:
     g.add_argument("--val-batch-size", type=int, default=None, help="evaluation batch (at least the training batch)")
     suite.add_arguments(g)
 
-    g = p.add_argument_group("training")
+
+def training_flags(g, suite: Suite, d) -> None:
+    """pytorch/examples' training flags, and the embedded float fine-tune's."""
     g.add_argument("--epochs", type=int, default=None, metavar="N", help="QAT epochs" + d("epochs"))
     g.add_argument("--start-epoch", type=int, default=0, metavar="N", help="manual epoch number (on restarts)")
     g.add_argument("-b", "--batch-size", type=int, default=None, metavar="N",
@@ -107,7 +125,9 @@ def build_parser(suite: Suite) -> argparse.ArgumentParser:
                    + d("float_lr"))
     g.add_argument("--not-qat", action="store_true", help="float training / evaluation, no quantization")
 
-    g = p.add_argument_group("quantization and distillation")
+
+def quantization_flags(g, suite: Suite, d) -> None:
+    """Backend, bit widths, calibration, distillation."""
     g.add_argument("--backend", default=None, choices=BACKENDS, help="quantization backend" + d("backend"))
     g.add_argument("--w-bit", type=int, default=None, help="weight bits (Experimental backend)")
     g.add_argument("--a-bit", type=int, default=None, help="activation bits (Experimental backend)")
@@ -126,7 +146,9 @@ def build_parser(suite: Suite) -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=None, help="kd temperature" + d("temperature"))
     g.add_argument("--teacher-path", default="", help="teacher weights (state_dict); default teacher: the float model")
 
-    g = p.add_argument_group("accuracy beyond plain QAT (ts_qat_pytorch.advanced_ptq, ts_qat_pytorch.mix_precision)")
+
+def ptq_flags(g, suite: Suite, d) -> None:
+    """The post-training accuracy flags: --ptq-recon, --cle, --smoothquant, --bias-correction."""
     g.add_argument("--ptq-recon", action="store_true",
                    help="PTQ reconstruction (AdaRound / BRECQ / QDrop) after calibration, before QAT; --epochs 0: "
                         "PTQ only (evaluate, save and export the reconstructed model)")
@@ -150,6 +172,10 @@ def build_parser(suite: Suite) -> argparse.ArgumentParser:
                    help="after calibration, before --ptq-recon and QAT: empirical bias correction, each quantized "
                         "layer's mean output shift from float taken off its bias "
                         "(ts_qat_pytorch.advanced_ptq.bias_correction)")
+
+
+def mixed_precision_flags(g, suite: Suite, d) -> None:
+    """--mixed-precision and its budget, --max-drop (accuracy control)."""
     g.add_argument("--mixed-precision", action="store_true",
                    help="per-layer weight bits from a sensitivity search on the float model under one budget "
                         "(--avg-bits, --size-kib or --bops); writes <arch>_mixed_precision/ (JSON, CSV, PNG)")
@@ -182,7 +208,9 @@ def build_parser(suite: Suite) -> argparse.ArgumentParser:
     g.add_argument("--max-drop-float", action="store_true",
                    help="--max-drop leaves the layers it changes float instead of raising them to 8 bits")
 
-    g = p.add_argument_group("outputs")
+
+def output_flags(g, suite: Suite, d) -> None:
+    """Where the outputs go, what is exported and evaluated, logging."""
     g.add_argument("--resume", default="", metavar="PATH", help="QAT checkpoint to resume (epoch, optimizer, "
                    "LR schedule, fake-quant state, RNG)")
     g.add_argument("-e", "--evaluate", action="store_true", help="evaluate (and export) only")
@@ -211,7 +239,9 @@ def build_parser(suite: Suite) -> argparse.ArgumentParser:
                    help="0 debug, 1 info, 2 warning, 3 error")
     g.add_argument("--smoke", action="store_true", help="tiny run of the whole pipeline (a few steps) for tests")
 
-    g = p.add_argument_group("devices and processes")
+
+def device_flags(g, suite: Suite, d) -> None:
+    """Devices and processes (DistributedDataParallel)."""
     g.add_argument("--device", default=None,
                    help="cpu, a GPU index (0), GPU indices (0,1: one process each, DistributedDataParallel), cuda "
                         "(every visible GPU) or cuda:N; GPU indices become CUDA_VISIBLE_DEVICES, as in ultralytics "
@@ -224,49 +254,80 @@ def build_parser(suite: Suite) -> argparse.ArgumentParser:
     g.add_argument("--dist-backend", default="nccl", help="distributed backend (gloo is used on CPU)")
     g.add_argument("--multiprocessing-distributed", action="store_true",
                    help="launch N processes per node (N = the devices' GPUs, or 2 on CPU) with DistributedDataParallel")
-    return p
+
+
+ACCURACY = "accuracy beyond plain QAT (ts_qat_pytorch.advanced_ptq, ts_qat_pytorch.mix_precision)"
+FLAG_GROUPS = (("data and model", (data_flags,)), ("training", (training_flags,)),
+               ("quantization and distillation", (quantization_flags,)), (ACCURACY, (ptq_flags, mixed_precision_flags)),
+               ("outputs", (output_flags,)), ("devices and processes", (device_flags,)))
 
 
 def _recipes(suite: Suite) -> dict:
-    r = getattr(suite, "recipes", None) or {}
+    r = suite.recipes or {}
     return {"embedded": r.get("embedded", {}), "general": r.get("general", {})}
 
 
-def resolve(suite: Suite, args: argparse.Namespace) -> argparse.Namespace:
-    """Fill the recipe, apply --smoke, check ranges; SuiteError for a flag that would fail late or train nonsense."""
-    args.embedded = args.data is None
-    args.lr_given = args.lr is not None  # an explicit --lr (a --resume with another one is reported)
-    given = {k for k, v in vars(args).items() if v is not None}
-    recipe = {**RUNNER_DEFAULTS, **suite.recipe(args)}
-    for k, v in recipe.items():
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
-    if args.smoke:
-        for k, v in suite.smoke(args).items():
+#: flags every config has, whether or not a suite declares them (a classifier's -nc, a zoo's -a / --teacher-arch)
+SHARED_FLAGS = ("arch", "num_classes", "teacher_arch")
+
+
+def resolve(suite: Suite, flags: argparse.Namespace) -> RunConfig:
+    """The flags resolved once into the run's frozen config: the recipe filled, --smoke applied, ranges and the
+    suite's checks (before any work; SuiteError for a flag that would fail late or train nonsense), and what the
+    suite resolves (its ``check``'s returned flags) laid over the runner's defaults."""
+    flags.embedded = flags.data is None
+    flags.lr_given = flags.lr is not None  # an explicit --lr (a --resume with another one is reported)
+    for key in SHARED_FLAGS:
+        vars(flags).setdefault(key, None)
+    given = {k for k, v in vars(flags).items() if v is not None}
+    for k, v in {**RUNNER_DEFAULTS, **suite.recipe(flags)}.items():
+        if vars(flags).get(k) is None:
+            setattr(flags, k, v)
+    if flags.smoke:
+        for k, v in suite.smoke.items():
             if k not in given:
-                setattr(args, k, v)
-    if args.freeze_bn_epoch is not None and args.freeze_bn_epoch < 0:
-        args.freeze_bn_epoch = None
-    if args.distill_method == "none":
-        args.distill_method = None
-    if args.seed is None and args.embedded:
-        args.seed = 0
-    args.arch = suite.arch(args)
-    args.out_dir = suite.output_dir(args)
-    if args.metrics is None:
-        args.metrics = os.path.join(args.out_dir, f"{args.arch}_metrics.json")
-    if args.mixed_precision:  # per-layer bits: the Experimental backend (TSQAT if the search gives 8 bits everywhere)
-        if "backend" in given and args.backend != "Experimental":
-            raise SuiteError(f"--mixed-precision with --backend {args.backend}: the per-layer bits need the "
+                setattr(flags, k, v)
+    if flags.freeze_bn_epoch is not None and flags.freeze_bn_epoch < 0:
+        flags.freeze_bn_epoch = None
+    if flags.distill_method == "none":
+        flags.distill_method = None
+    if flags.seed is None and flags.embedded:
+        flags.seed = 0
+    check_backend(flags, given)
+    check_ranges(flags)
+    flags.arch = flags.arch or suite.name
+    # what a suite's check may decide otherwise
+    flags.teacher, flags.embedded_weights, flags.out_dir = "float", True, None
+    flags.finetune_float = flags.embedded and not flags.model_path and flags.float_epochs > 0
+    vars(flags).update(suite.check(flags) or {})
+    flags.out_dir = flags.out_dir or os.path.join(flags.output_dir, suite.name)
+    flags.teacher_arch = flags.teacher_arch or flags.arch
+    flags.teacher = choose_teacher(flags)
+    if flags.metrics is None:
+        flags.metrics = os.path.join(flags.out_dir, f"{flags.arch}_metrics.json")
+    check_accuracy_flags(flags)
+    return RunConfig(dict(vars(flags)))
+
+
+def choose_teacher(flags) -> str | None:
+    """Where the distillation teacher comes from: "path" (--teacher-path), else the suite's choice ("float": a copy
+    of the float model the student starts from; "zoo": its --teacher-arch), None without distillation."""
+    if not flags.distill_method or flags.not_qat or flags.evaluate:
+        return None
+    return "path" if flags.teacher_path else flags.teacher
+
+
+def check_backend(flags: argparse.Namespace, given: set) -> None:
+    """--mixed-precision's backend, --w-bit / --a-bit against the backend, batch sizes."""
+    if flags.mixed_precision:  # per-layer bits: the Experimental backend (TSQAT if the search gives 8 bits everywhere)
+        if "backend" in given and flags.backend != "Experimental":
+            raise SuiteError(f"--mixed-precision with --backend {flags.backend}: the per-layer bits need the "
                              "Experimental backend (the run uses TSQAT when every layer gets 8 bits); drop --backend")
-        args.backend = "Experimental"
-    if args.backend != "Experimental" and (args.w_bit or args.a_bit) and (args.w_bit, args.a_bit) != (8, 8):
-        raise SuiteError(f"--w-bit/--a-bit need --backend Experimental ({args.backend} has fixed bit widths)")
-    if args.onnx_batch < 1 or args.batch_size < 1:
+        flags.backend = "Experimental"
+    if flags.backend != "Experimental" and (flags.w_bit or flags.a_bit) and (flags.w_bit, flags.a_bit) != (8, 8):
+        raise SuiteError(f"--w-bit/--a-bit need --backend Experimental ({flags.backend} has fixed bit widths)")
+    if flags.onnx_batch < 1 or flags.batch_size < 1:
         raise SuiteError("--onnx-batch and --batch-size must be >= 1")
-    check_ranges(suite, args)
-    check_accuracy_flags(args)
-    return args
 
 
 def check_accuracy_flags(args: argparse.Namespace) -> None:
@@ -430,7 +491,7 @@ def _json(text: str, source: str):
         raise SuiteError(f"{source} is not valid JSON ({exc})") from None
 
 
-def check_ranges(suite: Suite, args: argparse.Namespace) -> None:
+def check_ranges(args: argparse.Namespace) -> None:
     """Numbers that would fail late (the opset at the first export, after an epoch) or silently train nonsense
     (a negative or NaN learning rate): errors before any work."""
     for flag, v in (("--lr", args.lr), ("--float-lr", args.float_lr), ("--qparam-lr", args.qparam_lr)):
@@ -440,7 +501,6 @@ def check_ranges(suite: Suite, args: argparse.Namespace) -> None:
         raise SuiteError(f"--warmup-steps {args.warmup_steps} must be >= 0")
     if args.workers < 0:
         raise SuiteError(f"-j/--workers {args.workers} must be >= 0 (0: load data in the main process)")
-    suite.check_args(args)
     lo, hi = OPSET_RANGE
     if not lo <= args.opset_version <= hi:
         raise SuiteError(f"--opset-version {args.opset_version} is outside {lo}..{hi} (what convert_export writes; "

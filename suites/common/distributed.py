@@ -47,20 +47,21 @@ def under_torchrun(args) -> bool:
     return args.dist_url == "env://" and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init_process(args, local: int, nproc: int) -> None:
+def init_process(cfg, local: int, nproc: int, device) -> None:
     """Join the process group: ``local`` is this process's index on the node (its device), ``nproc`` the processes
     per node. pytorch/examples' rank arithmetic: --world-size nodes, --rank the node's rank."""
-    if args.dist_url == "env://" and args.rank == -1:
-        args.rank = int(os.environ.get("RANK", 0))
-    if args.multiprocessing_distributed:
-        args.rank = (args.rank * nproc + local) if args.rank >= 0 else local
-        if args.dist_url == "env://":
+    rank = cfg.rank
+    if cfg.dist_url == "env://" and rank == -1:
+        rank = int(os.environ.get("RANK", 0))
+    if cfg.multiprocessing_distributed:
+        rank = (rank * nproc + local) if rank >= 0 else local
+        if cfg.dist_url == "env://":
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", "29517")
-    backend = args.dist_backend
-    if backend == "nccl" and args.device.type != "cuda":
+    backend = cfg.dist_backend
+    if backend == "nccl" and device.type != "cuda":
         backend = "gloo"
-    dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank)
+    dist.init_process_group(backend=backend, init_method=cfg.dist_url, world_size=cfg.world_size, rank=rank)
 
 
 def broadcast_float(value: float) -> float:

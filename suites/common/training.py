@@ -1,16 +1,18 @@
 """The runner's training pieces (pytorch/examples style): seeds and RNG state for exact resume, the epoch subset
 sampler, loaders, the kd loss, optimizer and LR schedule factories, and one training epoch.
 
-    train_epoch(suite, loader, model, optimizer, scheduler, epoch, args, teacher=None)  -> (scores, loss)
+    train_epoch(run, loader, model, Training(optimizer, scheduler, teacher), epoch)  -> (scores, loss)
 
-A training batch goes through ``suite.inputs(batch, device)`` -> ``model(*inputs)``; the loss is
-``suite.distill_loss`` against the teacher's output (default ``kd_loss``) or ``suite.loss(output, target)``; the progress line shows Time, Data,
-Loss and the suite's ``train_meters``.
+A training batch ``(inputs, target, ...)`` goes through :func:`batch_inputs` -> ``model(*inputs)``; the loss and the
+progress line's values are ``suite.loss(output, target, teacher_output, cfg)`` (the teacher's output with
+distillation); the progress line shows Time, Data, Loss and the suite's ``train_meters``.
 """
 from __future__ import annotations
 
 import ast
 import logging
+from dataclasses import dataclass
+from typing import Any
 import math
 import random
 import time
@@ -148,10 +150,26 @@ def cosine_schedule(optimizer, total_steps: int, warmup_steps: int = 0, final: f
     return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
 
 
-def autocast(args):
-    if not getattr(args, "amp", False):
+def batch_inputs(batch, device, memory_format=torch.contiguous_format) -> tuple[tuple, Any]:
+    """(the model's inputs as a tuple, the target) of one batch ``(inputs or a tuple of inputs, target, ...)``, on
+    ``device``; image batches in ``memory_format``."""
+    x, target = batch[0], batch[1]
+    xs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+    xs = tuple(t.to(device, non_blocking=True, memory_format=memory_format) if t.dim() == 4
+               else t.to(device, non_blocking=True) for t in xs)
+    return xs, target.to(device, non_blocking=True) if isinstance(target, torch.Tensor) else target
+
+
+def on_device(x, device) -> tuple:
+    """An example input (a tensor or a tuple) as a tuple on ``device``."""
+    x = x if isinstance(x, tuple) else (x,)
+    return tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in x)
+
+
+def autocast(run):
+    if not run.config.amp:
         return torch.autocast("cpu", enabled=False)
-    if args.device.type == "cuda":
+    if run.device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.float16)
     return torch.autocast("cpu", dtype=torch.bfloat16)
 
@@ -166,38 +184,51 @@ def input_format(model) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def train_epoch(suite, loader, model, optimizer, scheduler, epoch: int, args, teacher=None, scaler=None,
-                prefix: str = "Epoch", loss_fn=None):
-    """One epoch; returns ({meter label: average}, average loss). ``loss_fn(output, target)`` replaces the suite's
-    loss (the float fine-tune's plain cross entropy)."""
+@dataclass
+class Training:
+    """How an epoch trains: the optimizer and the per-step LR schedule, the distillation teacher, the AMP scaler;
+    for the QAT epochs also their loader and sampler, and whether each epoch is recorded (evaluated, saved)."""
+
+    optimizer: Any
+    scheduler: Any = None
+    teacher: Any = None
+    scaler: Any = None
+    loader: Any = None
+    sampler: Any = None
+    record: bool = True
+    prefix: str = "Epoch"
+
+
+def train_epoch(run, loader, model, training: Training, epoch: int):
+    """One epoch; returns ({meter label: average}, average loss)."""
+    suite, cfg = run.suite, run.config
     batch_time = AverageMeter("Time", ":6.3f")
     data_time = AverageMeter("Data", ":6.3f")
     losses = AverageMeter("Loss", ":.4e")
     scores = [AverageMeter(label, fmt) for label, fmt in suite.train_meters]
-    progress = ProgressMeter(len(loader), [batch_time, data_time, losses, *scores], prefix=f"{prefix}: [{epoch}]",
-                             print_freq=args.print_freq, enabled=is_main())
+    progress = ProgressMeter(len(loader), [batch_time, data_time, losses, *scores],
+                             prefix=f"{training.prefix}: [{epoch}]", print_freq=cfg.print_freq, enabled=is_main())
     model.train()
     fmt = input_format(model)
     skipped_before = skipped_images(loader.dataset)
-    loss_fn = loss_fn or suite.loss
+    optimizer, scaler, teacher = training.optimizer, training.scaler, training.teacher
     end = time.time()
     try:
         for i, batch in enumerate(loader):
             data_time.update(time.time() - end)
-            inputs, target = suite.inputs(batch, args.device, fmt)
-            with autocast(args):
+            inputs, target = batch_inputs(batch, run.device, fmt)
+            with autocast(run):
                 output = model(*inputs)
+                t_out = None
                 if teacher is not None:
                     with torch.no_grad():
                         t_out = teacher(*inputs)
-                    loss = suite.distill_loss(output, t_out, target, args)
-                else:
-                    loss = loss_fn(output, target)
+                loss, values = suite.loss(output, target, t_out, cfg)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {i}; lower --lr")
             n = inputs[0].size(0)
             losses.update(loss.item(), n)
-            for meter, value in zip(scores, suite.train_scores(output, target)):
+            for meter, value in zip(scores, values):
                 meter.update(value, n)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
@@ -206,15 +237,15 @@ def train_epoch(suite, loader, model, optimizer, scheduler, epoch: int, args, te
                 scaler.update()
             else:
                 loss.backward()
-                if getattr(args, "clip_grad_norm", None):
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm)
+                if cfg.clip_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
                 optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
+            if training.scheduler is not None:
+                training.scheduler.step()
             batch_time.update(time.time() - end)
             end = time.time()
             progress.step(i)
     finally:
         progress.close()
-    report_skips(loader.dataset, skipped_before, f"{prefix}: [{epoch}]")
+    report_skips(loader.dataset, skipped_before, f"{training.prefix}: [{epoch}]")
     return {m.name: m.avg for m in scores}, losses.avg

@@ -57,8 +57,10 @@ SMOKE = dict(float_images=256, float_epochs=1, train_images=128, val_images=256,
 class ImageNetSuite(Suite):
     name = "imagenet"
     metric = Metric("top1", "higher")
+    summary = "top-1 {top1:.3f} top-5 {top5:.3f}"
     errors = (DataError,)
     recipes = {"embedded": EMBEDDED, "general": GENERAL}
+    smoke = SMOKE
     cache_tag = "fmnist"
 
     # ---- command line and recipe
@@ -74,122 +76,107 @@ class ImageNetSuite(Suite):
                             "skip it (the next readable image takes its place), counted and reported per epoch and "
                             "in the metrics JSON (skipped_images)")
 
-    def recipe(self, args) -> dict:
-        if not args.embedded:
-            return {**GENERAL, **(GENERAL_FLOAT if args.not_qat else {})}
-        low_bit = args.backend == "Experimental" and min(args.w_bit or 8, args.a_bit or 8) < 8 and not args.smoke
+    def recipe(self, flags) -> dict:
+        if not flags.embedded:
+            return {**GENERAL, **(GENERAL_FLOAT if flags.not_qat else {})}
+        low_bit = flags.backend == "Experimental" and min(flags.w_bit or 8, flags.a_bit or 8) < 8 and not flags.smoke
         return {**EMBEDDED, **(EMBEDDED_LOW_BIT if low_bit else {}),
-                **(EMBEDDED_LOW_BIT_FROM_PTQ if low_bit and args.ptq_recon else {})}
+                **(EMBEDDED_LOW_BIT_FROM_PTQ if low_bit and flags.ptq_recon else {})}
 
-    def smoke(self, args) -> dict:
-        return dict(SMOKE)
-
-    def check_args(self, args) -> None:
-        if args.embedded and args.num_classes != 10:
+    def check(self, flags) -> dict:
+        if flags.embedded and flags.num_classes != 10:
             raise SuiteError(f"the embedded Fashion-MNIST default has 10 classes, -nc/--num-classes is "
-                             f"{args.num_classes}")
-        if args.image_size < 32:
-            raise SuiteError(f"--image-size {args.image_size} must be >= 32 (the zoo networks downsample by 32)")
-        if args.num_classes < 1:
-            raise SuiteError(f"-nc/--num-classes {args.num_classes} must be >= 1")
+                             f"{flags.num_classes}")
+        if flags.image_size < 32:
+            raise SuiteError(f"--image-size {flags.image_size} must be >= 32 (the zoo networks downsample by 32)")
+        if flags.num_classes < 1:
+            raise SuiteError(f"-nc/--num-classes {flags.num_classes} must be >= 1")
+        check_arch(flags.arch, flags.model_zoo)
+        if flags.distill_method and not flags.embedded and not flags.teacher_path:
+            check_arch(flags.teacher_arch, flags.model_zoo, "--teacher-arch")
+        distilled = flags.distill_method and not (flags.not_qat or flags.evaluate or flags.teacher_path)
+        return {"teacher": teacher_source(flags) if distilled else "float"}
 
-    def arch(self, args) -> str:
-        return args.arch
-
-    # ---- checks, data
-    def check(self, args) -> None:
-        check_arch(args.arch, args.model_zoo)
-        if args.distill_method and not args.embedded and not args.teacher_path:
-            check_arch(args.teacher_arch, args.model_zoo, "--teacher-arch")
-
-    def datasets(self, args) -> Data:
+    # ---- data and model
+    def datasets(self, cfg) -> Data:
         """Train, calibration (training images, no augmentation) and validation sets."""
         from suites.common.assets import load_fashion_mnist
         from suites.imagenet import data
-        if args.embedded:
+        if cfg.embedded:
             fm = load_fashion_mnist()
             (xtr, ytr), (xte, yte) = fm["train"], fm["test"]
-            train = data.FashionMNISTImageNet(xtr, ytr, args.image_size, train=True)
-            calib = data.FashionMNISTImageNet(xtr, ytr, args.image_size, train=False)
-            val = data.FashionMNISTImageNet(xte, yte, args.image_size, train=False)
+            train = data.FashionMNISTImageNet(xtr, ytr, cfg.image_size, train=True)
+            calib = data.FashionMNISTImageNet(xtr, ytr, cfg.image_size, train=False)
+            val = data.FashionMNISTImageNet(xte, yte, cfg.image_size, train=False)
         else:
-            data.check_imagefolder(args.data)
-            n = len(data.class_folders(os.path.join(args.data, "train")))  # before ImageFolder scans every image
-            if n != args.num_classes:
-                more = (f"the model's {args.num_classes - n} extra outputs would never see a label"
-                        if n < args.num_classes else "the labels would not fit the model's outputs")
-                raise SuiteError(f"--data '{args.data}' has {n} classes (class folders in train/) but "
-                                 f"-nc/--num-classes is {args.num_classes}: {more}; use -nc {n}")
-            train, val, calib = data.imagefolder_datasets(args.data, args.image_size, args.on_bad_image)
-        val = val_subset(val, args.val_images, args.seed)
-        return Data(train, calib, val, name="fashion-mnist" if args.embedded else args.data)
+            data.check_imagefolder(cfg.data)
+            n = len(data.class_folders(os.path.join(cfg.data, "train")))  # before ImageFolder scans every image
+            if n != cfg.num_classes:
+                more = (f"the model's {cfg.num_classes - n} extra outputs would never see a label"
+                        if n < cfg.num_classes else "the labels would not fit the model's outputs")
+                raise SuiteError(f"--data '{cfg.data}' has {n} classes (class folders in train/) but "
+                                 f"-nc/--num-classes is {cfg.num_classes}: {more}; use -nc {n}")
+            train, val, calib = data.imagefolder_datasets(cfg.data, cfg.image_size, cfg.on_bad_image)
+        val = val_subset(val, cfg.val_images, cfg.seed)
+        return Data(train, calib, val, name="fashion-mnist" if cfg.embedded else cfg.data,
+                    example=image_example(cfg.image_size),
+                    facts={"num_classes": cfg.num_classes, "image_size": cfg.image_size},
+                    checkpoint={"num_classes": cfg.num_classes}, cache_key={"image_size": cfg.image_size})
 
-    def extras(self, args, data: Data) -> dict:
-        return {"num_classes": args.num_classes, "image_size": args.image_size}
-
-    def cache_key(self, args) -> dict:
-        return {"image_size": args.image_size}
-
-    def checkpoint_extras(self, args) -> dict:
-        return {"num_classes": args.num_classes}
-
-    # ---- models and teacher
-    def build_model(self, args, arch: str, pretrained: bool) -> nn.Module:
-        return create_model(arch, args.model_zoo, args.num_classes, pretrained)
-
-    def teacher_source(self, args) -> str:
-        """The float model teaches the embedded default. With --data the zoo's pretrained --teacher-arch does, unless
-        its head predicts another number of classes than -nc (a new head would be random): then the fine-tuned float
-        model of --model-path teaches (logged), and without one it is an error."""
-        if args.embedded:
-            return "float"
-        zoo_nc = zoo_num_classes(args.teacher_arch, args.model_zoo)
-        if zoo_nc is None or zoo_nc == args.num_classes:
-            return "zoo"
-        if args.model_path:
-            logger.warning("distillation teacher: the float model of --model-path '%s' (%d classes), not "
-                           "--teacher-arch %s: the zoo's pretrained %s predicts %d classes and a new %d-class head "
-                           "would be random; give --teacher-path for another teacher", args.model_path,
-                           args.num_classes, args.teacher_arch, args.teacher_arch, zoo_nc, args.num_classes)
-            return "float"
-        raise SuiteError(f"--distill-method {args.distill_method} with -nc/--num-classes {args.num_classes}: the "
-                         f"pretrained --teacher-arch {args.teacher_arch} predicts {zoo_nc} classes, and a new "
-                         f"{args.num_classes}-class head would be random; give --teacher-path (a {args.num_classes}-"
-                         f"class teacher), --model-path (fine-tuned float weights, which then teach), or "
-                         "--distill-method none")
-
-    def teacher_arch(self, args) -> str:
-        return args.teacher_arch
+    def build_model(self, cfg, arch: str, pretrained: bool) -> nn.Module:
+        return create_model(arch, cfg.model_zoo, cfg.num_classes, pretrained)
 
     # ---- metric
-    def dummy_input(self, args):
-        return torch.randn(1, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(0))
-
-    def describe(self, scores: dict) -> str:
-        return f"top-1 {scores['top1']:.3f} top-5 {scores['top5']:.3f}"
-
-    def evaluate(self, model, loader, args, prefix: str) -> dict:
+    def evaluate(self, model, loader, run, prefix: str) -> dict:
         from suites.common.training import autocast, input_format
         model.eval()
         fmt = input_format(model)
 
         def predict(images):
-            with autocast(args):
+            with autocast(run):
                 return model(images.contiguous(memory_format=fmt)).float()
 
-        return topk_scores(loader, predict, args, prefix, device=args.device, with_loss=True)
+        return topk_scores(loader, predict, run.config.print_freq, prefix, device=run.device, with_loss=True)
 
-    def evaluate_onnx(self, session, loader, args, prefix: str) -> dict:
+    def evaluate_onnx(self, session, loader, run, prefix: str) -> dict:
         from ts_qat_pytorch.onnx.verify import run_in_batches
+        batch = run.config.onnx_batch
 
         def predict(images):  # batches are cut / zero-padded to the file's batch
-            return torch.from_numpy(run_in_batches(session, images.numpy().astype(np.float32), args.onnx_batch)[0])
+            return torch.from_numpy(run_in_batches(session, images.numpy().astype(np.float32), batch)[0])
 
-        return topk_scores(loader, predict, args, prefix)
+        return topk_scores(loader, predict, run.config.print_freq, prefix)
+
+
+def image_example(size: int) -> torch.Tensor:
+    """The export's example input: one seeded random image."""
+    return torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def teacher_source(flags) -> str:
+    """The float model teaches the embedded default. With --data the zoo's pretrained --teacher-arch does, unless
+    its head predicts another number of classes than -nc (a new head would be random): then the fine-tuned float
+    model of --model-path teaches (logged), and without one it is an error."""
+    if flags.embedded:
+        return "float"
+    zoo_nc = zoo_num_classes(flags.teacher_arch, flags.model_zoo)
+    if zoo_nc is None or zoo_nc == flags.num_classes:
+        return "zoo"
+    if flags.model_path:
+        logger.warning("distillation teacher: the float model of --model-path '%s' (%d classes), not "
+                       "--teacher-arch %s: the zoo's pretrained %s predicts %d classes and a new %d-class head "
+                       "would be random; give --teacher-path for another teacher", flags.model_path,
+                       flags.num_classes, flags.teacher_arch, flags.teacher_arch, zoo_nc, flags.num_classes)
+        return "float"
+    raise SuiteError(f"--distill-method {flags.distill_method} with -nc/--num-classes {flags.num_classes}: the "
+                     f"pretrained --teacher-arch {flags.teacher_arch} predicts {zoo_nc} classes, and a new "
+                     f"{flags.num_classes}-class head would be random; give --teacher-path (a {flags.num_classes}-"
+                     f"class teacher), --model-path (fine-tuned float weights, which then teach), or "
+                     "--distill-method none")
 
 
 @torch.no_grad()
-def topk_scores(loader, predict, args, prefix: str, device=None, with_loss: bool = False) -> dict:
+def topk_scores(loader, predict, print_freq: int, prefix: str, device=None, with_loss: bool = False) -> dict:
     """Top-1 / top-5 (%) of ``predict(images) -> logits`` over a loader, with the manual's progress lines."""
     import time
 
@@ -200,7 +187,7 @@ def topk_scores(loader, predict, args, prefix: str, device=None, with_loss: bool
     top1 = AverageMeter("Acc@1", ":6.2f", Summary.AVERAGE)
     top5 = AverageMeter("Acc@5", ":6.2f", Summary.AVERAGE)
     meters = [batch_time] + ([losses] if with_loss else []) + [top1, top5]
-    progress = ProgressMeter(len(loader), meters, prefix=f"{prefix}: ", print_freq=args.print_freq * 5)
+    progress = ProgressMeter(len(loader), meters, prefix=f"{prefix}: ", print_freq=print_freq * 5)
     skipped_before = skipped_images(loader.dataset)
     end = time.time()
     try:

@@ -45,12 +45,11 @@ SMOKE = dict(scenes=(96, 32), float_images=96, float_epochs=1, train_images=32, 
 class SegmentationSuite(Suite):
     name = "segmentation"
     metric = Metric("miou", "higher", ".2f")
+    summary = "mIoU {miou:.2f} pixel acc {pixel_acc:.2f}"
     recipes = {"embedded": EMBEDDED, "general": GENERAL}
+    smoke = SMOKE
     train_meters = (("PixAcc", ":6.2f"),)
     cache_tag = "scenes"
-
-    def __init__(self):
-        self.per_class: dict = {}  # stage -> {"miou", "iou"}: the metrics' extras, filled by each evaluation
 
     # ---- command line and recipe
     def add_arguments(self, p) -> None:
@@ -69,161 +68,146 @@ class SegmentationSuite(Suite):
         p.add_argument("--scene-items", type=int, default=None, help="embedded default: at most this many items "
                        "per scene (4, as yolov5's scenes)")
 
-    def smoke(self, args) -> dict:
-        return dict(SMOKE)
-
-    def check_args(self, args) -> None:
-        if args.embedded and args.num_classes != len(D.SCENE_CLASSES):
+    def check(self, flags) -> dict:
+        if flags.embedded and flags.num_classes != len(D.SCENE_CLASSES):
             raise SuiteError(f"the embedded scenes have {len(D.SCENE_CLASSES)} classes (background + 10 "
-                             f"Fashion-MNIST classes), -nc/--num-classes is {args.num_classes}")
-        if args.num_classes < 2:
-            raise SuiteError(f"-nc/--num-classes {args.num_classes} must be >= 2 (background and a class)")
-        if args.image_size < 32 or args.image_size % 16:
-            raise SuiteError(f"--image-size {args.image_size} must be a multiple of 16, >= 32 (the LR-ASPP head "
+                             f"Fashion-MNIST classes), -nc/--num-classes is {flags.num_classes}")
+        if flags.num_classes < 2:
+            raise SuiteError(f"-nc/--num-classes {flags.num_classes} must be >= 2 (background and a class)")
+        if flags.image_size < 32 or flags.image_size % 16:
+            raise SuiteError(f"--image-size {flags.image_size} must be a multiple of 16, >= 32 (the LR-ASPP head "
                              "joins stride-16 and stride-8 features)")
-        if min(args.scenes) < 1:
-            raise SuiteError(f"--scenes {args.scenes[0]} {args.scenes[1]} must both be >= 1")
-
-    def arch(self, args) -> str:
-        return args.arch
-
-    # ---- checks, data
-    def check(self, args) -> None:
+        if min(flags.scenes) < 1:
+            raise SuiteError(f"--scenes {flags.scenes[0]} {flags.scenes[1]} must both be >= 1")
         names = list(LRASPP_ARCHS) + torchvision_archs()
-        if args.arch not in names:
-            close = difflib.get_close_matches(args.arch, names, n=4, cutoff=0.5)
-            raise SuiteError(f"unknown --arch '{args.arch}'; " + (f"did you mean {', '.join(close)}?" if close else
+        if flags.arch not in names:
+            close = difflib.get_close_matches(flags.arch, names, n=4, cutoff=0.5)
+            raise SuiteError(f"unknown --arch '{flags.arch}'; " + (f"did you mean {', '.join(close)}?" if close else
                              f"choose one of {', '.join(names)}"))
-        if args.weights and args.model_path:
+        if flags.weights and flags.model_path:
             raise SuiteError("--weights and --model-path both give the float weights: give one (--model-path: a "
                              "trained model, no embedded fine-tune; --weights: a start for it)")
-        if args.weights:
+        if flags.weights:
             from suites.common.checkpoints import read_state_dict
-            read_state_dict(args.weights, "--weights")  # readable, a state_dict
+            read_state_dict(flags.weights, "--weights")  # readable, a state_dict
+        # ImageNet weights exist offline for mobilenet_v2 only; torchvision's models start random (or --weights)
+        return {"embedded_weights": flags.arch in LRASPP_ARCHS or bool(flags.weights)}
 
-    def datasets(self, args) -> Data:
-        if args.embedded:
-            train, calib, val = D.embedded_datasets(*args.scenes, args.image_size, seed=0, max_items=args.scene_items)
+    # ---- data and model
+    def datasets(self, cfg) -> Data:
+        if cfg.embedded:
+            train, calib, val = D.embedded_datasets(*cfg.scenes, cfg.image_size, seed=0, max_items=cfg.scene_items)
         else:
-            train, calib, val = D.user_datasets(args.data, args.num_classes, args.image_size)
-        val = val_subset(val, args.val_images, args.seed)
-        return Data(train, calib, val, name="synthetic Fashion-MNIST scenes" if args.embedded else args.data)
+            train, calib, val = D.user_datasets(cfg.data, cfg.num_classes, cfg.image_size)
+        val = val_subset(val, cfg.val_images, cfg.seed)
+        classes = list(D.SCENE_CLASSES) if cfg.embedded else [str(c) for c in range(cfg.num_classes)]
+        chart = os.path.join(os.path.dirname(os.path.abspath(cfg.metrics)), f"{cfg.arch}_iou.png")
+        facts = {"num_classes": cfg.num_classes, "image_size": cfg.image_size, "classes": classes,
+                 "scenes": list(cfg.scenes) if cfg.embedded else None, "per_class_iou": {}, "iou_chart": chart}
+        key = {"image_size": cfg.image_size, "scenes": list(cfg.scenes), "scene_items": cfg.scene_items,
+               "scenes_version": D.SCENES_VERSION, "weights": cfg.weights or None}
+        example = torch.randn(1, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(0))
+        return Data(train, calib, val, name="synthetic Fashion-MNIST scenes" if cfg.embedded else cfg.data,
+                    example=example, facts=facts, checkpoint={"num_classes": cfg.num_classes}, cache_key=key)
 
-    def extras(self, args, data: Data) -> dict:
-        self.per_class.clear()
-        classes = list(D.SCENE_CLASSES) if args.embedded else [str(c) for c in range(args.num_classes)]
-        self.classes = classes
-        self.chart = os.path.join(os.path.dirname(os.path.abspath(args.metrics)), f"{args.arch}_iou.png")
-        # the dict is filled by the evaluations later (the runner has no hook after the run: see README.md)
-        return {"num_classes": args.num_classes, "image_size": args.image_size, "classes": classes,
-                "scenes": list(args.scenes) if args.embedded else None, "per_class_iou": self.per_class,
-                "iou_chart": self.chart}
-
-    def cache_key(self, args) -> dict:
-        return {"image_size": args.image_size, "scenes": list(args.scenes), "scene_items": args.scene_items,
-                "scenes_version": D.SCENES_VERSION,
-                "weights": args.weights or None}
-
-    def checkpoint_extras(self, args) -> dict:
-        return {"num_classes": args.num_classes}
-
-    # ---- models
-    def build_model(self, args, arch: str, pretrained: bool) -> nn.Module:
+    def build_model(self, cfg, arch: str, pretrained: bool) -> nn.Module:
         try:
-            model = create_model(arch, args.num_classes, pretrained and not args.weights)
+            model = create_model(arch, cfg.num_classes, pretrained and not cfg.weights)
         except (OSError, RuntimeError) as exc:  # torchvision's weights API without the internet
             raise SuiteError(f"the pretrained weights of {arch} could not be loaded ({exc}); give --weights FILE (a "
                              "state_dict) or leave out --pretrained") from exc
-        if args.weights:
+        if cfg.weights:
             from suites.common.checkpoints import check_shapes, read_state_dict
-            sd = read_state_dict(args.weights, "--weights")
-            check_shapes(model, sd, args.weights, args, "--weights")
+            sd = read_state_dict(cfg.weights, "--weights")
+            check_shapes(model, sd, cfg.weights, "--weights", cfg.num_classes)
             model.load_state_dict(sd, strict=False)
         return model
 
-    def embedded_weights(self, args) -> bool:
-        """ImageNet weights exist offline for mobilenet_v2 only; torchvision's models start random (or --weights)."""
-        return args.arch in LRASPP_ARCHS or bool(args.weights)
-
-    # ---- batches, loss, metric
-    def loss(self, output, target) -> torch.Tensor:
-        """Per-pixel cross entropy at the mask's resolution (255 ignored); torchvision's aux head weighs 0.5."""
-        loss = F.cross_entropy(upsampled(output["out"].float(), target.shape[-2:]), target, ignore_index=IGNORE)
-        if "aux" in output:
-            loss = loss + 0.5 * F.cross_entropy(upsampled(output["aux"].float(), target.shape[-2:]), target,
-                                                ignore_index=IGNORE)
-        return loss
-
-    def distill_loss(self, output, teacher_output, target, args) -> torch.Tensor:
-        """Per-pixel distillation: ``alpha * KL(teacher || student) * T^2`` over the classes at every labelled pixel
-        of the logit grid (ignored pixels left out), ``+ (1 - alpha) *`` the per-pixel cross entropy."""
-        t = args.temperature
-        s_out, t_out = output["out"].float(), teacher_output["out"].float()
-        kl = F.kl_div(F.log_softmax(s_out / t, dim=1), F.softmax(t_out / t, dim=1), reduction="none").sum(1)
-        valid = F.interpolate((target != IGNORE).float()[:, None], size=kl.shape[-2:], mode="area")[:, 0] > 0
-        kd = (kl * valid).sum() / valid.sum().clamp(min=1) * (t * t)
-        if args.distill_alpha >= 1.0:
-            return kd
-        return args.distill_alpha * kd + (1.0 - args.distill_alpha) * self.loss(output, target)
-
-    def train_scores(self, output, target) -> tuple[float, ...]:
+    # ---- loss and metric
+    def loss(self, output, target, teacher_output=None, cfg=None):
+        """Per-pixel cross entropy at the mask's resolution (255 ignored; torchvision's aux head weighs 0.5), or
+        per-pixel distillation: ``alpha * KL(teacher || student) * T^2`` over the classes at every labelled pixel of
+        the logit grid (ignored pixels left out), ``+ (1 - alpha) *`` the cross entropy. The meter: pixel accuracy."""
+        if teacher_output is None:
+            loss = cross_entropy(output, target)
+        else:
+            loss = pixel_kd(output["out"].float(), teacher_output["out"].float(), target, cfg.temperature)
+            if cfg.distill_alpha < 1.0:
+                loss = cfg.distill_alpha * loss + (1.0 - cfg.distill_alpha) * cross_entropy(output, target)
         with torch.no_grad():
             pred = upsampled(output["out"].float(), target.shape[-2:]).argmax(1)
             keep = target != IGNORE
-            return (100.0 * float((pred[keep] == target[keep]).float().mean()) if keep.any() else 0.0,)
+            acc = 100.0 * float((pred[keep] == target[keep]).float().mean()) if keep.any() else 0.0
+        return loss, (acc,)
 
-    def dummy_input(self, args):
-        return torch.randn(1, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(0))
-
-    def describe(self, scores: dict) -> str:
-        return f"mIoU {scores['miou']:.2f} pixel acc {scores['pixel_acc']:.2f}"
-
-    def evaluate(self, model, loader, args, prefix: str) -> dict:
+    def evaluate(self, model, loader, run, prefix: str) -> dict:
         from suites.common.training import autocast, input_format
         model.eval()
         fmt = input_format(model)
 
         def predict(images):
-            with autocast(args):
-                return model(images.to(args.device).contiguous(memory_format=fmt))["out"].float()
+            with autocast(run):
+                return model(images.to(run.device).contiguous(memory_format=fmt))["out"].float()
 
-        return self.score(loader, predict, args, prefix)
+        return score(loader, predict, run, prefix)
 
-    def evaluate_onnx(self, session, loader, args, prefix: str) -> dict:
+    def evaluate_onnx(self, session, loader, run, prefix: str) -> dict:
         from ts_qat_pytorch.onnx.verify import run_in_batches
         names = [o.name for o in session.get_outputs()]
         i = names.index("out") if "out" in names else 0
 
         def predict(images):  # batches are cut / zero-padded to the file's batch
-            return torch.from_numpy(run_in_batches(session, images.numpy().astype(np.float32), args.onnx_batch)[i])
+            return torch.from_numpy(run_in_batches(session, images.numpy().astype(np.float32),
+                                                   run.config.onnx_batch)[i])
 
-        return self.score(loader, predict, args, prefix)
+        return score(loader, predict, run, prefix)
 
-    @torch.no_grad()
-    def score(self, loader, predict, args, prefix: str) -> dict:
-        """mIoU / pixel accuracy of ``predict(images) -> logits`` over a loader; per-class IoU into the extras and
-        the chart (float, QAT, ORT int8)."""
-        import time
+    # ---- events
+    def on_stage_end(self, run, stage: str, result) -> None:
+        """Each float / QAT / ORT evaluation's per-class IoU into the metrics' extras, and the chart."""
+        if stage in ("float_eval", "qat_eval", "ort_eval"):
+            extras = run.metrics.extras
+            extras["per_class_iou"][stage[:-5]] = result.detail
+            plot_iou(extras["per_class_iou"], extras["classes"], extras["iou_chart"],
+                     f"{run.config.arch} {run.backend}: per-class IoU")
 
-        from suites.common.meters import AverageMeter, ProgressMeter, Summary
-        batch_time = AverageMeter("Time", ":6.3f", Summary.NONE)
-        progress = ProgressMeter(len(loader), [batch_time], prefix=f"{prefix}: ", print_freq=args.print_freq * 5)
-        cm = ConfusionMatrix(args.num_classes)
-        end = time.time()
-        try:
-            for i, (images, target) in enumerate(loader):
-                cm.update(target, upsampled(predict(images).cpu(), target.shape[-2:]).argmax(1))
-                batch_time.update(time.time() - end)
-                end = time.time()
-                progress.step(i)
-        finally:
-            progress.close()
-        s = cm.scores()
-        stage = {"Float": "float", "QAT": "qat", "ORT int8": "ort"}.get(prefix)
-        if stage:
-            self.per_class[stage] = {"miou": s["miou"], "iou": s["iou"]}
-            plot_iou(self.per_class, self.classes, self.chart, f"{args.arch} {args.backend}: per-class IoU")
-        return {"miou": s["miou"], "pixel_acc": s["pixel_acc"]}
+
+def cross_entropy(output, target) -> torch.Tensor:
+    """Per-pixel cross entropy at the mask's resolution (255 ignored); torchvision's aux head weighs 0.5."""
+    loss = F.cross_entropy(upsampled(output["out"].float(), target.shape[-2:]), target, ignore_index=IGNORE)
+    if "aux" in output:
+        loss = loss + 0.5 * F.cross_entropy(upsampled(output["aux"].float(), target.shape[-2:]), target,
+                                            ignore_index=IGNORE)
+    return loss
+
+
+def pixel_kd(s_out, t_out, target, t: float) -> torch.Tensor:
+    """KL(teacher || student) * T^2 per pixel of the logit grid, averaged over the labelled pixels."""
+    kl = F.kl_div(F.log_softmax(s_out / t, dim=1), F.softmax(t_out / t, dim=1), reduction="none").sum(1)
+    valid = F.interpolate((target != IGNORE).float()[:, None], size=kl.shape[-2:], mode="area")[:, 0] > 0
+    return (kl * valid).sum() / valid.sum().clamp(min=1) * (t * t)
+
+
+@torch.no_grad()
+def score(loader, predict, run, prefix: str) -> dict:
+    """mIoU / pixel accuracy of ``predict(images) -> logits`` over a loader; the per-class IoU as the detail."""
+    import time
+
+    from suites.common.meters import AverageMeter, ProgressMeter, Summary
+    batch_time = AverageMeter("Time", ":6.3f", Summary.NONE)
+    progress = ProgressMeter(len(loader), [batch_time], prefix=f"{prefix}: ", print_freq=run.config.print_freq * 5)
+    cm = ConfusionMatrix(run.config.num_classes)
+    end = time.time()
+    try:
+        for i, (images, target) in enumerate(loader):
+            cm.update(target, upsampled(predict(images).cpu(), target.shape[-2:]).argmax(1))
+            batch_time.update(time.time() - end)
+            end = time.time()
+            progress.step(i)
+    finally:
+        progress.close()
+    s = cm.scores()
+    return {"miou": s["miou"], "pixel_acc": s["pixel_acc"], "detail": {"miou": s["miou"], "iou": s["iou"]}}
 
 
 SUITE = SegmentationSuite()

@@ -84,7 +84,7 @@ def ort_latency(paths: dict[str, str], batch: int, length: int, threads: int | N
 
 
 def main(argv=None) -> int:
-    from suites.transformers.suite import EMBEDDED
+    from suites.transformers.recipe import EMBEDDED
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("onnx")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the embedded MiniLM's)")

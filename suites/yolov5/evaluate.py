@@ -186,38 +186,6 @@ class EvalResult:
     records: list           # the evaluated images' records
 
 
-def run_eval(predict, loader, anchors, strides, records, cat_ids, gt: dict, conf_thres=0.001, iou_thres=0.6,
-             prefix="Eval", log=print) -> EvalResult:
-    """``predict(images) -> list of raw feature maps``; everything after it is the shared float code."""
-    dets, coco_dets = {}, []
-    t0, n_img = time.time(), 0
-    for bi, (x, _t, metas, ids) in enumerate(loader):
-        raw = predict(x)
-        for d, iid in zip(postprocess(raw, anchors, strides, metas, conf_thres, iou_thres), ids):
-            d = d.numpy()
-            dets[iid] = d
-            for row in d:
-                coco_dets.append({"image_id": int(iid), "category_id": int(cat_ids[int(row[5])]),
-                                  "bbox": [round(float(row[0]), 3), round(float(row[1]), 3),
-                                           round(float(row[2] - row[0]), 3), round(float(row[3] - row[1]), 3)],
-                                  "score": round(float(row[4]), 5)})
-        n_img += len(ids)
-        if bi % 20 == 0:
-            log(f"{prefix}: [{bi:>4}/{len(loader)}] {n_img} images, {time.time() - t0:.1f} s")
-    seen = set(dets)
-    recs = [r for r in records if r.id in seen]
-    if len(recs) != len(gt["images"]):
-        gt = dict(gt, images=[im for im in gt["images"] if im["id"] in seen])
-    map50, map5095 = coco_map(gt, coco_dets)
-    p, r = precision_recall(dets, recs, len(cat_ids))
-    targets = int(sum(len(x.cls) for x in recs))
-    log(HEADER)
-    log(("%20s" + "%12i" * 2 + "%12.3g" * 4) % ("all", len(recs), targets, p, r, map50, map5095))
-    scores = {"map50": round(map50, 4), "map50_95": round(map5095, 4), "precision": round(p, 4),
-              "recall": round(r, 4), "images": len(recs), "targets": targets, "seconds": round(time.time() - t0, 2)}
-    return EvalResult(scores, dets, coco_dets, recs)
-
-
 class Evaluator:
     """The validation records, their COCO ground truth and the thresholds of the shared float post-processing."""
 
@@ -227,8 +195,37 @@ class Evaluator:
         self.conf_thres, self.iou_thres = conf_thres, iou_thres
 
     def run(self, predict, loader, anchors, strides, prefix, log=print) -> EvalResult:
-        return run_eval(predict, loader, torch.as_tensor(anchors).float().cpu(), torch.as_tensor(strides).cpu(),
-                        self.records, self.cat_ids, self.gt, self.conf_thres, self.iou_thres, prefix=prefix, log=log)
+        """``predict(images) -> list of raw feature maps``; everything after it is the shared float code."""
+        anchors, strides = torch.as_tensor(anchors).float().cpu(), torch.as_tensor(strides).cpu()
+        dets, coco_dets = {}, []
+        t0, n_img = time.time(), 0
+        for bi, (x, _t, metas, ids) in enumerate(loader):
+            raw = predict(x)
+            for d, iid in zip(postprocess(raw, anchors, strides, metas, self.conf_thres, self.iou_thres), ids):
+                d = d.numpy()
+                dets[iid] = d
+                for row in d:
+                    coco_dets.append({"image_id": int(iid), "category_id": int(self.cat_ids[int(row[5])]),
+                                      "bbox": [round(float(row[0]), 3), round(float(row[1]), 3),
+                                               round(float(row[2] - row[0]), 3), round(float(row[3] - row[1]), 3)],
+                                      "score": round(float(row[4]), 5)})
+            n_img += len(ids)
+            if bi % 20 == 0:
+                log(f"{prefix}: [{bi:>4}/{len(loader)}] {n_img} images, {time.time() - t0:.1f} s")
+        seen = set(dets)
+        recs = [r for r in self.records if r.id in seen]
+        gt = self.gt
+        if len(recs) != len(gt["images"]):
+            gt = dict(gt, images=[im for im in gt["images"] if im["id"] in seen])
+        map50, map5095 = coco_map(gt, coco_dets)
+        p, r = precision_recall(dets, recs, len(self.cat_ids))
+        targets = int(sum(len(x.cls) for x in recs))
+        log(HEADER)
+        log(("%20s" + "%12i" * 2 + "%12.3g" * 4) % ("all", len(recs), targets, p, r, map50, map5095))
+        scores = {"map50": round(map50, 4), "map50_95": round(map5095, 4), "precision": round(p, 4),
+                  "recall": round(r, 4), "images": len(recs), "targets": targets,
+                  "seconds": round(time.time() - t0, 2)}
+        return EvalResult(scores, dets, coco_dets, recs)
 
 
 def torch_predictor(model, device="cpu"):

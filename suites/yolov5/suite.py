@@ -46,15 +46,17 @@ GENERAL = dict(
 )
 SMOKE = dict(scenes=(48, 16), float_steps=2, img_size=64, epochs=1, train_images=8, batch_size=4, calib_batches=1,
              val_batch_size=16, print_freq=1)
-STAGE = {"Float": "float", "QAT": "qat", "ORT int8": "ort"}  # evaluations that write a PR curve / predictions
 
 
 class Yolov5Suite(Suite):
     name = "yolov5"
     script = "train_qat.py"
     metric = Metric("map50_95", "higher", ".4f")
+    summary = ("mAP@.5 {map50:.4f} mAP@.5:.95 {map50_95:.4f} (P {precision:.3f} R {recall:.3f}, {images} "
+               "images)")
     digits = 4
     recipes = {"embedded": EMBEDDED, "general": GENERAL}
+    smoke = SMOKE
     errors = (ConfigError, D.DataError, C.CheckpointError)
     train_meters = (("box", ":.4f"), ("obj", ":.4f"), ("cls", ":.4f"))
     channels_last = False
@@ -62,14 +64,10 @@ class Yolov5Suite(Suite):
     cache_tag = "scenes"
 
     def __init__(self):
-        self.reset()
-
-    def reset(self) -> None:
-        """Per-run state (the module's SUITE serves every run of a process)."""
-        self.data_cfg = self.nc = self.names = self.evaluator = None
-        self.model_cfg = self.meta = self.criterion = self.conv_layers = None
-        self.skipped, self.outputs, self.float_record = {}, {}, {}
-        self.loss_items = (0.0, 0.0, 0.0)
+        # what a run learns: the classes and the evaluator (datasets), the student's config, anchors and loss
+        # (on_stage_end "float_model"); the runner runs a copy of the suite per run
+        self.nc = self.names = self.evaluator = None
+        self.model_cfg = self.meta = self.criterion = None
 
     # ---- command line and recipe
     def add_arguments(self, p) -> None:
@@ -104,25 +102,25 @@ class Yolov5Suite(Suite):
         p.add_argument("--float-steps", type=int, default=None,
                        help="embedded default: float training steps from scratch (1000; 0: none)")
 
-    def recipe(self, args) -> dict:
+    def recipe(self, flags) -> dict:
         """The flags' defaults: the embedded or general recipe, then the hyp YAML's (lr0 -> --lr, optimizer, weight
         decay, calib_batches, freeze_bn_step -> --freeze-bn-epoch, distill -> --distill-method kd). Also resolves
         what the manual's flags mean for the runner: --quantize (else --not-qat), --export-only (-e)."""
-        if args.quantize and args.not_qat:
+        if flags.quantize and flags.not_qat:
             raise SuiteError("--quantize and --not-qat contradict each other: give --quantize for QAT, neither for "
                              "float training / evaluation")
-        args.not_qat = not args.quantize
-        args.evaluate = args.evaluate or args.export_only
-        args.cfg_given = args.cfg is not None
-        rec = dict(self.recipes["embedded" if args.embedded else "general"])
+        flags.not_qat = not flags.quantize
+        flags.evaluate = flags.evaluate or flags.export_only
+        flags.cfg_given = flags.cfg is not None
+        rec = dict(self.recipes["embedded" if flags.embedded else "general"])
         scratch = os.path.join(HERE, "data", "hyp.scratch.yaml")
-        path = args.hyp or (os.path.join(HERE, "data", "hyp.qat.yaml") if args.quantize else scratch)
-        args.hyp_values = hyp = load_hyp(path, "--hyp")
-        args.float_hyp_values = load_hyp(scratch, "--hyp") if args.quantize else hyp
-        rec.update(hyp=path, lr=float(hyp.get("lr0", 5e-4 if args.quantize else 0.01)),
+        path = flags.hyp or (os.path.join(HERE, "data", "hyp.qat.yaml") if flags.quantize else scratch)
+        flags.hyp_values = hyp = load_hyp(path, "--hyp")
+        flags.float_hyp_values = load_hyp(scratch, "--hyp") if flags.quantize else hyp
+        rec.update(hyp=path, lr=float(hyp.get("lr0", 5e-4 if flags.quantize else 0.01)),
                    optim=str(hyp.get("optimizer", "sgd")).lower(),
-                   weight_decay=float(hyp.get("weight_decay", 0.0 if args.quantize else 5e-4)),
-                   float_lr=float(args.float_hyp_values.get("lr0", 0.003)))
+                   weight_decay=float(hyp.get("weight_decay", 0.0 if flags.quantize else 5e-4)),
+                   float_lr=float(flags.float_hyp_values.get("lr0", 0.003)))
         if "calib_batches" in hyp:
             rec["calib_batches"] = int(hyp["calib_batches"])
         if "freeze_bn_step" in hyp:
@@ -133,202 +131,172 @@ class Yolov5Suite(Suite):
             rec["freeze_bn_epoch"] = -1 if step is None else 0
         if float(hyp.get("distill", 0) or 0) > 0:
             rec.update(distill_method="kd", distill_alpha=float(hyp["distill"]))
-        if args.pretrained or (not args.embedded and args.quantize and not args.resume and not args.model_path):
+        if flags.pretrained or (not flags.embedded and flags.quantize and not flags.resume and not flags.model_path):
             rec["weights"] = DEFAULT_WEIGHTS
         return rec
 
-    def smoke(self, args) -> dict:
-        return dict(SMOKE)
-
-    def check_args(self, args) -> None:
-        if args.img_size < 32 or args.img_size % 32:
-            raise SuiteError(f"--img-size {args.img_size} must be a multiple of 32 (the largest stride)")
-        if min(args.scenes) < 1 or args.float_steps < 0:
+    def check(self, flags) -> dict:
+        if flags.img_size < 32 or flags.img_size % 32:
+            raise SuiteError(f"--img-size {flags.img_size} must be a multiple of 32 (the largest stride)")
+        if min(flags.scenes) < 1 or flags.float_steps < 0:
             raise SuiteError("--scenes must both be >= 1 and --float-steps >= 0")
-        for flag, v in (("--conf-thres", args.conf_thres), ("--iou-thres", args.iou_thres)):
+        for flag, v in (("--conf-thres", flags.conf_thres), ("--iou-thres", flags.iou_thres)):
             if not 0.0 <= v <= 1.0:
                 raise SuiteError(f"{flag} {v} must be within 0..1")
-        if args.optim not in ("sgd", "adam", "adamw"):
-            raise SuiteError(f"optimizer '{args.optim}' (--hyp {args.hyp} or --optim) must be sgd, adam or adamw")
-        args.pretrained = bool(args.weights)  # --weights is this suite's "pretrained" model
-
-    def arch(self, args) -> str:
-        """The config's name, or the --weights file's when the model comes from it (yolov5s.pt -> yolov5s)."""
-        src = args.weights if args.weights and not args.cfg_given else args.cfg
-        return os.path.splitext(os.path.basename(str(src)))[0]
-
-    def output_dir(self, args) -> str:
-        """ultralytics' PROJECT/NAME (NAME, NAME2, NAME3 ... unless --exist-ok) when either is given."""
-        if args.project is None and args.name is None:
-            return super().output_dir(args)
-        path = os.path.join(args.project or os.path.join("runs", "train"), args.name or "exp")
-        if args.exist_ok or not os.path.exists(path):
-            return path
-        n = 2
-        while os.path.exists(f"{path}{n}"):
-            n += 1
-        return f"{path}{n}"
-
-    # ---- cheap checks and data
-    def check(self, args) -> None:
-        self.reset()
-        if args.resume and not args.quantize:
+        if flags.optim not in ("sgd", "adam", "adamw"):
+            raise SuiteError(f"optimizer '{flags.optim}' (--hyp {flags.hyp} or --optim) must be sgd, adam or adamw")
+        if flags.resume and not flags.quantize:
             raise SuiteError("--resume restores a QAT checkpoint (train_qat.py --quantize writes them): add "
                              "--quantize; float weights go to --weights")
-        if args.weights and args.model_path:
+        if flags.weights and flags.model_path:
             raise SuiteError("--weights and --model-path both give the float weights: give one")
-        if args.weights == DEFAULT_WEIGHTS and not os.path.exists(DEFAULT_WEIGHTS):
+        # the config's name, or the --weights file's when the model comes from it (yolov5s.pt -> yolov5s)
+        src = flags.weights if flags.weights and not flags.cfg_given else flags.cfg
+        resolved = dict(arch=os.path.splitext(os.path.basename(str(src)))[0], pretrained=bool(flags.weights),
+                        embedded_weights=bool(flags.weights),
+                        finetune_float=flags.embedded and not flags.model_path and not flags.weights
+                        and flags.float_steps > 0)
+        if flags.project is not None or flags.name is not None:
+            resolved["out_dir"] = project_dir(flags.project, flags.name, flags.exist_ok)
+        return resolved
+
+    # ---- data and model
+    def datasets(self, cfg) -> Data:
+        """The files first (weights, data config, model config: before the data), then the data sets."""
+        if cfg.weights == DEFAULT_WEIGHTS and not os.path.exists(DEFAULT_WEIGHTS):
             raise C.CheckpointError(f"--weights '{DEFAULT_WEIGHTS}' not found ({os.path.abspath(DEFAULT_WEIGHTS)}): "
                                     "QAT on --data fine-tunes trained weights, by default yolov5s.pt in the working "
                                     "directory; give --weights FILE (an ultralytics YOLOv5 .pt or this suite's "
                                     "checkpoint)")
-        if args.weights:
-            C.load_weights(args.weights, cfg=args.cfg if args.cfg_given else None)  # readable, before long work
-        if not args.embedded:
-            self.data_cfg = D.load_data_config(args.data)
-        if not args.weights:  # the config builds (unknown modules, bad rows): before the data
-            with torch.random.fork_rng(devices=[]):
-                Model(load_config(args.cfg), nc=self.data_cfg["nc"] if self.data_cfg else None)
-
-    def datasets(self, args) -> Data:
-        if args.embedded:
+        if cfg.weights:
+            C.load_weights(cfg.weights, cfg=cfg.cfg if cfg.cfg_given else None)  # readable
+        if cfg.embedded:
             from suites.yolov5.synth import fashion_scenes
-            self.data_cfg = fashion_scenes(*args.scenes, seed=args.seed or 0, cache_dir=args.cache_dir)
-        cfg = self.data_cfg
-        val, cat_ids, vskips = D.load_split(cfg, "val", args.on_bad_label)
-        need_train = args.embedded or args.quantize or not args.evaluate  # training or calibration
-        train, _c, tskips = D.load_split(cfg, "train", args.on_bad_label) if need_train else ([], None, D.Skips())
-        if args.val_images:
-            val = [val[i] for i in D.val_images(val, args.val_images, args.seed)]
-        self.nc, self.names = cfg["nc"], list(cfg["names"])
-        self.evaluator = E.Evaluator(val, cat_ids, self.names, args.conf_thres, args.iou_thres)
-        self.skipped.update(train=tskips.counts, val=vskips.counts)
-        size = args.img_size
-        name = "synthetic Fashion-MNIST scenes" if args.embedded else args.data
-        return Data(D.DetectionDataset(train, size, augment=True), D.DetectionDataset(train or val, size),
-                    D.DetectionDataset(val, size), name=name)
-
-    def extras(self, args, data: Data) -> dict:
-        # the nested dicts are filled later: float training, the evaluations' files
-        return {"img_size": args.img_size, "nc": self.nc, "scenes": list(args.scenes) if args.embedded else None,
-                "skipped_labels": self.skipped, "float_train": self.float_record, "outputs": self.outputs}
-
-    def cache_key(self, args) -> dict:
-        from suites.yolov5.synth import VERSION
-        return {"img_size": args.img_size, "float_steps": args.float_steps, "scenes": list(args.scenes),
-                "scenes_version": VERSION, "hyp": args.float_hyp_values, "model": self.model_cfg}
-
-    def checkpoint_extras(self, args) -> dict:
-        return {"cfg": self.model_cfg, "img_size": args.img_size, "names": self.names}
-
-    # ---- model
-    def build_model(self, args, arch: str, pretrained: bool) -> nn.Module:
-        """--weights (pretrained), else the config from scratch, seeded (the student's config for a teacher)."""
-        if pretrained and args.weights:
-            model = C.build_from_weights(args.weights, self.nc, cfg=args.cfg if args.cfg_given else None)
+            dcfg = fashion_scenes(*cfg.scenes, seed=cfg.seed or 0, cache_dir=cfg.cache_dir)
         else:
+            dcfg = D.load_data_config(cfg.data)
+        if not cfg.weights:  # the config builds (unknown modules, bad rows)
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(args.seed or 0)
-                model = Model(self.model_cfg or args.cfg, nc=self.nc)
-        if self.model_cfg is None:  # the student: what the loss, the post-processing and the export need
-            det = model.detect
-            self.model_cfg = {k: v for k, v in model.yaml.items() if not k.startswith("_")}
-            self.meta = {"anchors": det.anchors.tolist(), "strides": det.stride.tolist(), "nc": det.nc,
-                         "names": self.names, "img_size": args.img_size}
-            self.conv_layers = sum(isinstance(m, nn.Conv2d) for m in model.modules())
-            self.criterion = YoloLoss(det.anchors, det.nc, args.hyp_values, args.img_size)
-        return model
+                Model(load_config(cfg.cfg), nc=None if cfg.embedded else dcfg["nc"])
+        val, cat_ids, vskips = D.load_split(dcfg, "val", cfg.on_bad_label)
+        need_train = cfg.embedded or cfg.quantize or not cfg.evaluate  # training or calibration
+        train, _c, tskips = D.load_split(dcfg, "train", cfg.on_bad_label) if need_train else ([], None, D.Skips())
+        if cfg.val_images:
+            val = [val[i] for i in D.val_images(val, cfg.val_images, cfg.seed)]
+        self.nc, self.names = dcfg["nc"], list(dcfg["names"])
+        self.evaluator = E.Evaluator(val, cat_ids, self.names, cfg.conf_thres, cfg.iou_thres)
+        size = cfg.img_size
+        from suites.yolov5.synth import VERSION
+        facts = {"img_size": size, "nc": self.nc, "scenes": list(cfg.scenes) if cfg.embedded else None,
+                 "skipped_labels": {"train": tskips.counts, "val": vskips.counts}, "float_train": {}, "outputs": {}}
+        key = {"img_size": size, "float_steps": cfg.float_steps, "scenes": list(cfg.scenes),
+               "scenes_version": VERSION, "hyp": cfg.float_hyp_values}  # + "model": the student's config
+        return Data(D.DetectionDataset(train, size, augment=True), D.DetectionDataset(train or val, size),
+                    D.DetectionDataset(val, size), name="synthetic Fashion-MNIST scenes" if cfg.embedded else cfg.data,
+                    example=torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)), facts=facts,
+                    checkpoint={"cfg": None, "img_size": size, "names": self.names}, cache_key=key)
 
-    def embedded_weights(self, args) -> bool:
-        return bool(args.weights)
+    def build_model(self, cfg, arch: str, pretrained: bool) -> nn.Module:
+        """--weights (pretrained), else the config from scratch, seeded (the student's config for a teacher)."""
+        if pretrained and cfg.weights:
+            return C.build_from_weights(cfg.weights, self.nc, cfg=cfg.cfg if cfg.cfg_given else None)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed or 0)
+            return Model(self.model_cfg or cfg.cfg, nc=self.nc)
 
-    def finetunes_float(self, args) -> bool:
-        return args.embedded and not args.model_path and not args.weights and args.float_steps > 0
-
-    def float_finetune(self, model, train_ds, args) -> None:
+    # ---- training
+    def float_finetune(self, model, train_ds, run) -> None:
         """The embedded float model from scratch: --float-steps steps over the shuffled scenes (cycled), the float
         hyp's optimizer and schedule, EMA of the weights (the EMA is the result)."""
-        from suites.yolov5.trainer import ModelEMA, train_steps
-        hyp, seed = args.float_hyp_values, args.seed or 0
+        from suites.yolov5.trainer import ModelEMA, StepPlan, train_steps
+        cfg = run.config
+        hyp, seed = cfg.float_hyp_values, cfg.seed or 0
         torch.manual_seed(seed)
-        dl = torch.utils.data.DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                                         num_workers=args.workers, collate_fn=D.collate,
+        dl = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                                         num_workers=cfg.workers, collate_fn=D.collate,
                                          generator=torch.Generator().manual_seed(seed),
-                                         persistent_workers=args.workers > 0)
+                                         persistent_workers=cfg.workers > 0)
         ema = ModelEMA(model, decay=float(hyp.get("ema_decay", 0.999)), tau=float(hyp.get("ema_tau", 100)))
-        r = train_steps(model, dl, args.float_steps, hyp, args.float_lr, model.detect.anchors, model.nc,
-                        args.img_size, say, prefix="Float", ema=ema, device=args.device, print_freq=args.print_freq)
+        plan = StepPlan(cfg.float_steps, cfg.float_lr, cfg.img_size, run.device, "Float", cfg.print_freq)
+        r = train_steps(model, dl, hyp, plan, ema=ema)
         model.load_state_dict(ema.ema.state_dict())
-        self.float_record.update(steps=args.float_steps, loss=r["loss"], step_s=r["step_s"])
+        run.metrics.extras["float_train"].update(steps=cfg.float_steps, loss=r["loss"], step_s=r["step_s"])
 
-    def make_training(self, model, steps_per_epoch: int, args):
+    def make_training(self, model, steps_per_epoch: int, cfg):
         """The hyp's optimizer (YOLOv5's groups: no decay on biases / BN / quantizer scales, nesterov SGD or AdamW
         with beta1 = momentum) and schedule (warmup_steps, cosine to lrf x --lr), for QAT and float training."""
         from suites.yolov5.trainer import make_optimizer, schedule
-        hyp = args.hyp_values
-        opt = make_optimizer(model, args.optim, args.lr, args.weight_decay, float(hyp.get("momentum", 0.937)))
-        return opt, schedule(opt, steps_per_epoch * args.epochs, int(hyp.get("warmup_steps", 0)),
+        hyp = cfg.hyp_values
+        opt = make_optimizer(model, cfg.optim, cfg.lr, cfg.weight_decay, float(hyp.get("momentum", 0.937)))
+        return opt, schedule(opt, steps_per_epoch * cfg.epochs, int(hyp.get("warmup_steps", 0)),
                              float(hyp.get("lrf", 0.01)))
 
-    def after_calibration(self, q, args, m) -> None:
-        rng = args.hyp_values.get("out_range")
-        if rng:
-            ranges = clip_output_ranges(q, float(rng[0]), float(rng[1]))
-            say(f"=> output quantizer ranges clipped to [{rng[0]}, {rng[1]}]: {ranges}")
-            if m is not None:
-                m.extras["out_ranges"] = ranges
-
-    def after_export(self, result, args, m) -> None:
-        """The post-processing's metadata (anchors, strides, names) beside the ONNX files, for test.py."""
-        from suites.common.checkpoints import output_paths
-        for onnx_path in (result.onnx_path, output_paths(args)["bestonnx"]):
-            write_meta(onnx_path, self.meta)
-        m.files["onnx_meta"] = meta_path(result.onnx_path)
-        m.extras["conv_layers"] = self.conv_layers
-
-    # ---- batches, loss, metric
-    def loss(self, output, target) -> torch.Tensor:
+    def loss(self, output, target, teacher_output=None, cfg=None):
+        """The detection loss (+ with a teacher ``alpha x batch x`` the MSE between the student's and the teacher's
+        raw Detect maps, per level, summed; the hyp's ``distill`` or --distill-alpha is alpha); the meters: its box /
+        obj / cls parts."""
         loss, items = self.criterion(output, target)
-        self.loss_items = tuple(items.tolist())  # the progress line's box / obj / cls
-        return loss
+        if teacher_output is not None:
+            kd = sum(F.mse_loss(s.float(), t.float()) for s, t in zip(output, teacher_output)) * output[0].shape[0]
+            loss = loss + cfg.distill_alpha * kd
+        return loss, tuple(items.tolist())
 
-    def distill_loss(self, output, teacher_output, target, args) -> torch.Tensor:
-        """The detection loss + ``alpha x batch x`` the MSE between the student's and the teacher's raw Detect maps
-        (per level, summed; the hyp's ``distill`` or --distill-alpha is alpha)."""
-        kd = sum(F.mse_loss(s.float(), t.float()) for s, t in zip(output, teacher_output)) * output[0].shape[0]
-        return self.loss(output, target) + args.distill_alpha * kd
+    # ---- metric
+    def evaluate(self, model, loader, run, prefix: str) -> dict:
+        return self.score(E.torch_predictor(model, run.device), loader, prefix)
 
-    def train_scores(self, output, target) -> tuple[float, ...]:
-        return self.loss_items
+    def evaluate_onnx(self, session, loader, run, prefix: str) -> dict:
+        return self.score(E.onnx_predictor(session, run.config.onnx_batch), loader, prefix)
 
-    def dummy_input(self, args):
-        return torch.rand(1, 3, args.img_size, args.img_size, generator=torch.Generator().manual_seed(0))
-
-    def describe(self, scores: dict) -> str:
-        return (f"mAP@.5 {scores['map50']:.4f} mAP@.5:.95 {scores['map50_95']:.4f} (P {scores['precision']:.3f} "
-                f"R {scores['recall']:.3f}, {scores['images']} images)")
-
-    def evaluate(self, model, loader, args, prefix: str) -> dict:
-        return self.score(E.torch_predictor(model, args.device), loader, args, prefix)
-
-    def evaluate_onnx(self, session, loader, args, prefix: str) -> dict:
-        return self.score(E.onnx_predictor(session, args.onnx_batch), loader, args, prefix)
-
-    def score(self, predict, loader, args, prefix: str) -> dict:
-        """COCO mAP of ``predict(images) -> raw maps``; for the float / QAT / ORT evaluations also the PR-curve PNG
-        and (--save-json) the COCO results JSON beside the metrics."""
+    def score(self, predict, loader, prefix: str) -> dict:
+        """COCO mAP of ``predict(images) -> raw maps``; the detections as the detail (on_stage_end writes them)."""
         res = self.evaluator.run(predict, loader, self.meta["anchors"], self.meta["strides"], prefix, log=say)
-        stage = STAGE.get(prefix)
-        if stage and is_main():
-            base = os.path.join(os.path.dirname(os.path.abspath(args.metrics)), f"{args.arch}_{stage}_")
-            E.plot_pr_curve(res.dets, res.records, self.names, base + "pr_curve.png",
-                            f"{args.arch} {stage}: precision-recall at IoU 0.5")
-            self.outputs[f"{stage}_pr_curve"] = base + "pr_curve.png"
-            if args.save_json:
-                E.save_json(res.coco_dets, base + "predictions.json")
-                self.outputs[f"{stage}_predictions"] = base + "predictions.json"
-                say(f"=> {len(res.coco_dets)} detections written to {base}predictions.json")
-        return res.scores
+        return {**res.scores, "detail": res}
+
+    # ---- events
+    def on_stage_end(self, run, stage: str, result) -> None:
+        cfg, m = run.config, run.metrics
+        if stage == "float_model":  # the student: what the loss, the post-processing and the export need
+            det = result.detect
+            self.model_cfg = {k: v for k, v in result.yaml.items() if not k.startswith("_")}
+            run.data.checkpoint["cfg"] = run.data.cache_key["model"] = self.model_cfg
+            self.meta = {"anchors": det.anchors.tolist(), "strides": det.stride.tolist(), "nc": det.nc,
+                         "names": self.names, "img_size": cfg.img_size}
+            self.criterion = YoloLoss(det.anchors, det.nc, cfg.hyp_values, cfg.img_size)
+            m.extras["conv_layers"] = sum(isinstance(x, nn.Conv2d) for x in result.modules())
+        elif stage == "calibration" and cfg.hyp_values.get("out_range"):
+            lo, hi = cfg.hyp_values["out_range"]
+            m.extras["out_ranges"] = ranges = clip_output_ranges(result, float(lo), float(hi))
+            say(f"=> output quantizer ranges clipped to [{lo}, {hi}]: {ranges}")
+        elif stage == "export":  # the post-processing's metadata beside the ONNX files, for test.py
+            for onnx_path in (result.onnx_path, run.paths["bestonnx"]):
+                write_meta(onnx_path, self.meta)
+            m.files["onnx_meta"] = meta_path(result.onnx_path)
+        elif stage in ("float_eval", "qat_eval", "ort_eval") and is_main():
+            self.write_evaluation(run, stage[:-5], result.detail)
+
+    def write_evaluation(self, run, stage: str, res) -> None:
+        """The PR-curve PNG and (--save-json) the COCO results JSON of an evaluation, beside the metrics."""
+        cfg, outputs = run.config, run.metrics.extras["outputs"]
+        base = os.path.join(os.path.dirname(os.path.abspath(cfg.metrics)), f"{cfg.arch}_{stage}_")
+        E.plot_pr_curve(res.dets, res.records, self.names, base + "pr_curve.png",
+                        f"{cfg.arch} {stage}: precision-recall at IoU 0.5")
+        outputs[f"{stage}_pr_curve"] = base + "pr_curve.png"
+        if cfg.save_json:
+            E.save_json(res.coco_dets, base + "predictions.json")
+            outputs[f"{stage}_predictions"] = base + "predictions.json"
+            say(f"=> {len(res.coco_dets)} detections written to {base}predictions.json")
+
+
+def project_dir(project: str | None, name: str | None, exist_ok: bool) -> str:
+    """ultralytics' PROJECT/NAME (NAME, NAME2, NAME3 ... unless --exist-ok)."""
+    path = os.path.join(project or os.path.join("runs", "train"), name or "exp")
+    if exist_ok or not os.path.exists(path):
+        return path
+    n = 2
+    while os.path.exists(f"{path}{n}"):
+        n += 1
+    return f"{path}{n}"
 
 
 def load_hyp(path: str, flag: str) -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -77,16 +78,29 @@ def cycle(loader):
         yield from loader
 
 
-def train_steps(model, loader, steps: int, hyp: dict, lr: float, anchors, nc: int, img_size: int, log,
-                prefix: str = "Train", ema: ModelEMA | None = None, device="cpu", print_freq: int = 20) -> dict:
-    """Run ``steps`` optimizer steps over ``loader`` (cycled), with the optimizer and schedule of ``hyp``."""
-    criterion = YoloLoss(anchors, nc, hyp, img_size)
-    opt = make_optimizer(model, hyp.get("optimizer", "sgd"), lr, hyp.get("weight_decay", 5e-4),
+@dataclass
+class StepPlan:
+    """What :func:`train_steps` runs: ``steps`` optimizer steps at peak ``lr`` on ``img_size`` images, on ``device``,
+    the progress lines labelled ``prefix`` every ``print_freq`` steps."""
+
+    steps: int
+    lr: float
+    img_size: int
+    device: object = "cpu"
+    prefix: str = "Train"
+    print_freq: int = 20
+
+
+def train_steps(model, loader, hyp: dict, plan: StepPlan, ema: ModelEMA | None = None) -> dict:
+    """Run ``plan.steps`` optimizer steps over ``loader`` (cycled), with the optimizer and schedule of ``hyp``."""
+    steps, device = plan.steps, plan.device
+    criterion = YoloLoss(model.detect.anchors, model.nc, hyp, plan.img_size)
+    opt = make_optimizer(model, hyp.get("optimizer", "sgd"), plan.lr, hyp.get("weight_decay", 5e-4),
                          hyp.get("momentum", 0.937))
     sched = schedule(opt, steps, int(hyp.get("warmup_steps", 0)), hyp.get("lrf", 0.01))
     bt, lt, lbox, lobj, lcls = (AverageMeter("Time", ":6.3f"), AverageMeter("Loss", ":.4f"),
                                 AverageMeter("box", ":.4f"), AverageMeter("obj", ":.4f"), AverageMeter("cls", ":.4f"))
-    progress = ProgressMeter(steps, [bt, lt, lbox, lobj, lcls], prefix=f"{prefix}: ", print_freq=print_freq)
+    progress = ProgressMeter(steps, [bt, lt, lbox, lobj, lcls], prefix=f"{plan.prefix}: ", print_freq=plan.print_freq)
     model.train()
     end = time.time()
     for step, (x, t, _m, _i) in enumerate(cycle(loader)):

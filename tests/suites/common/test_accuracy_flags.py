@@ -95,7 +95,7 @@ class PenaltySuite(TinySuite):
 
     every = False
 
-    def evaluate(self, model, loader, args, prefix):
+    def evaluate(self, model, loader, run, prefix):
         n = sum(1 for mod in model.modules() if isinstance(getattr(mod, "weight_fake_quant", None), QuantizeBase)
                 and (self.every or mod.weight_fake_quant.scheme.bit < 8))
         return {self.metric.name: 100.0 - 10.0 * n if self.metric.direction == "higher" else 10.0 * n}
@@ -104,7 +104,7 @@ class PenaltySuite(TinySuite):
 class ErrorSuite(PenaltySuite):
     metric = Metric("err", "lower")
 
-    def evaluate_onnx(self, session, loader, args, prefix):
+    def evaluate_onnx(self, session, loader, run, prefix):
         return {"err": 0.0}
 
 

@@ -20,7 +20,7 @@ FAST = ["--device", "cpu", "--print-freq", "100", "--no-ort-eval"]
 class ChainSuite(TinySuite):
     """conv-BN-ReLU6 -> depthwise conv-BN-ReLU -> conv: a chain to equalize."""
 
-    def build_model(self, args, arch, pretrained):
+    def build_model(self, cfg, arch, pretrained):
         torch.manual_seed(0)
         return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(),
                              nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU(),
@@ -30,7 +30,7 @@ class ChainSuite(TinySuite):
 class NormSuite(TinySuite):
     """Linear -> LayerNorm -> Linear (the LayerNorm read by the Linear alone)."""
 
-    def build_model(self, args, arch, pretrained):
+    def build_model(self, cfg, arch, pretrained):
         torch.manual_seed(0)
         return nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 16), nn.LayerNorm(16), nn.Linear(16, 2))
 

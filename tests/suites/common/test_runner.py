@@ -23,25 +23,22 @@ class TinySuite(Suite):
     recipes = {"embedded": dict(epochs=2, batch_size=16, lr=1e-3, optim="adam", calib_batches=1, print_freq=1,
                                 distill_method="kd"), "general": {}}
 
-    def datasets(self, args) -> Data:
+    def datasets(self, cfg) -> Data:
         x = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(0))
         ds = torch.utils.data.TensorDataset(x, (x.mean((1, 2, 3)) > 0).long())
-        return Data(ds, ds, ds, name="random")
+        return Data(ds, ds, ds, name="random", example=x[:1])
 
-    def build_model(self, args, arch, pretrained):
+    def build_model(self, cfg, arch, pretrained):
         return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                              nn.Flatten(), nn.Linear(8, 2))
 
-    def dummy_input(self, args):
-        return torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-
-    def evaluate(self, model, loader, args, prefix):
+    def evaluate(self, model, loader, run, prefix):
         model.eval()
         with torch.no_grad():
-            hits = [(model(x.to(args.device)).argmax(1).cpu() == y) for x, y in loader]
+            hits = [(model(x.to(run.device)).argmax(1).cpu() == y) for x, y in loader]
         return {"top1": round(100.0 * float(torch.cat(hits).float().mean()), 3)}
 
-    def evaluate_onnx(self, session, loader, args, prefix):
+    def evaluate_onnx(self, session, loader, run, prefix):
         name = session.get_inputs()[0].name
         hits = [int(session.run(None, {name: x[i:i + 1].numpy()})[0].argmax()) == int(y[i])
                 for x, y in loader for i in range(len(y))]
@@ -74,10 +71,57 @@ def test_the_whole_pipeline_of_a_tiny_suite(tmp_path, capsys):
         assert (out / "tiny" / a["files"][k].split("/")[-1]).is_file(), k
     # a suite metric missing from the evaluation is named
     class Broken(TinySuite):
-        def evaluate(self, model, loader, args, prefix):
+        def evaluate(self, model, loader, run, prefix):
             return {"accuracy": 1.0}
     with pytest.raises(KeyError, match="not the suite's metric 'top1'"):
         runner.main(Broken(), ["--output-dir", str(tmp_path / "b"), "--device", "cpu", "--no-export"])
+
+
+def test_a_suite_hears_each_stage_end_and_the_run_end_once(tmp_path):
+    """The events: on_stage_end(run, stage, result) after each stage with what the stage made (the data, the float
+    model, each evaluation's scores and detail, the calibrated model, each export's result), on_run_end(run) once,
+    before the metrics JSON is written (what a suite records there is in the file)."""
+    from suites.common.run import Run
+    from suites.common.suite import Evaluation
+    heard = []
+
+    class Listening(TinySuite):
+        def evaluate(self, model, loader, run, prefix):
+            return {**super().evaluate(model, loader, run, prefix), "detail": prefix}
+
+        def on_stage_end(self, run, stage, result):
+            heard.append((stage, result))
+
+        def on_run_end(self, run):
+            assert isinstance(run, Run) and run.metrics["qat"] is not None
+            heard.append(("run_end", run))
+            run.metrics.extras["heard"] = [s for s, _ in heard]
+
+    out = tmp_path / "out"
+    assert runner.main(Listening(), ["--output-dir", str(out), "--device", "cpu", "--epochs", "1"]) == 0
+    stages = [s for s, _ in heard]
+    assert stages == ["data", "float_model", "float_eval", "teacher", "calibration", "qat_eval", "export",
+                      "checkpoint", "ort_eval", "run_end"]
+    res = dict(heard)
+    assert isinstance(res["data"], Data) and isinstance(res["float_model"], nn.Module)
+    assert isinstance(res["float_eval"], Evaluation) and res["float_eval"].detail == "Float"
+    assert res["qat_eval"].scores["top1"] == load_metrics(out / "tiny" / "tiny_metrics.json")["qat"]
+    assert "detail" not in load_metrics(out / "tiny" / "tiny_metrics.json")["scores"]["qat"]
+    assert hasattr(res["calibration"], "graph") and res["export"].onnx_path.endswith("tiny_onnx_quantization.onnx")
+    assert load_metrics(out / "tiny" / "tiny_metrics.json")["extras"]["heard"] == stages
+
+
+def test_the_run_config_is_frozen():
+    """Flags and recipe are resolved once: the config refuses changes, a stage's decisions go on the Run."""
+    import dataclasses
+
+    from suites.common import cli
+    suite = TinySuite()
+    cfg = cli.resolve(suite, cli.build_parser(suite).parse_args(["--lr", "0.5"]))
+    assert (cfg.lr, cfg.epochs, cfg.arch, cfg.num_classes, cfg.teacher) == (0.5, 2, "tiny", None, "float")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.lr = 1.0
+    assert cfg.replace(lr=1.0).lr == 1.0 and cfg.lr == 0.5
 
 
 def test_each_epoch_leaves_its_results_and_the_metrics(tmp_path):
@@ -89,11 +133,11 @@ def test_each_epoch_leaves_its_results_and_the_metrics(tmp_path):
     class KilledInEpoch2(TinySuite):
         steps = 0
 
-        def train_scores(self, output, target):
+        def loss(self, output, target, teacher_output=None, cfg=None):
             KilledInEpoch2.steps += 1
             if KilledInEpoch2.steps == 6:  # 4 steps an epoch
                 raise KeyboardInterrupt
-            return super().train_scores(output, target)
+            return super().loss(output, target, teacher_output, cfg)
 
     out = tmp_path / "out"
     argv = ["--output-dir", str(out), "--device", "cpu", "--no-export"]
@@ -144,12 +188,14 @@ def test_qparam_lr_and_warmup_steps_shape_the_qat_optimizer(capsys):
     weights at --lr; --warmup-steps: the LR rises linearly over those steps, then the cosine; bad values are
     errors before any work."""
     from suites.common import cli
+    from suites.common.run import Run
+    from suites.common.stages.qat import make_training
     from ts_qat_pytorch.prepare_by_platform import BackendType, prepare_by_platform
     suite = TinySuite()
     args = cli.resolve(suite, cli.build_parser(suite).parse_args(["--qparam-lr", "2e-5", "--warmup-steps", "4",
                                                                    "--wd", "0.01"]))
     q = prepare_by_platform(suite.build_model(args, "tiny", False).eval(), BackendType.TSQAT)
-    opt, sched = runner.make_training(suite, q, 4, args)
+    opt, sched = make_training(Run(args, suite, torch.device("cpu"), None), suite, q, 4)
     weights, qparams = opt.param_groups
     assert (weights["lr"], qparams["lr"]) == (pytest.approx(1e-3 / 4), pytest.approx(2e-5 / 4))
     assert (weights["weight_decay"], qparams["weight_decay"]) == (0.01, 0.0)
@@ -163,7 +209,7 @@ def test_qparam_lr_and_warmup_steps_shape_the_qat_optimizer(capsys):
     assert weights["lr"] < 1e-3 and qparams["lr"] < 2e-5  # the cosine (over 2 epochs x 4 steps)
     # without the flags: one group at --lr, no warm-up
     args = cli.resolve(suite, cli.build_parser(suite).parse_args([]))
-    opt, _ = runner.make_training(suite, q, 4, args)
+    opt, _ = make_training(Run(args, suite, torch.device("cpu"), None), suite, q, 4)
     assert len(opt.param_groups) == 1 and opt.param_groups[0]["lr"] == 1e-3
     for bad, msg in ((["--qparam-lr", "nan"], "--qparam-lr nan must be a finite number > 0"),
                      (["--warmup-steps", "-1"], "--warmup-steps -1 must be >= 0")):
@@ -194,8 +240,8 @@ def test_the_manuals_device_list_runs_as_written(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,2,3,4,5,6,7")
     _gpus(monkeypatch, 7)
     spawned = {}
-    monkeypatch.setattr(mp, "spawn", lambda fn, nprocs, args: spawned.update(nprocs=nprocs, devices=args[2],
-                                                                             args=args[3]))
+    monkeypatch.setattr(mp, "spawn", lambda fn, nprocs, args: spawned.update(nprocs=nprocs, devices=args[1],
+                                                                             args=args[2]))
     assert runner.main(TinySuite(), ["--output-dir", str(tmp_path), "--device", "1,2,3,4,5,6,7"]) == 0
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "1,2,3,4,5,6,7"
     assert spawned["nprocs"] == 7 and [str(d) for d in spawned["devices"]] == [f"cuda:{i}" for i in range(7)]
@@ -213,8 +259,8 @@ def test_no_device_named_is_one_device(tmp_path, monkeypatch):
     _gpus(monkeypatch, 4)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     started = {}
-    monkeypatch.setattr(runner, "worker", lambda local, suite, nproc, devices, args: started.update(
-        devices=devices, distributed=args.distributed) or 0)
+    monkeypatch.setattr(runner, "worker", lambda local, suite, devices, cfg: started.update(
+        devices=devices, distributed=cfg.distributed) or 0)
     assert runner.main(TinySuite(), ["--output-dir", str(tmp_path)]) == 0
     assert [str(d) for d in started["devices"]] == ["cuda:0"] and not started["distributed"]
     monkeypatch.setenv("WORLD_SIZE", "4")

@@ -302,11 +302,11 @@ def test_zoo_teacher_with_a_random_head_is_not_used(tmp_path, capsys):
     --model-path teaches (logged); without one it is an error before any model is built."""
     import argparse
     import torchvision
-    from suites.common.stages import build_teacher, choose_teacher as choose
-    from suites.imagenet.suite import SUITE
-
-    def choose_teacher(args):
-        return choose(SUITE, args)
+    from suites.common.cli import choose_teacher
+    from suites.common.run import Run, RunConfig
+    from suites.common.stages.teacher import build_teacher
+    from suites.common.suite import Data
+    from suites.imagenet.suite import SUITE, teacher_source
     folder = _image_folder(tmp_path / "if")
     rc = suite_main.main(["--data", str(folder), "-a", "mobilenet_v2", "--teacher-arch", "mobilenet_v2", "-nc", "2",
                           "--pretrained", "--distill-method", "kd", "-j", "0", "--image-size", "32", "--epochs", "1",
@@ -318,13 +318,14 @@ def test_zoo_teacher_with_a_random_head_is_not_used(tmp_path, capsys):
                               teacher_arch="resnet101", model_zoo="torchvision", num_classes=2,
                               model_path=str(tmp_path / "ft.pth"), device=torch.device("cpu"), image_size=32,
                               arch="resnet18")
-    assert choose_teacher(args) == "float"
+    assert teacher_source(args) == "float"
     assert "the float model of --model-path" in capsys.readouterr().err
-    assert choose_teacher(argparse.Namespace(**{**vars(args), "num_classes": 1000})) == "zoo"
-    assert choose_teacher(argparse.Namespace(**{**vars(args), "teacher_path": "t.pth"})) == "path"
+    assert teacher_source(argparse.Namespace(**{**vars(args), "num_classes": 1000})) == "zoo"
+    assert choose_teacher(argparse.Namespace(**{**vars(args), "teacher_path": "t.pth", "teacher": "zoo"})) == "path"
     student = torchvision.models.resnet18(num_classes=2).eval()
-    args.teacher_source = "float"
-    teacher = build_teacher(SUITE, args, student)
+    run = Run(RunConfig({**vars(args), "teacher": "float"}), SUITE, torch.device("cpu"), None)
+    run.data = Data(None, None, None, example=torch.randn(1, 3, 32, 32))
+    teacher = build_teacher(run, SUITE, student)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(teacher(x), student(x))

@@ -182,13 +182,12 @@ def test_recipe_keeps_the_suites_command_line_and_training_numerics(tiny_bert_di
     assert (g.arch, g.train_images, g.qparam_lr, g.lr, g.float_epochs, g.max_length) == \
         ("tiny_bert", 20, 1e-3, 2e-5, 0, 64)
     assert (g.onnx_length, g.latency_repeats, g.passage_lines, g.train_per_class, g.test_per_class) == (64, 3, 2, 7, 3)
-    assert SUITE.arch(_args(["--model", "google-bert/bert-base-uncased"])) == "bert-base-uncased"
+    assert _args(["--model", "google-bert/bert-base-uncased"]).arch == "bert-base-uncased"
     # QAT: AdamW, scales / zero points at --qparam-lr, 10 % warm-up (4 of 40 steps) then cosine
     from ts_qat_pytorch.prepare_by_platform import BackendType, prepare_by_platform
     tok, hf = check_and_load(tiny_bert_dir, 6, 32)
     q = prepare_by_platform(EncoderClassifier(hf).eval(), BackendType.ONNXRuntime, prepare_config())
-    a.qparam_lr = 1e-3
-    opt, sched = SUITE.make_training(q, 40, a)
+    opt, sched = SUITE.make_training(q, 40, a.replace(qparam_lr=1e-3))
     assert isinstance(opt, torch.optim.AdamW) and [g["lr"] for g in opt.param_groups] == [1e-5 * 0.25, 1e-3 * 0.25]
     assert opt.param_groups[1]["weight_decay"] == 0.0 and len(opt.param_groups[1]["params"]) > 0
     for _ in range(4):
@@ -337,9 +336,8 @@ def test_exported_int8_model_agrees_with_fake_quant(smoke_run, tiny_bert_dir):
 def test_distillation_teacher_is_the_float_model_or_teacher_path(smoke_run, tmp_path, capsys, tiny_bert_dir):
     """--distill-method kd (the recipe's) distils from the float model; --teacher-path gives another teacher (the
     split's float weights), checked against the student before long work."""
-    from suites.common import stages
     a = _args(["--model", tiny_bert_dir, "--smoke"])
-    assert a.distill_method == "kd" and stages.choose_teacher(SUITE, a) == "float"
+    assert a.distill_method == "kd" and a.teacher == "float"
     rc, out = smoke_run
     (cache,) = (out.parent / "cache").glob("tiny_bert_text_float_*.pth")
     argv = ["--data", _tiny_data(tmp_path / "data", "abcdef"), "--model", tiny_bert_dir, "--smoke", "--max-length",
@@ -449,34 +447,35 @@ def test_float_cache_is_loaded_with_weights_only(tmp_path, monkeypatch, caplog, 
     weights_only=True: a pickle that would run code is refused, never run (also when
     TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1, which overrides only an unspecified weights_only), and the model is
     fine-tuned again; a genuine cache is reused."""
-    from suites.common import stages
     from suites.common.metrics import RunMetrics
+    from suites.common.run import Run
+    from suites.common.stages import float_model
     if force_no_weights_only:
         monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     else:
         monkeypatch.delenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", raising=False)
     args = _args(["--data", _tiny_data(tmp_path / "data", "abcdef"), "--model", tiny_bert_dir, "--smoke",
                   "--max-length", "32", "--float-epochs", "1", "--cache-dir", str(tmp_path / "cache")])
-    args.device, args.distributed = torch.device("cpu"), False  # what the runner's worker sets
-    SUITE.check(args)
+    args = args.replace(distributed=False)  # what the runner's main sets
     ds = SUITE.datasets(args)
     model = SUITE.build_model(args, args.arch, pretrained=True)
-    assert SUITE.finetunes_float(args)  # with --data too: a hub model comes with a new head
-    path, key = stages.float_cache_path(SUITE, args)
-    assert key["train"] == SUITE.train_digest and key["max_length"] == 32
+    assert args.finetune_float  # with --data too: a hub model comes with a new head
+    m = RunMetrics(str(tmp_path / "m.json"), SUITE.name, args.arch, args.backend, SUITE.metric)
+    run = Run(args, SUITE, torch.device("cpu"), m, data=ds)
+    path, key = float_model.cache_path(run, SUITE)
+    assert key["train"] == ds.cache_key["train"] and len(key["train"]) == 64 and key["max_length"] == 32
     marker = tmp_path / "pwned"
     _RunsCode.MARKER = str(marker)
     torch.save({"state_dict": {"weight": _RunsCode()}, "key": key}, path)
     tuned = []
-    monkeypatch.setattr(SUITE, "float_finetune", lambda m, d, a: tuned.append(m))
-    m = RunMetrics(str(tmp_path / "m.json"), SUITE.name, args.arch, args.backend, SUITE.metric)
+    monkeypatch.setattr(SUITE, "float_finetune", lambda m, d, r: tuned.append(m))
     with caplog.at_level("WARNING", logger="suites"):
-        stages.float_finetune(SUITE, model, ds.train, args, m)
+        float_model.float_finetune(run, SUITE, model)
     assert not marker.exists() and tuned == [model] and m.run["float_cached"] is False
     assert "unusable" in caplog.text and "fine-tuning again" in caplog.text
     # the fine-tune's own result was cached (a state_dict of tensors) and is reused
     other = SUITE.build_model(args, args.arch, pretrained=False)
-    stages.float_finetune(SUITE, other, ds.train, args, m)
+    float_model.float_finetune(run, SUITE, other)
     assert tuned == [model] and m.run["float_cached"] is True
     assert torch.equal(other.word.weight, model.word.weight) and torch.equal(other.classifier.weight,
                                                                              model.classifier.weight)

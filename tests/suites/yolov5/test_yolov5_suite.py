@@ -400,10 +400,10 @@ def test_distill_loss_is_detection_loss_plus_raw_map_mse():
     out = m(torch.rand(2, 3, 64, 64))
     target = torch.tensor([[0, 1, 0.5, 0.5, 0.2, 0.2]])
     args = types.SimpleNamespace(distill_alpha=0.5)
-    det = suite.loss(out, target)
-    assert torch.equal(suite.distill_loss(out, out, target, args), det)  # the teacher agrees: no extra term
+    det = suite.loss(out, target)[0]
+    assert torch.equal(suite.loss(out, target, out, args)[0], det)  # the teacher agrees: no extra term
     shifted = tuple(o + 1.0 for o in out)  # MSE 1 per level, 2 levels, batch 2: + 0.5 * 2 * 2
-    assert torch.allclose(suite.distill_loss(out, shifted, target, args), det + 2.0)
+    assert torch.allclose(suite.loss(out, target, shifted, args)[0], det + 2.0)
 
 
 def test_train_qat_and_test_scripts_end_to_end(tmp_path, capsys):
@@ -437,7 +437,8 @@ def test_train_qat_and_test_scripts_end_to_end(tmp_path, capsys):
     assert m["run"]["float_cached"] is False and m["run"]["val_images"] == 12 and m["scores"]["ort"]["images"] == 12
     # the split network: every convolution (backbone, neck, Detect) runs as an integer kernel in onnxruntime,
     # and the exported file agrees with the PyTorch fake-quant network within four output quantization steps
-    assert m["integer_kernels"]["QLinearConv"] == m["extras"]["conv_layers"] == 26 == m["quantized_layers"]
+    # (a BatchNorm with no conv before it, after a concat, folds into a 1x1 depthwise conv: one more; core 85effb9)
+    assert m["integer_kernels"]["QLinearConv"] == m["quantized_layers"] == m["extras"]["conv_layers"] + 1 == 27
     assert m["export"]["max_abs_diff"] <= 4 * max(m["export"]["output_scale"]) + 1e-6
     assert len(m["extras"]["out_ranges"]) == 2  # the Detect outputs' ranges clipped after calibration (hyp.qat.yaml)
     assert set(m["times_s"]) >= {"float_train", "float_eval", "calibration", "qat_train", "export", "ort_eval"}

@@ -111,6 +111,24 @@ def test_fused_attention_runs_on_integer_matmuls(tmp_path):
     assert not any(ops.get(k) for k in ("MatMul", "FusedMatMul", "Gemm")), ops
 
 
+def test_attention_dropout_follows_train_and_eval():
+    class DropAttention(Attention):
+        def forward(self, x):
+            b, n, c = x.shape
+            q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+
+    model = DropAttention()
+    gm = prepare_by_platform(model, BackendType.TSQAT)
+    disable_all(gm)
+    x = torch.randn(2, 6, 32)
+    with torch.no_grad():
+        gm.eval()
+        assert torch.equal(gm(x), gm(x))  # no dropout in eval
+        gm.train()
+        assert not torch.equal(gm(x), gm(x))
+
+
 def test_a_timm_vit_block_keeps_its_default_arguments_checked():
     block = timm.layers.Attention(32, num_heads=4).eval()
     gm = prepare_by_platform(block, BackendType.TSQAT)

@@ -168,8 +168,9 @@ def _split_attention(gm: fx.GraphModule, node: fx.Node) -> bool:
         if mask is not None:
             scores = g.call_function(_add_attention_mask, (scores, mask))
         attn = g.call_function(torch.softmax, (scores, -1))
-        if dropout:
-            attn = g.call_function(F.dropout, (attn, float(dropout)))
+        if dropout:  # a module, so that it follows the model's train / eval mode
+            gm.add_module(f"{node.name}_dropout", nn.Dropout(float(dropout)))
+            attn = g.call_module(f"{node.name}_dropout", (attn,))
         out = g.call_function(torch.matmul, (attn, v))
     node.replace_all_uses_with(out)
     g.erase_node(node)

@@ -1,5 +1,5 @@
-import os, sys  # python suites/classifier/main.py [flags] = python -m suites classifier [flags] (suites/__main__.py)
+import os, sys  # python suites/classifier/main.py [flags] = python -m suites classifier [flags] (suites/common/entry.py)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from suites.__main__ import entry  # noqa: E402
+from suites.common.entry import entry  # noqa: E402
 main = entry(__file__)  # main(argv=None) -> exit code
 if __name__ == "__main__": sys.exit(main())  # noqa: E701
